@@ -1,0 +1,63 @@
+"""Outputs of the call session: what the driver must do, in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from callbridge.core.transcript import TranscriptLine
+
+
+@dataclass(frozen=True, slots=True)
+class SendTwilio:
+    """A Media Streams message to Twilio (already in wire shape)."""
+
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SendRealtime:
+    """A Realtime client event in GA shape; the adapter maps it to the configured dialect."""
+
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRealtime:
+    """Open the Realtime connection: the call was admitted."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordTranscript:
+    line: TranscriptLine
+
+
+@dataclass(frozen=True, slots=True)
+class RunTool:
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """A structured log line for the call (the driver binds call and stream SIDs)."""
+
+    event: str
+    level: str = "info"
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EndCall:
+    """Tear the call down: close both sockets; ``hang_up`` ends the phone call through Twilio's REST API.
+
+    ``twilio_close_code`` is the WebSocket close code for the media stream (1008 when refused).
+    """
+
+    reason: str
+    hang_up: bool = False
+    twilio_close_code: int = 1000
+
+
+Command = SendTwilio | SendRealtime | OpenRealtime | RecordTranscript | RunTool | Log | EndCall

@@ -1,0 +1,61 @@
+"""What a call knows about itself: the agent's configuration and the per-call context."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """How the agent behaves on a call; mapped onto ``session.update`` by the session."""
+
+    instructions: str = "You are a helpful phone agent. Keep answers short: this is a phone call."
+    model: str = "gpt-realtime"
+    voice: str = "marin"
+    greeting: str | None = None
+    speaks_first: bool = True
+    turn_detection: dict[str, Any] = field(default_factory=lambda: {"type": "server_vad"})
+    transcription_model: str | None = "gpt-4o-mini-transcribe"
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str = "auto"
+
+    @property
+    def server_cancels_on_speech(self) -> bool:
+        """Whether the server cancels an in-flight response by itself when the caller starts speaking.
+
+        Both VAD types default ``interrupt_response`` to true; the bridge must then not send ``response.cancel``
+        (it would race the server's own cancel and earn ``response_cancel_not_active``).
+        """
+        return bool(self.turn_detection.get("interrupt_response", True))
+
+
+@dataclass(frozen=True, slots=True)
+class ContextItem:
+    role: Literal["system", "user", "assistant"]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Per-call context carried by the signed stream parameters (or resolved from them)."""
+
+    call_sid: str | None = None
+    caller: str | None = None
+    called: str | None = None
+    name: str | None = None
+    instructions: str | None = None
+    greeting: str | None = None
+    items: tuple[ContextItem, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class ParameterError(Exception):
+    """The stream's parameters are absent, tampered with, expired or bound to another call."""
+
+
+class ParameterVerifier(Protocol):
+    def __call__(self, parameters: Mapping[str, str], call_sid: str, now: float) -> CallContext:
+        """Return the verified context, or raise :class:`ParameterError`."""
+        ...

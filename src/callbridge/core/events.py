@@ -1,0 +1,224 @@
+"""Typed inputs of the call session.
+
+Adapters turn wire messages into these; the session never sees JSON or sockets. Realtime events are named
+after the GA protocol; the beta dialect is mapped onto them by :mod:`callbridge.realtime.dialect`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# --- Twilio Media Streams -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioConnected:
+    """The ``connected`` message Twilio sends first."""
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioStart:
+    stream_sid: str
+    call_sid: str
+    account_sid: str = ""
+    custom_parameters: dict[str, str] = field(default_factory=dict)
+    encoding: str = "audio/x-mulaw"
+    sample_rate: int = 8000
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioMedia:
+    """One inbound audio frame; ``payload`` is base64 μ-law and is passed on untouched."""
+
+    payload: str
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioMark:
+    """Twilio echoes a mark when playback reaches it, or when a ``clear`` flushed it."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioDtmf:
+    digit: str
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioStop:
+    """The caller hung up or the stream ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioDisconnected:
+    """The media-stream WebSocket closed without a ``stop``."""
+
+    code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioInvalidMessage:
+    """A frame that is not a valid Media Streams message; counted and logged, never fatal."""
+
+    reason: str
+
+
+# --- Realtime API ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeConnected:
+    """The driver opened the Realtime WebSocket; the session may now configure it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeConnectFailed:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeSessionCreated:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeSessionUpdated:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeSpeechStarted:
+    item_id: str
+    audio_start_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeSpeechStopped:
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeResponseCreated:
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeResponseDone:
+    response_id: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeAudioDelta:
+    response_id: str
+    item_id: str
+    delta: str
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeAudioTranscriptDone:
+    item_id: str
+    transcript: str
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeInputTranscriptionCompleted:
+    item_id: str
+    transcript: str
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeInputTranscriptionFailed:
+    item_id: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeFunctionCallDone:
+    """A ``function_call`` item finished (``response.output_item.done``)."""
+
+    response_id: str
+    item_id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeItemTruncated:
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeError:
+    code: str
+    message: str
+    event_id: str | None = None
+    error_type: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeClosed:
+    code: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeOther:
+    """A server event the session does not act on (kept for counting)."""
+
+    type: str
+
+
+# --- Driver-originated ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ToolFinished:
+    call_id: str
+    output: str
+    ok: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class HangupRequested:
+    """The application asks to end the call (e.g. a tool or an API call)."""
+
+    reason: str = "requested"
+
+
+TwilioEvent = (
+    TwilioConnected
+    | TwilioStart
+    | TwilioMedia
+    | TwilioMark
+    | TwilioDtmf
+    | TwilioStop
+    | TwilioDisconnected
+    | TwilioInvalidMessage
+)
+RealtimeEvent = (
+    RealtimeConnected
+    | RealtimeConnectFailed
+    | RealtimeSessionCreated
+    | RealtimeSessionUpdated
+    | RealtimeSpeechStarted
+    | RealtimeSpeechStopped
+    | RealtimeResponseCreated
+    | RealtimeResponseDone
+    | RealtimeAudioDelta
+    | RealtimeAudioTranscriptDone
+    | RealtimeInputTranscriptionCompleted
+    | RealtimeInputTranscriptionFailed
+    | RealtimeFunctionCallDone
+    | RealtimeItemTruncated
+    | RealtimeError
+    | RealtimeClosed
+    | RealtimeOther
+)
+Event = TwilioEvent | RealtimeEvent | ToolFinished | HangupRequested
