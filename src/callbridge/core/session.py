@@ -406,7 +406,7 @@ class CallSession:
             return 0
         if self._pending_marks and self._pending_marks[0].item_id == item_id:
             head = self._pending_marks[0]
-            elapsed = max(0, int((now - self._head_started_at) * BYTES_PER_SECOND))
+            elapsed = max(0, round((now - self._head_started_at) * BYTES_PER_SECOND))
             return max(item.played_bytes, head.start_byte + min(elapsed, head.end_byte - head.start_byte))
         return item.played_bytes
 

@@ -1,0 +1,244 @@
+"""The asyncio driver of one call: two sockets around a :class:`~callbridge.core.session.CallSession`.
+
+It is deliberately small and dumb: readers turn frames into events and queue them; one loop hands each event to
+the session and performs the commands it returns, in order. Only that loop touches the session and only it sends,
+so a call's state has exactly one owner. Everything a call starts (reader tasks, tool runs, the Realtime socket)
+is cancelled or closed before :meth:`CallBridge.run` returns.
+
+The Twilio side is any object with ``receive``/``send``/``close`` (:class:`TwilioTransport`), so the bridge runs
+inside any asyncio application, not only callbridge's own ASGI app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlencode
+
+import structlog
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from callbridge.core import events as ev
+from callbridge.core.commands import (
+    Command,
+    EndCall,
+    Log,
+    OpenRealtime,
+    RecordTranscript,
+    RunTool,
+    SendRealtime,
+    SendTwilio,
+)
+from callbridge.core.context import CallContext
+from callbridge.core.session import CallSession, SessionConfig
+from callbridge.core.transcript import TranscriptLine, TranscriptSink
+from callbridge.realtime.dialect import Dialect, headers_for, to_beta
+from callbridge.realtime.protocol import parse_server_event
+from callbridge.telephony.media_streams import dumps, parse_twilio_message
+from callbridge.tools import ToolContext, ToolRegistry
+
+HangUp = Callable[[str], Awaitable[None]]
+
+
+class TwilioTransport(Protocol):
+    async def receive(self) -> str | bytes | None:
+        """The next frame, or ``None`` once the socket is closed."""
+        ...
+
+    async def send(self, text: str) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeEndpoint:
+    url: str
+    model: str
+    dialect: Dialect = "ga"
+    api_key: str | None = None
+    connect_timeout: float = 10.0
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    @property
+    def full_url(self) -> str:
+        separator = "&" if "?" in self.url else "?"
+        return f"{self.url}{separator}{urlencode({'model': self.model})}"
+
+
+class CallBridge:
+    """Runs one call from the media stream's first frame to the close of both sockets."""
+
+    def __init__(
+        self,
+        session_config: SessionConfig,
+        realtime: RealtimeEndpoint,
+        *,
+        sink: TranscriptSink,
+        tools: ToolRegistry | None = None,
+        tool_timeout: float = 10.0,
+        hang_up: HangUp | None = None,
+        logger: structlog.stdlib.BoundLogger | None = None,
+    ) -> None:
+        self.session = CallSession(session_config)
+        self._endpoint = realtime
+        self._sink = sink
+        self._tools = tools or ToolRegistry()
+        self._tool_timeout = tool_timeout
+        self._hang_up = hang_up
+        self._log = logger or structlog.stdlib.get_logger("callbridge.call")
+        self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self._transcripts: asyncio.Queue[TranscriptLine | None] = asyncio.Queue()
+        self._realtime: ClientConnection | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._twilio: TwilioTransport | None = None
+
+    @property
+    def realtime_open(self) -> bool:
+        return self._realtime is not None
+
+    async def run(self, twilio: TwilioTransport) -> CallSession:
+        """Drive the call until it ends; returns the finished session (its stats and end reason)."""
+        self._twilio = twilio
+        self._spawn(self._read_twilio(twilio))
+        writer = asyncio.create_task(self._write_transcripts())
+        try:
+            while self.session.phase != "ended":
+                event = await self._inbox.get()
+                for command in self.session.handle(event, time.monotonic()):
+                    await self._perform(command)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._close_realtime()
+            self._transcripts.put_nowait(None)
+            await writer
+        return self.session
+
+    def request_hang_up(self, reason: str = "requested") -> None:
+        """Ask the call to end (thread-unsafe; call from the event loop)."""
+        self._inbox.put_nowait(ev.HangupRequested(reason))
+
+    # ------------------------------------------------------------------------------------------------ commands
+
+    async def _perform(self, command: Command) -> None:
+        match command:
+            case SendTwilio(message):
+                assert self._twilio is not None
+                with contextlib.suppress(Exception):  # a closed stream surfaces as a disconnect event
+                    await self._twilio.send(dumps(message))
+            case SendRealtime(event):
+                await self._send_realtime(event)
+            case OpenRealtime():
+                self._bind_call()
+                self._spawn(self._connect_realtime())
+            case RecordTranscript(line):
+                self._transcripts.put_nowait(line)
+            case RunTool(call_id, name, arguments):
+                self._spawn(self._run_tool(call_id, name, arguments))
+            case Log(event, level, fields):
+                getattr(self._log, level)(event, **fields)
+            case EndCall():
+                await self._end(command)
+
+    def _bind_call(self) -> None:
+        self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
+
+    async def _send_realtime(self, event: dict[str, Any]) -> None:
+        if self._realtime is None:
+            return
+        if self._endpoint.dialect == "beta":
+            event = to_beta(event)
+        with contextlib.suppress(websockets.ConnectionClosed):  # the reader reports the close
+            await self._realtime.send(dumps(event))
+
+    async def _end(self, command: EndCall) -> None:
+        await self._close_realtime()
+        if command.hang_up and self._hang_up is not None and self.session.call_sid:
+            try:
+                await self._hang_up(self.session.call_sid)
+            except Exception as exc:
+                self._log.error("twilio.hang_up_failed", error=str(exc))
+        assert self._twilio is not None
+        with contextlib.suppress(Exception):
+            await self._twilio.close(command.twilio_close_code, command.reason)
+
+    async def _close_realtime(self) -> None:
+        connection, self._realtime = self._realtime, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    # ------------------------------------------------------------------------------------------------ tasks
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read_twilio(self, twilio: TwilioTransport) -> None:
+        while True:
+            try:
+                raw = await twilio.receive()
+            except Exception as exc:
+                self._inbox.put_nowait(ev.TwilioDisconnected())
+                self._log.warning("twilio.receive_failed", error=str(exc))
+                return
+            if raw is None:
+                self._inbox.put_nowait(ev.TwilioDisconnected())
+                return
+            if isinstance(raw, bytes):
+                self._inbox.put_nowait(ev.TwilioInvalidMessage("binary frame"))
+                continue
+            self._inbox.put_nowait(parse_twilio_message(raw))
+
+    async def _connect_realtime(self) -> None:
+        endpoint = self._endpoint
+        try:
+            connection = await websockets.connect(
+                endpoint.full_url,
+                additional_headers=headers_for(endpoint.dialect, endpoint.api_key),
+                open_timeout=endpoint.connect_timeout,
+                max_size=endpoint.max_message_bytes,
+                compression=None,
+            )
+        except Exception as exc:
+            self._inbox.put_nowait(ev.RealtimeConnectFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        if self.session.phase == "ended":
+            await connection.close()
+            return
+        self._realtime = connection
+        self._log.info("realtime.connected", url=endpoint.url, dialect=endpoint.dialect)
+        self._inbox.put_nowait(ev.RealtimeConnected())
+        try:
+            async for raw in connection:
+                self._inbox.put_nowait(parse_server_event(raw, endpoint.dialect))
+        except websockets.ConnectionClosed:
+            pass
+        if self._realtime is connection:  # closed by the other side, not by us
+            close = connection.close_rcvd
+            self._inbox.put_nowait(
+                ev.RealtimeClosed(close.code if close else None, close.reason if close else "no close frame")
+            )
+
+    async def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
+        context = ToolContext(self.session.call_sid or "", self.session.context or CallContext())
+        ok, output = await self._tools.run(name, arguments, context, self._tool_timeout)
+        if not ok:
+            self._log.warning("tool.failed", name=name, call_id=call_id, output=output)
+        self._inbox.put_nowait(ev.ToolFinished(call_id, output, ok))
+
+    async def _write_transcripts(self) -> None:
+        """Deliver lines in order, off the audio path: a slow sink delays lines, never audio."""
+        while (line := await self._transcripts.get()) is not None:
+            try:
+                await self._sink.write(line)
+            except Exception as exc:
+                self._log.error("transcript.sink_failed", error=str(exc), item_id=line.item_id)
+            self._log.info("transcript.line", speaker=line.speaker, text=line.text, interrupted=line.interrupted)

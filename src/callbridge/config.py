@@ -1,0 +1,118 @@
+"""Configuration: one ``Settings`` object, read from the environment and ``.env``, passed down explicitly."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from callbridge.core.context import AgentConfig
+
+DEFAULT_REALTIME_URL = "wss://api.openai.com/v1/realtime"
+
+
+class Settings(BaseSettings):
+    """Every setting of callbridge. Environment names are listed in the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- the model ---
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
+    realtime_url: str = Field(default=DEFAULT_REALTIME_URL, validation_alias="CALLBRIDGE_REALTIME_URL")
+    realtime_model: str = Field(default="gpt-realtime", validation_alias="CALLBRIDGE_REALTIME_MODEL")
+    realtime_dialect: Literal["ga", "beta"] = Field(default="ga", validation_alias="CALLBRIDGE_REALTIME_DIALECT")
+    realtime_connect_timeout_seconds: float = Field(
+        default=10.0, gt=0, validation_alias="CALLBRIDGE_REALTIME_CONNECT_TIMEOUT_SECONDS"
+    )
+
+    # --- Twilio and the public face ---
+    public_url: str = Field(default="http://127.0.0.1:8080", validation_alias="CALLBRIDGE_PUBLIC_URL")
+    secret: SecretStr | None = Field(default=None, validation_alias="CALLBRIDGE_SECRET")
+    stream_parameters_ttl_seconds: int = Field(
+        default=600, gt=0, validation_alias="CALLBRIDGE_STREAM_PARAMETERS_TTL_SECONDS"
+    )
+    twilio_account_sid: str | None = Field(default=None, validation_alias="TWILIO_ACCOUNT_SID")
+    twilio_auth_token: SecretStr | None = Field(default=None, validation_alias="TWILIO_AUTH_TOKEN")
+    say_before_connect: str | None = Field(default=None, validation_alias="CALLBRIDGE_SAY")
+    on_model_end: Literal["close_stream", "hangup"] = Field(
+        default="close_stream", validation_alias="CALLBRIDGE_ON_MODEL_END"
+    )
+    max_message_bytes: int = Field(default=256 * 1024, gt=1024, validation_alias="CALLBRIDGE_MAX_MESSAGE_BYTES")
+    pre_ready_buffer_ms: int = Field(default=5000, ge=0, validation_alias="CALLBRIDGE_PRE_READY_BUFFER_MS")
+
+    # --- the agent ---
+    agent_instructions: str = Field(
+        default=(
+            "You are a friendly, efficient phone agent. Keep every answer short and natural: this is a phone "
+            "call. Ask one question at a time."
+        ),
+        validation_alias="CALLBRIDGE_AGENT_INSTRUCTIONS",
+    )
+    agent_voice: str = Field(default="marin", validation_alias="CALLBRIDGE_AGENT_VOICE")
+    agent_greeting: str | None = Field(
+        default="Hello, thanks for calling. How can I help you today?", validation_alias="CALLBRIDGE_AGENT_GREETING"
+    )
+    agent_speaks_first: bool = Field(default=True, validation_alias="CALLBRIDGE_AGENT_SPEAKS_FIRST")
+    turn_detection: Literal["server_vad", "semantic_vad"] = Field(
+        default="server_vad", validation_alias="CALLBRIDGE_TURN_DETECTION"
+    )
+    vad_threshold: float = Field(default=0.5, ge=0, le=1, validation_alias="CALLBRIDGE_VAD_THRESHOLD")
+    vad_prefix_padding_ms: int = Field(default=300, ge=0, validation_alias="CALLBRIDGE_VAD_PREFIX_PADDING_MS")
+    vad_silence_duration_ms: int = Field(default=500, ge=0, validation_alias="CALLBRIDGE_VAD_SILENCE_DURATION_MS")
+    vad_eagerness: Literal["low", "medium", "high", "auto"] = Field(
+        default="auto", validation_alias="CALLBRIDGE_VAD_EAGERNESS"
+    )
+    vad_interrupt_response: bool = Field(default=True, validation_alias="CALLBRIDGE_VAD_INTERRUPT_RESPONSE")
+    transcription_model: str | None = Field(
+        default="gpt-4o-mini-transcribe", validation_alias="CALLBRIDGE_TRANSCRIPTION_MODEL"
+    )
+    tools: str | None = Field(default=None, validation_alias="CALLBRIDGE_TOOLS")
+    tool_timeout_seconds: float = Field(default=10.0, gt=0, validation_alias="CALLBRIDGE_TOOL_TIMEOUT_SECONDS")
+
+    # --- operations ---
+    log_format: Literal["console", "json"] = Field(default="console", validation_alias="CALLBRIDGE_LOG_FORMAT")
+    log_level: str = Field(default="info", validation_alias="CALLBRIDGE_LOG_LEVEL")
+    log_audio: bool = Field(default=False, validation_alias="CALLBRIDGE_LOG_AUDIO")
+
+    @field_validator("transcription_model", "say_before_connect", "agent_greeting", "tools", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("CALLBRIDGE_PUBLIC_URL must start with https:// (or http:// for local use)")
+        return value.rstrip("/")
+
+    @property
+    def stream_url(self) -> str:
+        """The media-stream URL Twilio connects to: the public URL with https→wss (http→ws)."""
+        scheme, rest = self.public_url.split("://", 1)
+        return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/twilio/media-stream"
+
+    def agent(self, tools: tuple[dict[str, Any], ...] = ()) -> AgentConfig:
+        """The agent as configured by the environment."""
+        turn_detection: dict[str, Any]
+        if self.turn_detection == "semantic_vad":
+            turn_detection = {"type": "semantic_vad", "eagerness": self.vad_eagerness}
+        else:
+            turn_detection = {
+                "type": "server_vad",
+                "threshold": self.vad_threshold,
+                "prefix_padding_ms": self.vad_prefix_padding_ms,
+                "silence_duration_ms": self.vad_silence_duration_ms,
+            }
+        turn_detection["interrupt_response"] = self.vad_interrupt_response
+        return AgentConfig(
+            instructions=self.agent_instructions,
+            model=self.realtime_model,
+            voice=self.agent_voice,
+            greeting=self.agent_greeting,
+            speaks_first=self.agent_speaks_first,
+            turn_detection=turn_detection,
+            transcription_model=self.transcription_model,
+            tools=tools,
+        )

@@ -1,0 +1,69 @@
+"""Signed, expiring ``<Parameter>``s: what really admits a media stream.
+
+Twilio's signature on the WebSocket upgrade covers only the URL, which is the same for every call, so it can be
+replayed. callbridge therefore mints one token per call into the ``<Stream>`` TwiML it writes: the call's context
+reference, bound to the call SID when it is known, with an expiry, signed with ``CALLBRIDGE_SECRET``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from itsdangerous import BadSignature, URLSafeSerializer
+
+from callbridge.core.context import CallContext, ContextItem, ParameterError
+
+PARAMETER_NAME = "callbridge"
+_SALT = "callbridge.stream-parameters.v1"
+
+
+class StreamParameterSigner:
+    def __init__(self, secret: str, ttl_seconds: int) -> None:
+        if not secret:
+            raise ValueError("a secret is required to sign stream parameters")
+        self._serializer = URLSafeSerializer(secret, salt=_SALT)
+        self.ttl_seconds = ttl_seconds
+
+    def mint(self, context: CallContext, now: float) -> dict[str, str]:
+        """The ``<Parameter>``s for one call's ``<Stream>``."""
+        payload: dict[str, Any] = {"exp": int(now) + self.ttl_seconds, "sid": context.call_sid}
+        claims = {
+            "from": context.caller,
+            "to": context.called,
+            "name": context.name,
+            "instructions": context.instructions,
+            "greeting": context.greeting,
+            "items": [[item.role, item.text] for item in context.items] or None,
+            "meta": context.metadata or None,
+        }
+        payload.update({key: value for key, value in claims.items() if value is not None})
+        return {PARAMETER_NAME: self._serializer.dumps(payload)}
+
+    def verify(self, parameters: Mapping[str, str], call_sid: str, now: float) -> CallContext:
+        """Check signature, expiry and call binding; return the context (a :class:`ParameterVerifier`)."""
+        token = parameters.get(PARAMETER_NAME)
+        if not token:
+            raise ParameterError("stream parameters absent")
+        try:
+            payload = self._serializer.loads(token)
+        except BadSignature:
+            raise ParameterError("stream parameters tampered with or signed with another secret") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("exp"), int):
+            raise ParameterError("stream parameters malformed")
+        if payload["exp"] < now:
+            raise ParameterError("stream parameters expired")
+        bound = payload.get("sid")
+        if bound is not None and bound != call_sid:
+            raise ParameterError("stream parameters belong to another call")
+        items = tuple(ContextItem(role, text) for role, text in payload.get("items") or ())
+        return CallContext(
+            call_sid=call_sid,
+            caller=payload.get("from"),
+            called=payload.get("to"),
+            name=payload.get("name"),
+            instructions=payload.get("instructions"),
+            greeting=payload.get("greeting"),
+            items=items,
+            metadata=payload.get("meta") or {},
+        )

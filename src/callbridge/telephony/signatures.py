@@ -1,0 +1,28 @@
+"""``X-Twilio-Signature`` checks, over the public URL Twilio used (never the one a proxy rewrote)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from twilio.request_validator import RequestValidator
+
+
+class TwilioSignatures:
+    def __init__(self, auth_token: str | None) -> None:
+        self._validator = RequestValidator(auth_token) if auth_token else None
+
+    @property
+    def configured(self) -> bool:
+        return self._validator is not None
+
+    def valid(self, url: str, params: Mapping[str, str], signature: str | None) -> bool:
+        """True only for a correct signature; with no auth token configured nothing is valid."""
+        if self._validator is None or not signature:
+            return False
+        return bool(self._validator.validate(url, dict(params), signature))
+
+    def sign(self, url: str, params: Mapping[str, str]) -> str:
+        """The signature Twilio would send (used by the simulated caller)."""
+        if self._validator is None:
+            raise ValueError("no Twilio auth token configured")
+        return str(self._validator.compute_signature(url, dict(params)))

@@ -1,0 +1,32 @@
+"""TwiML that connects a call to callbridge's media stream (built with the ``twilio`` package)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+
+def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str], say: str | None = None) -> str:
+    """``<Say>`` (optional) then ``<Connect><Stream>`` with the signed ``<Parameter>``s.
+
+    The stream URL carries no query string: Twilio drops it. Per-call data travels as parameters only.
+    """
+    if "?" in stream_url:
+        raise ValueError("Twilio drops query strings from <Stream url>; pass data as parameters")
+    response = VoiceResponse()
+    if say:
+        response.say(say)
+    connect = Connect()
+    stream = connect.stream(url=stream_url)
+    for name, value in parameters.items():
+        stream.parameter(name=name, value=value)
+    response.append(connect)
+    return str(response)
+
+
+def say_and_hang_up_twiml(message: str) -> str:
+    response = VoiceResponse()
+    response.say(message)
+    response.hangup()
+    return str(response)

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import base64
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from callbridge.core import events as ev
+from callbridge.core.commands import Command, SendRealtime, SendTwilio
+from callbridge.core.context import AgentConfig, CallContext
+from callbridge.core.session import CallSession, SessionConfig
+from callbridge.realtime.dialect import to_beta
+from callbridge.telephony.params import StreamParameterSigner
+from callbridge.testing.conformance import validate_client_event, validate_twilio_message
+
+SECRET = "test-secret"
+CALL_SID = "CA" + "1" * 32
+STREAM_SID = "MZ" + "2" * 32
+
+
+def audio(ms: int, byte: int = 0x7F) -> str:
+    """Base64 μ-law of the given duration."""
+    return base64.b64encode(bytes([byte]) * (ms * 8)).decode()
+
+
+class Harness:
+    """Drives a session like the driver does, checking every command against the wire schemas."""
+
+    def __init__(self, agent: AgentConfig | None = None, **config: Any) -> None:
+        self.signer = StreamParameterSigner(SECRET, ttl_seconds=600)
+        self.session = CallSession(
+            SessionConfig(agent=agent or AgentConfig(), verify_parameters=self.signer.verify, **config)
+        )
+        self.now = 1000.0
+
+    def handle(self, event: ev.Event, at: float | None = None) -> list[Command]:
+        if at is not None:
+            self.now = at
+        commands = self.session.handle(event, self.now)
+        for command in commands:
+            if isinstance(command, SendRealtime):
+                validate_client_event(command.event, "ga")
+                validate_client_event(to_beta(command.event), "beta")
+            elif isinstance(command, SendTwilio):
+                validate_twilio_message(command.message)
+        return commands
+
+    def start_event(self, context: CallContext | None = None, call_sid: str = CALL_SID) -> ev.TwilioStart:
+        context = context or CallContext(call_sid=call_sid, caller="+15550100001", called="+15550100002")
+        return ev.TwilioStart(STREAM_SID, call_sid, custom_parameters=self.signer.mint(context, self.now))
+
+    def go_live(self, context: CallContext | None = None) -> list[Command]:
+        """connected → start → Realtime connected → session.updated; returns the commands of the last three."""
+        self.handle(ev.TwilioConnected())
+        commands = self.handle(self.start_event(context))
+        commands += self.handle(ev.RealtimeConnected())
+        commands += self.handle(ev.RealtimeSessionUpdated())
+        assert self.session.phase == "live"
+        return commands
+
+    def speak(self, response_id: str, item_id: str, chunks: int, chunk_ms: int = 100) -> list[Command]:
+        """The model streams ``chunks`` audio deltas of one item."""
+        commands = self.handle(ev.RealtimeResponseCreated(response_id))
+        for _ in range(chunks):
+            commands += self.handle(ev.RealtimeAudioDelta(response_id, item_id, audio(chunk_ms)))
+        return commands
+
+
+def realtime_events(commands: list[Command]) -> list[dict[str, Any]]:
+    return [c.event for c in commands if isinstance(c, SendRealtime)]
+
+
+def twilio_messages(commands: list[Command]) -> list[dict[str, Any]]:
+    return [c.message for c in commands if isinstance(c, SendTwilio)]
+
+
+def of_type(commands: list[Command], kind: str) -> list[dict[str, Any]]:
+    return [e for e in realtime_events(commands) if e["type"] == kind]
+
+
+@pytest.fixture
+def harness() -> Harness:
+    return Harness()
+
+
+@pytest.fixture
+def manual_cancel_harness() -> Harness:
+    agent = AgentConfig()
+    agent = replace(agent, turn_detection={"type": "server_vad", "interrupt_response": False})
+    return Harness(agent)
