@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-
-from conftest import CALL_SID, STREAM_SID, Harness, audio, of_type, realtime_events, twilio_messages
 
 from callbridge.core import events as ev
 from callbridge.core.commands import EndCall, Log, OpenRealtime, RecordTranscript, RunTool
@@ -12,16 +11,18 @@ from callbridge.core.context import AgentConfig, CallContext, ContextItem
 from callbridge.core.session import b64_audio_bytes
 from callbridge.core.transcript import cut_to_heard
 
+from conftest import CALL_SID, STREAM_SID, Harness, audio, of_type, realtime_events, twilio_messages
 
-def lines(commands: list[object]) -> list[RecordTranscript]:
+
+def lines(commands: Sequence[object]) -> list[RecordTranscript]:
     return [c for c in commands if isinstance(c, RecordTranscript)]
 
 
-def ends(commands: list[object]) -> list[EndCall]:
+def ends(commands: Sequence[object]) -> list[EndCall]:
     return [c for c in commands if isinstance(c, EndCall)]
 
 
-def logs(commands: list[object], event: str) -> list[Log]:
+def logs(commands: Sequence[object], event: str) -> list[Log]:
     return [c for c in commands if isinstance(c, Log) and c.event == event]
 
 
@@ -45,7 +46,9 @@ def test_start_without_parameters_is_refused(harness: Harness) -> None:
 def test_tampered_parameters_are_refused(harness: Harness) -> None:
     start = harness.start_event()
     token = start.custom_parameters["callbridge"]
-    tampered = replace(start, custom_parameters={"callbridge": token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]})
+    tampered = replace(
+        start, custom_parameters={"callbridge": token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]}
+    )
     commands = harness.handle(tampered)
     assert ends(commands)[0].twilio_close_code == 1008
     assert "tampered" in logs(commands, "security.stream_refused")[0].fields["reason"]
@@ -87,11 +90,24 @@ def test_media_before_start_is_counted_not_forwarded(harness: Harness) -> None:
 def test_realtime_connected_sends_session_update_context_and_greeting() -> None:
     agent = AgentConfig(instructions="Be brief.", voice="cedar", greeting="Hi, this is Ada.")
     harness = Harness(agent)
-    harness.handle(harness.start_event(CallContext(call_sid=CALL_SID, caller="+1555", name="Grace",
-                                                   items=(ContextItem("user", "Earlier I asked about my order."),))))
+    harness.handle(
+        harness.start_event(
+            CallContext(
+                call_sid=CALL_SID,
+                caller="+1555",
+                name="Grace",
+                items=(ContextItem("user", "Earlier I asked about my order."),),
+            )
+        )
+    )
     commands = harness.handle(ev.RealtimeConnected())
     kinds = [e["type"] for e in realtime_events(commands)]
-    assert kinds == ["session.update", "conversation.item.create", "conversation.item.create", "response.create"]
+    assert kinds == [
+        "session.update",
+        "conversation.item.create",
+        "conversation.item.create",
+        "response.create",
+    ]
     session = realtime_events(commands)[0]["session"]
     assert session["type"] == "realtime"
     assert session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
@@ -118,7 +134,12 @@ def test_agent_that_waits_for_the_caller_sends_no_greeting() -> None:
 
 
 def test_tools_are_declared_in_the_session() -> None:
-    tool = {"type": "function", "name": "lookup", "description": "Look up.", "parameters": {"type": "object", "properties": {}}}
+    tool = {
+        "type": "function",
+        "name": "lookup",
+        "description": "Look up.",
+        "parameters": {"type": "object", "properties": {}},
+    }
     harness = Harness(AgentConfig(tools=(tool,)))
     harness.handle(harness.start_event())
     session = of_type(harness.handle(ev.RealtimeConnected()), "session.update")[0]["session"]
@@ -217,8 +238,15 @@ def test_interrupt_mid_item_truncates_at_the_played_position(harness: Harness) -
     commands = harness.handle(ev.RealtimeSpeechStarted("item_c1", 900), at=harness.now + 0.05)
     assert [m["event"] for m in twilio_messages(commands)] == ["clear"]
     truncate = of_type(commands, "conversation.item.truncate")
-    assert truncate == [{"type": "conversation.item.truncate", "event_id": truncate[0]["event_id"],
-                         "item_id": "item_1", "content_index": 0, "audio_end_ms": 250}]
+    assert truncate == [
+        {
+            "type": "conversation.item.truncate",
+            "event_id": truncate[0]["event_id"],
+            "item_id": "item_1",
+            "content_index": 0,
+            "audio_end_ms": 250,
+        }
+    ]
     (line,) = lines(commands)
     assert line.line.interrupted and line.line.speaker == "agent"
     assert line.line.text == "one two three four five"  # 250 of 500 ms heard
@@ -302,7 +330,12 @@ def test_caller_lines_carry_offsets_from_call_start(harness: Harness) -> None:
     harness.handle(ev.RealtimeSpeechStarted("item_c1", 1000))
     harness.handle(ev.RealtimeSpeechStopped("item_c1", 2500))
     (line,) = lines(harness.handle(ev.RealtimeInputTranscriptionCompleted("item_c1", " I'd like to book. ")))
-    assert (line.line.speaker, line.line.text, line.line.start_ms, line.line.end_ms) == ("caller", "I'd like to book.", 1040, 2540)
+    assert (line.line.speaker, line.line.text, line.line.start_ms, line.line.end_ms) == (
+        "caller",
+        "I'd like to book.",
+        1040,
+        2540,
+    )
 
 
 def test_failed_transcription_still_records_a_line(harness: Harness) -> None:

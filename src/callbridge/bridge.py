@@ -106,10 +106,15 @@ class CallBridge:
         self._twilio = twilio
         self._spawn(self._read_twilio(twilio))
         writer = asyncio.create_task(self._write_transcripts())
+        bound = False
         try:
             while self.session.phase != "ended":
                 event = await self._inbox.get()
-                for command in self.session.handle(event, time.monotonic()):
+                commands = self.session.handle(event, time.monotonic())
+                if not bound and self.session.stream_sid:
+                    bound = True  # every line of the call from here on names it
+                    self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
+                for command in commands:
                     await self._perform(command)
         finally:
             for task in self._tasks:
@@ -135,7 +140,6 @@ class CallBridge:
             case SendRealtime(event):
                 await self._send_realtime(event)
             case OpenRealtime():
-                self._bind_call()
                 self._spawn(self._connect_realtime())
             case RecordTranscript(line):
                 self._transcripts.put_nowait(line)
@@ -145,9 +149,6 @@ class CallBridge:
                 getattr(self._log, level)(event, **fields)
             case EndCall():
                 await self._end(command)
-
-    def _bind_call(self) -> None:
-        self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
 
     async def _send_realtime(self, event: dict[str, Any]) -> None:
         if self._realtime is None:
@@ -222,10 +223,7 @@ class CallBridge:
         except websockets.ConnectionClosed:
             pass
         if self._realtime is connection:  # closed by the other side, not by us
-            close = connection.close_rcvd
-            self._inbox.put_nowait(
-                ev.RealtimeClosed(close.code if close else None, close.reason if close else "no close frame")
-            )
+            self._inbox.put_nowait(ev.RealtimeClosed(connection.close_code, connection.close_reason or ""))
 
     async def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
         context = ToolContext(self.session.call_sid or "", self.session.context or CallContext())

@@ -41,7 +41,8 @@ def simulate(
     url: Annotated[str, typer.Option(help="Base URL of a running callbridge, e.g. http://127.0.0.1:8080.")],
     wav: Annotated[Path | None, typer.Option(help="8 kHz mono WAV the caller speaks (PCM16 or μ-law).")] = None,
     public_url: Annotated[
-        str | None, typer.Option(help="The server's CALLBRIDGE_PUBLIC_URL, if not --url (signatures cover it).")
+        str | None,
+        typer.Option(help="The server's CALLBRIDGE_PUBLIC_URL, if not --url (signatures cover it)."),
     ] = None,
     seconds: Annotated[float, typer.Option(help="Hang up after this many seconds.")] = 20.0,
     save: Annotated[Path | None, typer.Option(help="Write a stereo WAV (caller left, agent right) here.")] = None,

@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     )
     agent_voice: str = Field(default="marin", validation_alias="CALLBRIDGE_AGENT_VOICE")
     agent_greeting: str | None = Field(
-        default="Hello, thanks for calling. How can I help you today?", validation_alias="CALLBRIDGE_AGENT_GREETING"
+        default="Hello, thanks for calling. How can I help you today?",
+        validation_alias="CALLBRIDGE_AGENT_GREETING",
     )
     agent_speaks_first: bool = Field(default=True, validation_alias="CALLBRIDGE_AGENT_SPEAKS_FIRST")
     turn_detection: Literal["server_vad", "semantic_vad"] = Field(

@@ -63,7 +63,12 @@ class Tool:
         parameters.pop("title", None)
         for prop in parameters.get("properties", {}).values():
             prop.pop("title", None)
-        return {"type": "function", "name": self.name, "description": self.description, "parameters": parameters}
+        return {
+            "type": "function",
+            "name": self.name,
+            "description": self.description,
+            "parameters": parameters,
+        }
 
 
 class ToolRegistry:
@@ -97,7 +102,7 @@ class ToolRegistry:
     def schemas(self) -> tuple[dict[str, Any], ...]:
         return tuple(tool.schema for tool in self._tools.values())
 
-    async def run(self, name: str, arguments: str, context: ToolContext, timeout: float) -> tuple[bool, str]:
+    async def run(self, name: str, arguments: str, context: ToolContext, time_limit: float) -> tuple[bool, str]:
         """Run a tool; return ``(ok, output)`` where output is the JSON string sent back to the model."""
         tool = self._tools.get(name)
         if tool is None:
@@ -110,13 +115,13 @@ class ToolRegistry:
         if tool.context_parameter:
             kwargs[tool.context_parameter] = context
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(time_limit):
                 if inspect.iscoroutinefunction(tool.function):
                     result = await tool.function(**kwargs)
                 else:
                     result = await asyncio.to_thread(tool.function, **kwargs)
         except TimeoutError:
-            return False, _error(f"the tool did not answer within {timeout:g} s")
+            return False, _error(f"the tool did not answer within {time_limit:g} s")
         except Exception as exc:  # a tool's failure is reported to the model, never fatal to the call
             return False, _error(f"{type(exc).__name__}: {exc}")
         return True, result if isinstance(result, str) else orjson.dumps(result, default=str).decode()
@@ -146,4 +151,3 @@ def load_registry(dotted: str) -> ToolRegistry:
     if not isinstance(registry, ToolRegistry):
         raise TypeError(f"{dotted} is a {type(registry).__name__}, not a ToolRegistry")
     return registry
-

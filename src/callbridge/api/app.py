@@ -133,6 +133,7 @@ def create_app(
             log.info(
                 "call.summary",
                 call_sid=session.call_sid,
+                stream_sid=session.stream_sid,
                 reason=session.end_reason,
                 **{name: getattr(session.stats, name) for name in session.stats.__dataclass_fields__},
             )

@@ -198,7 +198,11 @@ class CallSession:
                 return self._caller_line(event.item_id, event.transcript, failed=False)
             case ev.RealtimeInputTranscriptionFailed():
                 return [
-                    Log("transcription.failed", "warning", {"item_id": event.item_id, "message": event.message}),
+                    Log(
+                        "transcription.failed",
+                        "warning",
+                        {"item_id": event.item_id, "message": event.message},
+                    ),
                     *self._caller_line(event.item_id, "", failed=True),
                 ]
             case ev.RealtimeFunctionCallDone():
@@ -314,13 +318,18 @@ class CallSession:
         agent, context = self.config.agent, self.context or CallContext()
         commands: list[Command] = [SendRealtime(self._session_update(agent, context))]
         for item in self._seed_items(context):
-            commands.append(SendRealtime({"type": "conversation.item.create", "event_id": self._event_id(), "item": item}))
+            commands.append(
+                SendRealtime({"type": "conversation.item.create", "event_id": self._event_id(), "item": item})
+            )
         if agent.speaks_first:
             commands.append(SendRealtime(self._greeting(agent, context)))
         return commands
 
     def _session_update(self, agent: AgentConfig, context: CallContext) -> dict[str, Any]:
-        audio_input: dict[str, Any] = {"format": {"type": "audio/pcmu"}, "turn_detection": agent.turn_detection}
+        audio_input: dict[str, Any] = {
+            "format": {"type": "audio/pcmu"},
+            "turn_detection": agent.turn_detection,
+        }
         if agent.transcription_model:
             audio_input["transcription"] = {"model": agent.transcription_model}
         session: dict[str, Any] = {
@@ -328,7 +337,10 @@ class CallSession:
             "model": agent.model,
             "output_modalities": ["audio"],
             "instructions": context.instructions or agent.instructions,
-            "audio": {"input": audio_input, "output": {"format": {"type": "audio/pcmu"}, "voice": agent.voice}},
+            "audio": {
+                "input": audio_input,
+                "output": {"format": {"type": "audio/pcmu"}, "voice": agent.voice},
+            },
         }
         if agent.tools:
             session["tools"] = list(agent.tools)
@@ -429,11 +441,7 @@ class CallSession:
             if not self.config.agent.server_cancels_on_speech:
                 self.stats.cancels += 1
                 commands.append(SendRealtime({"type": "response.cancel", "event_id": self._event_id()}))
-        if (
-            item is not None
-            and not item.interrupted
-            and (heard < item.received_bytes or item.response_id == active)
-        ):
+        if item is not None and not item.interrupted and (heard < item.received_bytes or item.response_id == active):
             commands.extend(self._truncate(item, heard, now))
         commands.append(Log("barge_in", "info", {"heard_ms": heard // BYTES_PER_MS}))
         return commands
@@ -593,4 +601,3 @@ class CallSession:
 def _message(role: str, text: str) -> dict[str, Any]:
     content_type = "output_text" if role == "assistant" else "input_text"
     return {"type": "message", "role": role, "content": [{"type": content_type, "text": text}]}
-

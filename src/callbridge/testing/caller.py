@@ -1,0 +1,555 @@
+"""A simulated Twilio caller: place a phone call against a callbridge server without Twilio.
+
+It does what Twilio does for an inbound call on a ``<Connect><Stream>`` number: a signed POST to
+``/twilio/voice``, then a signed WebSocket to the ``<Stream>`` URL of the returned TwiML, ``connected`` and
+``start`` (with the ``<Parameter>`` values as ``customParameters``), and the caller's audio as 20 ms ``media``
+frames in real time. It also plays the agent's audio the way a phone does: at 8 bytes per millisecond, echoing
+each ``mark`` once the audio queued before it has played, and flushing (echoing) every pending mark on
+``clear``. A bridge therefore learns exactly what the caller heard, as it does on a real call.
+
+Usage in a test, against a server listening locally::
+
+    from pathlib import Path
+
+    from callbridge.audio import tone, write_wav
+    from callbridge.testing.caller import CallScript, HangUp, Pause, Say, SayWhenHearing, SimulatedCaller
+
+    caller = SimulatedCaller("http://127.0.0.1:8000", auth_token="your-twilio-auth-token")
+    script = CallScript(
+        [
+            Pause(1000),
+            Say(tone(800)),  # stand-in for speech; use CallScript.from_wav for a recording
+            SayWhenHearing(tone(400), after_heard_ms=300),  # barge in 300 ms into the answer
+            Pause(1500),
+            HangUp(),
+        ]
+    )
+    recording = await caller.place_call(script, max_duration_s=30)
+    assert not recording.protocol_errors
+    assert recording.marks_flushed  # the barge-in cleared the rest of the answer
+    write_wav(Path("call.wav"), list(recording.stereo_channels()))  # caller left, agent right
+
+``public_url`` is the address the server believes it has (its configured public base URL): signatures are
+computed over it, as Twilio computes them over the URL it called, while the requests go to ``base_url``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import uuid
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from twilio.request_validator import RequestValidator
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from callbridge.audio import BYTES_PER_MS, SILENCE_BYTE, read_wav_as_ulaw, silence
+
+FRAME_MS = 20
+FRAME_BYTES = FRAME_MS * BYTES_PER_MS
+_SILENT_FRAME = bytes([SILENCE_BYTE]) * FRAME_BYTES
+_DTMF_DIGITS = frozenset("0123456789*#")
+
+EventHook = Callable[[str, dict[str, Any]], None]
+"""``on_event(kind, data)``. Kinds: ``"sent"`` (every message sent except ``media``), ``"received"`` (every JSON
+object the server sent), ``"protocol_error"`` (``{"error": ...}``), ``"step"`` (``{"step", "at_s"}``)."""
+
+EndedBy = Literal["caller", "server", "timeout"]
+
+
+# --- Script ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    """Stream this μ-law audio. A last partial frame is padded with silence."""
+
+    audio: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Stream silence (rounded up to whole 20 ms frames)."""
+
+    ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dtmf:
+    """Press a key: a ``dtmf`` message at this point of the timeline."""
+
+    digit: str
+
+    def __post_init__(self) -> None:
+        if self.digit not in _DTMF_DIGITS:
+            raise ValueError(f"not a DTMF digit: {self.digit!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    """Send ``stop`` and close the WebSocket with 1000."""
+
+
+@dataclass(frozen=True, slots=True)
+class SayWhenHearing:
+    """Stay silent until ``after_heard_ms`` of agent audio has played since this step began, then speak.
+
+    This is how a test barges in on the agent mid-sentence, whatever the latency of the agent.
+    """
+
+    audio: bytes
+    after_heard_ms: int
+
+
+Step = Say | Pause | Dtmf | HangUp | SayWhenHearing
+
+
+@dataclass(slots=True)
+class CallScript:
+    """What the caller does, in order. After the last step the caller stays on the line, silent."""
+
+    steps: list[Step] = field(default_factory=list)
+
+    @classmethod
+    def from_wav(cls, path: str | Path, *, lead_in_ms: int = 500, tail_ms: int = 1000) -> CallScript:
+        """Silence, the recording (8 kHz mono, 16-bit PCM or μ-law), silence."""
+        steps: list[Step] = [Say(read_wav_as_ulaw(Path(path)))]
+        if lead_in_ms:
+            steps.insert(0, Pause(lead_in_ms))
+        if tail_ms:
+            steps.append(Pause(tail_ms))
+        return cls(steps)
+
+
+# --- Results --------------------------------------------------------------------------------------------
+
+
+class CallRefused(Exception):
+    """The server did not let the call reach a media stream (an HTTP error, or TwiML without a stream)."""
+
+    def __init__(self, status_code: int, body: str, reason: str) -> None:
+        super().__init__(f"{reason} (HTTP {status_code}): {body[:500]}")
+        self.status_code = status_code
+        self.body = body
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ClearRecord:
+    at_s: float
+    """Call time (seconds since ``start``) when the ``clear`` arrived."""
+    discarded_bytes: int
+    """Agent audio received but not yet played, thrown away."""
+    heard_bytes_at_clear: int
+
+
+@dataclass(slots=True)
+class CallRecording:
+    """Everything that happened on the call. Times are seconds since the ``start`` message."""
+
+    call_sid: str
+    stream_sid: str
+    twiml: str
+    parameters: dict[str, str]
+    sent_audio: bytearray = field(default_factory=bytearray)
+    heard_audio: bytearray = field(default_factory=bytearray)
+    """Agent audio played, 20 ms at a time; a step that began before a ``clear`` still counts as heard."""
+    heard_timeline: list[tuple[float, int]] = field(default_factory=list)
+    """``(time the 20 ms playback step began, bytes played in it)``, for steps that played something."""
+    received_audio_bytes: int = 0
+    marks_played: list[str] = field(default_factory=list)
+    marks_flushed: list[str] = field(default_factory=list)
+    clears: list[ClearRecord] = field(default_factory=list)
+    protocol_errors: list[str] = field(default_factory=list)
+    step_times: list[tuple[str, float]] = field(default_factory=list)
+    """When each script step began; a ``SayWhenHearing`` adds ``"SayWhenHearing:triggered"`` when it speaks."""
+    ended_by: EndedBy | None = None
+    close_code: int | None = None
+    close_reason: str = ""
+    duration_s: float = 0.0
+
+    def stereo_channels(self) -> tuple[bytes, bytes]:
+        """Caller and agent μ-law audio on the same timeline (silence where the agent played nothing)."""
+        agent = bytearray(_SILENT_FRAME) * (len(self.sent_audio) // FRAME_BYTES)
+        position = 0
+        for at_s, count in self.heard_timeline:
+            offset = round(at_s * 1000) * BYTES_PER_MS
+            if len(agent) < offset + count:
+                agent.extend(bytes([SILENCE_BYTE]) * (offset + count - len(agent)))
+            agent[offset : offset + count] = self.heard_audio[position : position + count]
+            position += count
+        return bytes(self.sent_audio), bytes(agent)
+
+
+# --- Caller ---------------------------------------------------------------------------------------------
+
+
+class SimulatedCaller:
+    """Places calls, one per :meth:`place_call`, against the server at ``base_url``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        auth_token: str,
+        *,
+        public_url: str | None = None,
+        from_: str = "+15550100001",
+        to: str = "+15550100002",
+        account_sid: str | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.public_url = (public_url or base_url).rstrip("/")
+        self.from_ = from_
+        self.to = to
+        self.account_sid = account_sid or "AC" + uuid.uuid4().hex
+        self._validator = RequestValidator(auth_token)
+
+    async def place_call(
+        self,
+        script: CallScript,
+        *,
+        hang_up_after_s: float | None = None,
+        max_duration_s: float = 120.0,
+        on_event: EventHook | None = None,
+    ) -> CallRecording:
+        """Call, run the script, and return the recording once the call is over.
+
+        The call ends at a ``HangUp`` step; ``hang_up_after_s`` seconds after the script ran out (if given);
+        when the server closes the WebSocket; or ``max_duration_s`` after dialling, whichever comes first. A
+        refused call (HTTP error, no ``<Connect><Stream>``, rejected WebSocket handshake) raises
+        :class:`CallRefused`; a server closing the accepted WebSocket just ends the call.
+        """
+        deadline = asyncio.get_running_loop().time() + max_duration_s
+        call_sid = "CA" + uuid.uuid4().hex
+        twiml = await self._request_twiml(call_sid, limit_s=max_duration_s)
+        stream_url, parameters = _parse_twiml(twiml)
+        recording = CallRecording(call_sid, "MZ" + uuid.uuid4().hex, twiml, parameters)
+        call = _Call(self.account_sid, script, recording, hang_up_after_s, on_event)
+        signature = self._validator.compute_signature(stream_url, {})
+        try:
+            async with connect(
+                self._socket_url(stream_url),
+                additional_headers={"X-Twilio-Signature": signature},
+                open_timeout=max(deadline - asyncio.get_running_loop().time(), 0.001),
+                close_timeout=1.0,
+                compression=None,
+            ) as ws:
+                await call.run(ws, deadline)
+        except InvalidStatus as exc:
+            response = exc.response
+            raise CallRefused(
+                response.status_code,
+                response.body.decode(errors="replace") if response.body else "",
+                "the WebSocket handshake was rejected",
+            ) from exc
+        return recording
+
+    async def _request_twiml(self, call_sid: str, *, limit_s: float) -> str:
+        params = {
+            "CallSid": call_sid,
+            "AccountSid": self.account_sid,
+            "From": self.from_,
+            "To": self.to,
+            "CallStatus": "ringing",
+            "Direction": "inbound",
+            "ApiVersion": "2010-04-01",
+        }
+        signature = self._validator.compute_signature(f"{self.public_url}/twilio/voice", params)
+        headers = {"X-Twilio-Signature": signature, "User-Agent": "TwilioProxy/1.1"}
+        async with httpx.AsyncClient(timeout=limit_s) as client:
+            response = await client.post(f"{self.base_url}/twilio/voice", data=params, headers=headers)
+        if response.status_code != 200:
+            raise CallRefused(response.status_code, response.text, "the voice webhook failed")
+        return response.text
+
+    def _socket_url(self, stream_url: str) -> str:
+        """The Stream URL names the public host; connect to ``base_url`` instead, keeping the path.
+
+        The query string is dropped, as Twilio drops it.
+        """
+        base = urlsplit(self.base_url)
+        scheme = {"http": "ws", "https": "wss"}.get(base.scheme, base.scheme)
+        return urlunsplit((scheme, base.netloc, urlsplit(stream_url).path or "/", "", ""))
+
+
+def _parse_twiml(twiml: str) -> tuple[str, dict[str, str]]:
+    try:
+        root = ET.fromstring(twiml)
+    except ET.ParseError as exc:
+        raise CallRefused(200, twiml, f"the answer is not XML ({exc})") from exc
+    stream = root.find("./Connect/Stream") if root.tag == "Response" else None
+    url = stream.get("url") if stream is not None else None
+    if stream is None or not url:
+        raise CallRefused(200, twiml, "the TwiML has no <Response><Connect><Stream url=...>")
+    parameters = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+    return url, parameters
+
+
+def _message_problem(message: dict[str, Any], stream_sid: str) -> str | None:
+    """Why Twilio would reject this server message, if it would: only three exact shapes are allowed."""
+    event = message.get("event")
+    if event not in ("media", "mark", "clear"):
+        return f"unsupported event {event!r}"
+    expected = {"event", "streamSid"} if event == "clear" else {"event", "streamSid", event}
+    if set(message) != expected:
+        return f"{event} has keys {sorted(message)}, expected {sorted(expected)}"
+    if message["streamSid"] != stream_sid:
+        return f"{event} for streamSid {message['streamSid']!r}, not this stream's"
+    if event == "clear":
+        return None
+    body, key = message[event], "payload" if event == "media" else "name"
+    if not isinstance(body, dict) or set(body) != {key} or not isinstance(body[key], str) or not body[key]:
+        return f"{event}.{event} must be exactly {{{key!r}: <non-empty string>}}, got {body!r}"
+    return None
+
+
+class _Call:
+    """One media stream: a single task alternates 20 ms ticks (send a frame, play 20 ms) with receiving.
+
+    The playback queue holds agent audio (``bytes``) and mark names (``str``) in arrival order.
+    """
+
+    def __init__(
+        self,
+        account_sid: str,
+        script: CallScript,
+        recording: CallRecording,
+        hang_up_after_s: float | None,
+        on_event: EventHook | None,
+    ) -> None:
+        self.account_sid = account_sid
+        self.steps = deque(script.steps)
+        self.rec = recording
+        self.hang_up_after_s = hang_up_after_s
+        self.on_event = on_event
+        self.sequence = 0
+        self.tick = 0
+        self.t0 = 0.0
+        self.queue: deque[bytes | str] = deque()
+        self.marks_passed: list[str] = []  # played through in the last step; echoed at the next tick
+        self.speaking = bytearray()  # rest of the current Say/Pause
+        self.waiting: tuple[SayWhenHearing, int] | None = None  # with heard bytes when it began
+        self.script_ended_tick: int | None = None
+        self.ws: ClientConnection
+
+    async def run(self, ws: ClientConnection, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.ws = ws
+        rec = self.rec
+        self.t0 = loop.time()  # reset once ``start`` is out; set here too should the server close before
+        try:
+            await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+            await self._send(self._start_message())
+            self.t0 = loop.time()
+            rec.ended_by = await self._stream(deadline)
+        except ConnectionClosed:
+            rec.ended_by = "server"
+        if rec.ended_by != "server":
+            try:
+                stop = {"accountSid": self.account_sid, "callSid": rec.call_sid}
+                await self._send({"event": "stop", **self._header(), "stop": stop})
+            except ConnectionClosed:
+                pass
+            await ws.close(1000)
+        else:
+            await ws.wait_closed()
+        rec.close_code, rec.close_reason = ws.close_code, ws.close_reason or ""
+        rec.duration_s = loop.time() - self.t0
+
+    def _start_message(self) -> dict[str, Any]:
+        rec = self.rec
+        start = {
+            "accountSid": self.account_sid,
+            "streamSid": rec.stream_sid,
+            "callSid": rec.call_sid,
+            "tracks": ["inbound"],
+            "customParameters": rec.parameters,
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        }
+        return {"event": "start", "sequenceNumber": self._next_sequence(), "start": start, "streamSid": rec.stream_sid}
+
+    async def _stream(self, deadline: float) -> EndedBy:
+        """Tick k is due at t0 + k * 20 ms (an absolute schedule, so late ticks catch up instead of drifting)."""
+        loop = asyncio.get_running_loop()
+        receiving = asyncio.create_task(self.ws.recv())
+        try:
+            while True:
+                now = loop.time()
+                if now >= deadline:
+                    return "timeout"
+                due = self.t0 + self.tick * FRAME_MS / 1000
+                if now >= due:
+                    if not await self._tick():
+                        return "caller"
+                    continue
+                done, _ = await asyncio.wait({receiving}, timeout=min(due, deadline) - now)
+                if done:
+                    data = receiving.result()  # raises ConnectionClosed once the server closed
+                    receiving = asyncio.create_task(self.ws.recv())
+                    await self._receive(data)
+        finally:
+            receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)
+
+    async def _tick(self) -> bool:
+        """Echo marks passed, send the caller's next frame, play 20 ms. False when the caller hangs up."""
+        at_ms = self.tick * FRAME_MS
+        self._pass_marks_at_head()
+        passed, self.marks_passed = self.marks_passed, []
+        for name in passed:
+            await self._echo_mark(name, flushed=False)
+        frame = await self._next_frame(at_ms)
+        if frame is None:
+            return False
+        payload = base64.b64encode(frame).decode("ascii")
+        media = {"track": "inbound", "chunk": str(self.tick + 1), "timestamp": str(at_ms), "payload": payload}
+        sequence = self._next_sequence()
+        await self._send(
+            {"event": "media", "sequenceNumber": sequence, "media": media, "streamSid": self.rec.stream_sid}
+        )
+        self.rec.sent_audio += frame
+        self._play(at_ms)
+        self.tick += 1
+        return True
+
+    async def _next_frame(self, at_ms: int) -> bytes | None:
+        """The caller's audio for this tick, running zero-length steps (DTMF, hang-up) on the way."""
+        rec = self.rec
+        while True:
+            if self.speaking:
+                frame = bytes(self.speaking[:FRAME_BYTES])
+                del self.speaking[:FRAME_BYTES]
+                return frame.ljust(FRAME_BYTES, bytes([SILENCE_BYTE]))
+            if self.waiting is not None:
+                reply, heard_at_begin = self.waiting
+                if len(rec.heard_audio) - heard_at_begin < reply.after_heard_ms * BYTES_PER_MS:
+                    return _SILENT_FRAME
+                self.waiting = None
+                self._log_step("SayWhenHearing:triggered", at_ms)
+                self.speaking = bytearray(reply.audio)
+                continue
+            if not self.steps:
+                if self.script_ended_tick is None:
+                    self.script_ended_tick = self.tick
+                silent_ms = (self.tick - self.script_ended_tick) * FRAME_MS
+                if self.hang_up_after_s is not None and silent_ms >= self.hang_up_after_s * 1000:
+                    return None
+                return _SILENT_FRAME
+            step = self.steps.popleft()
+            self._log_step(type(step).__name__, at_ms)
+            match step:
+                case Say(audio=audio):
+                    self.speaking = bytearray(audio)
+                case Pause(ms=ms):
+                    self.speaking = bytearray(silence(ms))
+                case Dtmf(digit=digit):
+                    dtmf = {"track": "inbound_track", "digit": digit}
+                    await self._send({"event": "dtmf", **self._header(), "dtmf": dtmf})
+                case HangUp():
+                    return None
+                case SayWhenHearing():
+                    self.waiting = (step, len(rec.heard_audio))
+
+    def _play(self, at_ms: int) -> None:
+        """Play the next 20 ms of queued agent audio; a step once begun plays out (even across a clear)."""
+        played = bytearray()
+        while self.queue and len(played) < FRAME_BYTES:
+            item = self.queue.popleft()
+            if isinstance(item, str):
+                self.marks_passed.append(item)
+                continue
+            take = FRAME_BYTES - len(played)
+            played += item[:take]
+            if len(item) > take:
+                self.queue.appendleft(item[take:])
+        self._pass_marks_at_head()
+        if played:
+            self.rec.heard_audio += played
+            self.rec.heard_timeline.append((at_ms / 1000, len(played)))
+
+    def _pass_marks_at_head(self) -> None:
+        while self.queue and isinstance(head := self.queue[0], str):
+            self.queue.popleft()
+            self.marks_passed.append(head)
+
+    async def _receive(self, data: str | bytes) -> None:
+        if isinstance(data, bytes):
+            self._protocol_error(f"31950 binary frame of {len(data)} bytes")
+            return
+        try:
+            message = json.loads(data)
+        except ValueError:
+            self._protocol_error(f"31951 not JSON: {data[:200]!r}")
+            return
+        if not isinstance(message, dict):
+            self._protocol_error(f"31951 not a JSON object: {data[:200]!r}")
+            return
+        self._emit("received", message)
+        problem = _message_problem(message, self.rec.stream_sid)
+        if problem is not None:
+            self._protocol_error(f"31951 {problem}: {data[:200]}")
+        elif message["event"] == "media":
+            try:
+                audio = base64.b64decode(message["media"]["payload"], validate=True)
+            except binascii.Error:
+                self._protocol_error(f"31951 media payload is not base64: {data[:200]}")
+                return
+            self.rec.received_audio_bytes += len(audio)
+            if audio:
+                self.queue.append(audio)
+        elif message["event"] == "mark":
+            self.queue.append(message["mark"]["name"])
+        else:
+            await self._clear()
+
+    async def _clear(self) -> None:
+        """Like Twilio: drop the queued audio and echo every pending mark at once."""
+        rec = self.rec
+        discarded = sum(len(item) for item in self.queue if isinstance(item, bytes))
+        flushed = [item for item in self.queue if isinstance(item, str)]
+        self.queue.clear()
+        at_s = asyncio.get_running_loop().time() - self.t0
+        rec.clears.append(ClearRecord(at_s, discarded, len(rec.heard_audio)))
+        passed, self.marks_passed = self.marks_passed, []
+        for name in passed:
+            await self._echo_mark(name, flushed=False)
+        for name in flushed:
+            await self._echo_mark(name, flushed=True)
+
+    async def _echo_mark(self, name: str, *, flushed: bool) -> None:
+        await self._send({"event": "mark", **self._header(), "mark": {"name": name}})
+        (self.rec.marks_flushed if flushed else self.rec.marks_played).append(name)
+
+    def _header(self) -> dict[str, str]:
+        return {"sequenceNumber": self._next_sequence(), "streamSid": self.rec.stream_sid}
+
+    def _next_sequence(self) -> str:
+        self.sequence += 1
+        return str(self.sequence)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(message))
+        if message["event"] != "media":
+            self._emit("sent", message)
+
+    def _log_step(self, name: str, at_ms: int) -> None:
+        self.rec.step_times.append((name, at_ms / 1000))
+        self._emit("step", {"step": name, "at_s": at_ms / 1000})
+
+    def _protocol_error(self, error: str) -> None:
+        self.rec.protocol_errors.append(error)
+        self._emit("protocol_error", {"error": error})
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, data)

@@ -1,0 +1,311 @@
+"""The thin adapters: wire formats, TwiML, signatures, signed parameters, dialects, tools, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import xml.etree.ElementTree as ET
+
+import orjson
+import pytest
+
+from callbridge.config import Settings
+from callbridge.core import events as ev
+from callbridge.core.context import CallContext, ContextItem, ParameterError
+from callbridge.realtime.dialect import headers_for, to_beta
+from callbridge.realtime.protocol import parse_server_event
+from callbridge.telephony.media_streams import parse_twilio_message
+from callbridge.telephony.params import PARAMETER_NAME, StreamParameterSigner
+from callbridge.telephony.signatures import TwilioSignatures
+from callbridge.telephony.twiml import connect_stream_twiml
+from callbridge.testing.conformance import validate_client_event
+from callbridge.tools import ToolContext, ToolRegistry
+
+# --- Twilio frames ----------------------------------------------------------------------------------------
+
+
+def test_parse_twilio_start_and_media() -> None:
+    start = parse_twilio_message(
+        orjson.dumps(
+            {
+                "event": "start",
+                "sequenceNumber": "1",
+                "start": {
+                    "accountSid": "AC1",
+                    "streamSid": "MZ1",
+                    "callSid": "CA1",
+                    "tracks": ["inbound"],
+                    "customParameters": {"callbridge": "tok"},
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                },
+                "streamSid": "MZ1",
+            }
+        )
+    )
+    assert start == ev.TwilioStart("MZ1", "CA1", "AC1", {"callbridge": "tok"})
+    media = parse_twilio_message(
+        '{"event":"media","sequenceNumber":"3","media":{"track":"inbound","chunk":"1","timestamp":"40","payload":"AAA="},"streamSid":"MZ1"}'
+    )
+    assert media == ev.TwilioMedia("AAA=", 40)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json",
+        "[]",
+        '{"event":"media"}',
+        '{"event":"media","media":{"payload":5}}',
+        '{"event":"start","start":{"callSid":"CA1"}}',
+        '{"event":"start","start":{"callSid":"CA1","streamSid":"MZ","customParameters":[1]}}',
+        '{"event":"mark","mark":{}}',
+        '{"event":"surprise"}',
+        '{"event":"media","media":{"payload":"AA==","timestamp":"soon"}}',
+    ],
+)
+def test_malformed_twilio_frames_become_invalid_messages(raw: str) -> None:
+    assert isinstance(parse_twilio_message(raw), ev.TwilioInvalidMessage)
+
+
+# --- Realtime events --------------------------------------------------------------------------------------
+
+
+def test_parse_realtime_events_in_both_dialects() -> None:
+    delta = {
+        "type": "response.output_audio.delta",
+        "response_id": "r",
+        "item_id": "i",
+        "output_index": 0,
+        "content_index": 0,
+        "delta": "AAA=",
+        "event_id": "e",
+    }
+    assert parse_server_event(orjson.dumps(delta)) == ev.RealtimeAudioDelta("r", "i", "AAA=")
+    beta = {**delta, "type": "response.audio.delta"}
+    assert parse_server_event(orjson.dumps(beta), "beta") == ev.RealtimeAudioDelta("r", "i", "AAA=")
+    assert isinstance(parse_server_event(orjson.dumps(beta), "ga"), ev.RealtimeOther)
+    error = {
+        "type": "error",
+        "event_id": "e",
+        "error": {
+            "type": "invalid_request_error",
+            "code": "response_cancel_not_active",
+            "message": "Cancellation failed",
+            "event_id": "cb_3",
+        },
+    }
+    assert parse_server_event(orjson.dumps(error)) == ev.RealtimeError(
+        "response_cancel_not_active", "Cancellation failed", "cb_3", "invalid_request_error"
+    )
+    call = {
+        "type": "response.output_item.done",
+        "response_id": "r",
+        "output_index": 0,
+        "event_id": "e",
+        "item": {
+            "id": "i",
+            "type": "function_call",
+            "status": "completed",
+            "call_id": "c",
+            "name": "n",
+            "arguments": "{}",
+        },
+    }
+    assert parse_server_event(orjson.dumps(call)) == ev.RealtimeFunctionCallDone("r", "i", "c", "n", "{}", "completed")
+
+
+def test_malformed_realtime_event_is_an_error_not_an_exception() -> None:
+    for raw in ("{", "[]", '{"type":"response.output_audio.delta"}'):
+        assert isinstance(parse_server_event(raw), ev.RealtimeError)
+
+
+def test_beta_mapping_of_session_update() -> None:
+    ga = {
+        "type": "session.update",
+        "session": {
+            "type": "realtime",
+            "model": "gpt-realtime",
+            "output_modalities": ["audio"],
+            "instructions": "Hi",
+            "audio": {
+                "input": {
+                    "format": {"type": "audio/pcmu"},
+                    "turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000},
+                    "transcription": {"model": "whisper-1"},
+                },
+                "output": {"format": {"type": "audio/pcmu"}, "voice": "alloy"},
+            },
+        },
+    }
+    beta = to_beta(ga)
+    validate_client_event(beta, "beta")
+    assert beta["session"] == {
+        "modalities": ["audio", "text"],
+        "instructions": "Hi",
+        "input_audio_format": "g711_ulaw",
+        "output_audio_format": "g711_ulaw",
+        "voice": "alloy",
+        "turn_detection": {"type": "server_vad"},
+        "input_audio_transcription": {"model": "whisper-1"},
+    }
+    assert headers_for("beta", "k") == {"Authorization": "Bearer k", "OpenAI-Beta": "realtime=v1"}
+    assert headers_for("ga", "k") == {"Authorization": "Bearer k"}
+
+
+# --- signed parameters ------------------------------------------------------------------------------------
+
+
+def test_parameters_round_trip_with_context() -> None:
+    signer = StreamParameterSigner("s3cret", ttl_seconds=60)
+    context = CallContext(
+        call_sid="CA1",
+        caller="+1",
+        called="+2",
+        name="Ada",
+        greeting="Hi Ada",
+        items=(ContextItem("user", "I called yesterday."),),
+        metadata={"customer": 42},
+    )
+    parameters = signer.mint(context, now=1000)
+    assert list(parameters) == [PARAMETER_NAME]
+    assert signer.verify(parameters, "CA1", now=1059) == context
+
+
+def test_parameters_refused_when_expired_foreign_or_resigned() -> None:
+    signer = StreamParameterSigner("s3cret", ttl_seconds=60)
+    parameters = signer.mint(CallContext(call_sid="CA1"), now=1000)
+    with pytest.raises(ParameterError, match="expired"):
+        signer.verify(parameters, "CA1", now=1061)
+    with pytest.raises(ParameterError, match="another call"):
+        signer.verify(parameters, "CA2", now=1001)
+    with pytest.raises(ParameterError, match="tampered"):
+        StreamParameterSigner("other", 60).verify(parameters, "CA1", now=1001)
+    with pytest.raises(ParameterError, match="absent"):
+        signer.verify({}, "CA1", now=1001)
+    # Outbound calls have no SID when the TwiML is made: such parameters are not bound.
+    unbound = signer.mint(CallContext(), now=1000)
+    assert signer.verify(unbound, "CA9", now=1001).call_sid == "CA9"
+
+
+# --- TwiML and signatures ---------------------------------------------------------------------------------
+
+
+def test_twiml_connects_the_stream_with_parameters() -> None:
+    xml = connect_stream_twiml("wss://bridge.example/twilio/media-stream", {"callbridge": "a&b<c>"}, say="Hello")
+    root = ET.fromstring(xml)
+    assert [child.tag for child in root] == ["Say", "Connect"]
+    stream = root.find("Connect/Stream")
+    assert stream is not None and stream.get("url") == "wss://bridge.example/twilio/media-stream"
+    parameter = stream.find("Parameter")
+    assert parameter is not None and parameter.attrib == {"name": "callbridge", "value": "a&b<c>"}
+    with pytest.raises(ValueError, match="query"):
+        connect_stream_twiml("wss://bridge.example/twilio/media-stream?token=1", {})
+
+
+def test_signatures() -> None:
+    signatures = TwilioSignatures("token")
+    url, params = "https://bridge.example/twilio/voice", {"CallSid": "CA1", "From": "+1"}
+    signature = signatures.sign(url, params)
+    assert signatures.valid(url, params, signature)
+    assert not signatures.valid(url, {**params, "From": "+2"}, signature)
+    assert not signatures.valid("https://evil.example/twilio/voice", params, signature)
+    assert not signatures.valid(url, params, None)
+    assert not TwilioSignatures(None).valid(url, params, signature)
+
+
+def test_stream_url_is_derived_from_the_public_url() -> None:
+    assert Settings(CALLBRIDGE_PUBLIC_URL="https://bridge.example/", _env_file=None).stream_url == (
+        "wss://bridge.example/twilio/media-stream"
+    )
+    assert Settings(CALLBRIDGE_PUBLIC_URL="http://127.0.0.1:8080", _env_file=None).stream_url == (
+        "ws://127.0.0.1:8080/twilio/media-stream"
+    )
+    with pytest.raises(ValueError):
+        Settings(CALLBRIDGE_PUBLIC_URL="bridge.example", _env_file=None)
+
+
+def test_settings_build_the_agent() -> None:
+    settings = Settings(
+        CALLBRIDGE_TURN_DETECTION="semantic_vad",
+        CALLBRIDGE_VAD_EAGERNESS="low",
+        CALLBRIDGE_TRANSCRIPTION_MODEL="",
+        _env_file=None,
+    )
+    agent = settings.agent()
+    assert agent.turn_detection == {"type": "semantic_vad", "eagerness": "low", "interrupt_response": True}
+    assert agent.transcription_model is None and agent.server_cancels_on_speech
+
+
+# --- tools ------------------------------------------------------------------------------------------------
+
+registry = ToolRegistry()
+
+
+@registry.tool
+async def lookup_order(order_id: int, context: ToolContext, include_items: bool = False) -> dict[str, object]:
+    """Look up an order by its number.
+
+    Args:
+        order_id: the order number the caller reads out
+        include_items: whether to list the items
+    """
+    if order_id == 13:
+        raise LookupError("no such order")
+    return {"order_id": order_id, "call": context.call_sid, "items": ["kettle"] if include_items else []}
+
+
+@registry.tool
+def slow() -> str:
+    """Never answers in time."""
+    import time
+
+    time.sleep(0.5)
+    return "late"
+
+
+def test_tool_schema_from_hints_and_docstring() -> None:
+    (schema, _) = registry.schemas
+    assert schema == {
+        "type": "function",
+        "name": "lookup_order",
+        "description": "Look up an order by its number.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "order_id": {"type": "integer", "description": "the order number the caller reads out"},
+                "include_items": {
+                    "type": "boolean",
+                    "default": False,
+                    "description": "whether to list the items",
+                },
+            },
+            "required": ["order_id"],
+        },
+    }
+    tool_event = {"type": "session.update", "session": {"type": "realtime", "tools": list(registry.schemas)}}
+    validate_client_event(tool_event, "ga")
+
+
+def test_tool_runs_and_reports_errors() -> None:
+    context = ToolContext("CA1", CallContext())
+
+    async def run(name: str, arguments: str, limit: float = 1.0) -> tuple[bool, dict[str, object]]:
+        ok, output = await registry.run(name, arguments, context, limit)
+        return ok, orjson.loads(output)
+
+    async def scenario() -> None:
+        assert await run("lookup_order", '{"order_id": 7, "include_items": true}') == (
+            True,
+            {"order_id": 7, "call": "CA1", "items": ["kettle"]},
+        )
+        ok, output = await run("lookup_order", '{"order_id": 13}')
+        assert not ok and "LookupError" in str(output["error"])
+        ok, output = await run("lookup_order", '{"order_id": "seven"}')
+        assert not ok and "invalid arguments" in str(output["error"])
+        ok, output = await run("lookup_order", "{not json")
+        assert not ok
+        ok, output = await run("nope", "{}")
+        assert not ok and "unknown tool" in str(output["error"])
+        ok, output = await run("slow", "{}", limit=0.05)
+        assert not ok and "did not answer" in str(output["error"])
+
+    asyncio.run(scenario())
