@@ -57,7 +57,7 @@ class Service:
     async def wait_for_logs(self, event: str, count: int, seconds: float = 5.0) -> list[dict[str, Any]]:
         """The log lines of ``event`` once there are ``count`` of them (calls finish asynchronously)."""
         deadline = time.monotonic() + seconds
-        while len(lines := self.logs(event)) < count and time.monotonic() < deadline:
+        while len(lines := self.logs(event)) < count and time.monotonic() < deadline:  # noqa: ASYNC110 - a file
             await asyncio.sleep(0.05)
         return lines
 
@@ -162,7 +162,7 @@ async def test_a_call_end_to_end(tmp_path: Path, behavior: FakeBehavior) -> None
     assert len(recording.sent_audio) > 0
 
     # The greeting was heard in full before the caller spoke.
-    greeting_item, greeting_bytes = agent_items(session)[0]
+    _greeting_item, greeting_bytes = agent_items(session)[0]
     assert len(recording.heard_audio) >= greeting_bytes
 
     # The barge-in cleared Twilio's buffer and truncated at what the caller actually heard.
@@ -246,9 +246,14 @@ async def test_signatures_and_stream_parameters_guard_the_bridge(tmp_path: Path,
 
         async def start_with(parameters: dict[str, str], call_sid: str) -> int | None:
             async with websockets.connect(stream_url, additional_headers=upgrade) as ws:
-                start = {"streamSid": "MZ" + "b" * 32, "callSid": call_sid, "accountSid": "AC" + "c" * 32,
-                         "tracks": ["inbound"], "customParameters": parameters,
-                         "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}
+                start = {
+                    "streamSid": "MZ" + "b" * 32,
+                    "callSid": call_sid,
+                    "accountSid": "AC" + "c" * 32,
+                    "tracks": ["inbound"],
+                    "customParameters": parameters,
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                }
                 await ws.send(orjson.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}).decode())
                 await ws.send(orjson.dumps({"event": "start", "sequenceNumber": "1", "start": start}).decode())
                 with pytest.raises(websockets.ConnectionClosed):
@@ -272,7 +277,7 @@ async def test_signatures_and_stream_parameters_guard_the_bridge(tmp_path: Path,
 
 async def test_beta_dialect_end_to_end(tmp_path: Path, behavior: FakeBehavior) -> None:
     async with serve(tmp_path, behavior, CALLBRIDGE_REALTIME_DIALECT="beta") as service:
-        script = CallScript([Pause(2500), Say(audio.tone(800, 330)), Pause(4500), HangUp()])
+        script = CallScript([Pause(2500), Say(audio.tone(800, 330)), Pause(7000), HangUp()])
         recording = await service.caller().place_call(script, max_duration_s=30)
         (session,) = service.fake.sessions
         await wait_closed([session])
@@ -299,12 +304,17 @@ async def test_tool_call_end_to_end(tmp_path: Path) -> None:
     update = next(event for event in session.client_events if event["type"] == "session.update")
     assert [tool["name"] for tool in update["session"]["tools"]] == ["check_availability"]
     outputs = [
-        event["item"] for event in session.client_events
+        event["item"]
+        for event in session.client_events
         if event["type"] == "conversation.item.create" and event["item"]["type"] == "function_call_output"
     ]
     assert len(outputs) == 1 and json.loads(outputs[0]["output"])["available"] is True
-    after_output = session.client_events[session.client_events.index(next(
-        e for e in session.client_events if e.get("item", {}).get("type") == "function_call_output")) + 1 :]
+    after_output = session.client_events[
+        session.client_events.index(
+            next(e for e in session.client_events if e.get("item", {}).get("type") == "function_call_output")
+        )
+        + 1 :
+    ]
     assert [e["type"] for e in after_output if e["type"] != "input_audio_buffer.append"][:1] == ["response.create"]
     assert len(agent_items(session)) == 2  # the greeting, then the answer that uses the tool's result
     assert recording.received_audio_bytes == sum(size for _, size in agent_items(session))
@@ -324,8 +334,38 @@ async def test_model_connection_lost_ends_the_call_cleanly(tmp_path: Path, behav
 
 
 async def test_model_unreachable_ends_the_call(tmp_path: Path, behavior: FakeBehavior) -> None:
-    async with serve(tmp_path, behavior, CALLBRIDGE_REALTIME_URL=f"ws://127.0.0.1:{_free_port()}/v1/realtime") as service:
+    async with serve(
+        tmp_path, behavior, CALLBRIDGE_REALTIME_URL=f"ws://127.0.0.1:{_free_port()}/v1/realtime"
+    ) as service:
         recording = await service.caller().place_call(CallScript([Pause(20000)]), max_duration_s=30)
         summaries = await service.wait_for_logs("call.summary", 1)
     assert recording.close_code == 1000
     assert [summary["reason"] for summary in summaries] == ["realtime_unavailable"]
+
+
+async def test_simulate_command_places_a_call(tmp_path: Path, behavior: FakeBehavior) -> None:
+    async with serve(tmp_path, behavior) as service:
+        wav = tmp_path / "caller.wav"
+        audio.write_wav(wav, [audio.tone(1000, 330)])
+        process = await asyncio.create_subprocess_exec(
+            str(CALLBRIDGE),
+            "simulate",
+            "--url",
+            service.base_url,
+            "--wav",
+            str(wav),
+            "--seconds",
+            "3",
+            "--save",
+            str(tmp_path / "call.wav"),
+            env={**os.environ, "TWILIO_AUTH_TOKEN": AUTH_TOKEN},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), 60)
+        (session,) = service.fake.sessions
+        await wait_closed([session])
+    assert process.returncode == 0, output.decode()
+    assert b"clear" in output and (tmp_path / "call.wav").stat().st_size > 44
+    assert audio.read_wav_as_ulaw(wav) in bytes(session.audio)  # the WAV's audio reached the model unchanged

@@ -423,7 +423,8 @@ async def test_truncation() -> None:
 
 
 async def test_caller_speech_interrupts_response() -> None:
-    behavior = FakeBehavior(transcripts=["one", "two"], delta_ms=20, ms_per_char=20, speed=4.0)
+    # A long greeting leaves plenty of time to interrupt it; the answer afterwards is short.
+    behavior = FakeBehavior(transcripts=["one"], greeting="Hello. " * 40, delta_ms=20, ms_per_char=20, speed=4.0)
     async with FakeRealtimeServer(behavior) as server, session(server) as client:
         await client.send({"type": "response.create"})
         await client.until("response.output_audio.delta")
@@ -485,7 +486,7 @@ async def test_scripted_server_error() -> None:
 
 
 async def test_close_after() -> None:
-    async with FakeRealtimeServer(fast(close_after_s=0.05)) as server, session(server) as client:
+    async with FakeRealtimeServer(fast(close_after_s=0.05)) as server, session(server, update=None) as client:
         with pytest.raises(ConnectionClosed) as closed:
             await client.recv(within=2)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011

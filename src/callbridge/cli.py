@@ -68,6 +68,7 @@ def demo(
     from callbridge.demo import run_demo
 
     configure_logging("console", "warning")
+    output.mkdir(parents=True, exist_ok=True)
     ok = asyncio.run(run_demo(output, json_output=json_output))
     raise typer.Exit(0 if ok else 1)
 

@@ -123,7 +123,6 @@ def _demo_script() -> CallScript:
 
 async def run_demo(output: Path, *, json_output: bool = False) -> bool:
     console = None if json_output else Console(highlight=False)
-    output.mkdir(parents=True, exist_ok=True)
     token, sock = secrets.token_hex(16), _free_socket()
     port = sock.getsockname()[1]
     sink = LiveTranscriptSink(console)
@@ -174,10 +173,7 @@ def _summary(
     transcript = output / "transcript.txt"
     ordered = sorted(lines, key=lambda line: line.start_ms)
     transcript.write_text(
-        "".join(
-            f"{line.start_ms / 1000:7.2f}  {line.speaker:>6}  {line.text}{' [interrupted]' if line.interrupted else ''}\n"
-            for line in ordered
-        )
+        "".join(f"{line.start_ms / 1000:7.2f}  {line.speaker:>6}  {line.text}{_cut_mark(line)}\n" for line in ordered)
     )
     caller_lines = [line for line in ordered if line.speaker == "caller"]
     agent_lines = [line for line in ordered if line.speaker == "agent"]
@@ -195,6 +191,10 @@ def _summary(
     }
 
 
+def _cut_mark(line: TranscriptLine) -> str:
+    return " [interrupted]" if line.interrupted else ""
+
+
 async def run_simulation(
     url: str, auth_token: str, *, public_url: str | None, wav: Path | None, seconds: float, save: Path | None
 ) -> bool:
@@ -205,7 +205,8 @@ async def run_simulation(
     caller = SimulatedCaller(url, auth_token, public_url=public_url)
     recording = await caller.place_call(script, hang_up_after_s=seconds, max_duration_s=seconds + 30)
     console.print(
-        f"call {recording.call_sid}: sent {len(recording.sent_audio) // 8} ms, heard {len(recording.heard_audio) // 8} ms "
+        f"call {recording.call_sid}: sent {len(recording.sent_audio) // 8} ms, "
+        f"heard {len(recording.heard_audio) // 8} ms "
         f"of agent audio, {len(recording.clears)} clear(s), close code {recording.close_code}"
     )
     for error in recording.protocol_errors:
