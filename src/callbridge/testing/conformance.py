@@ -93,6 +93,15 @@ def _validate(event: Mapping[str, Any], kind: str, dialect: Dialect) -> None:
         raise _from_validation_error(exc, event) from None
     for param in _unknown_keys(model, event, ""):
         raise ConformanceError(f"Unknown parameter: '{param}'.", code="unknown_parameter", param=param)
+    try:  # and the SDK's union itself, exactly as a user of the openai package would check it
+        _union(kind, dialect).validate_python(event)
+    except pydantic.ValidationError as exc:
+        raise _from_validation_error(exc, event) from None
+
+
+@functools.cache
+def _union(kind: str, dialect: Dialect) -> pydantic.TypeAdapter[Any]:
+    return pydantic.TypeAdapter(_UNIONS[kind, dialect])
 
 
 def _unknown_keys(value: Any, data: Any, path: str) -> Iterator[str]:
