@@ -74,7 +74,6 @@ class Settings(BaseSettings):
     # --- operations ---
     log_format: Literal["console", "json"] = Field(default="console", validation_alias="CALLBRIDGE_LOG_FORMAT")
     log_level: str = Field(default="info", validation_alias="CALLBRIDGE_LOG_LEVEL")
-    log_audio: bool = Field(default=False, validation_alias="CALLBRIDGE_LOG_AUDIO")
 
     @field_validator("transcription_model", "say_before_connect", "agent_greeting", "tools", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from callbridge.bridge import CallBridge, HangUp, RealtimeEndpoint
-from callbridge.config import Settings
+from callbridge.config import DEFAULT_REALTIME_URL, Settings
 from callbridge.core.context import CallContext
 from callbridge.core.session import SessionConfig
 from callbridge.core.transcript import MemoryTranscriptSink, TranscriptSink
@@ -73,6 +73,8 @@ def create_app(
     signatures = TwilioSignatures(auth_token)
     if not signatures.configured:
         log.error("config.no_twilio_auth_token", detail="TWILIO_AUTH_TOKEN unset: every Twilio request is refused")
+    if settings.openai_api_key is None and settings.realtime_url == DEFAULT_REALTIME_URL:
+        log.error("config.no_openai_api_key", detail="OPENAI_API_KEY unset: calls to the OpenAI Realtime API will fail")
     hang_up: HangUp | None = None
     if settings.twilio_account_sid and auth_token:
         hang_up = TwilioCalls(settings.twilio_account_sid, auth_token).hang_up

@@ -1,31 +1,14 @@
-"""A scriptable fake of the OpenAI Realtime API, for tests that must not touch the network.
+"""A Realtime-compatible WebSocket server: the protocol, with the mind and voice behind it pluggable.
 
-The fake speaks the documented WebSocket protocol: the GA shape by default, the older beta shape when the client
-sends ``OpenAI-Beta: realtime=v1``. It keeps the service's event order and answers mistakes with the service's
-error codes. Every incoming event goes through :func:`~callbridge.testing.conformance.validate_client_event`,
-so a misspelt field fails here as it would in production. Each connection is recorded as a :class:`FakeSession`
-for assertions.
+The server speaks the documented OpenAI Realtime protocol: the GA shape by default, the older beta shape when the
+client sends ``OpenAI-Beta: realtime=v1``. It keeps the service's event order and answers mistakes with the
+service's error codes; every incoming event goes through
+:func:`~callbridge.testing.conformance.validate_client_event`, so a misspelt field fails here as it would in
+production. What it hears, understands and says comes from a :class:`ConversationAgent`, one per connection:
+the scripted one of :mod:`callbridge.testing.fake_realtime`, or the speech models of :mod:`callbridge.engine`.
 
-Audio is G.711 μ-law at 8 kHz in both directions, whatever format the session asks for. Caller audio goes through
-an energy-based voice activity detector (20 ms frames), and each caller turn is "transcribed" as the next entry of
-:attr:`FakeBehavior.transcripts`. The agent replies by "speaking" a 300 Hz tone whose length follows the reply
-text, with a matching transcript.
-
-Example::
-
-    from openai import AsyncOpenAI
-
-    from callbridge.audio import silence, tone
-    from callbridge.testing.fake_realtime import FakeBehavior, FakeRealtimeServer
-
-
-    async def test_agent_answers() -> None:
-        behavior = FakeBehavior(transcripts=["I need a plumber"], speed=0)
-        async with FakeRealtimeServer(behavior) as server:
-            client = AsyncOpenAI(api_key="test", websocket_base_url=server.url.removesuffix("/realtime"))
-            async with client.realtime.connect(model="gpt-realtime") as conn:
-                ...  # session.update, then append tone(300) + silence(600) as base64
-        assert server.sessions[0].server_events_of("response.done")
+Audio is G.711 μ-law at 8 kHz in both directions, whatever format the session asks for. Each connection is
+recorded as a :class:`ServerSession` for assertions and metrics.
 """
 
 from __future__ import annotations
@@ -39,11 +22,11 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, Self
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -51,17 +34,23 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from callbridge.audio import BYTES_PER_MS, rms, tone
+from callbridge.audio import BYTES_PER_MS
 from callbridge.testing.conformance import ConformanceError, Dialect, validate_client_event
 
-__all__ = ["FakeBehavior", "FakeRealtimeServer", "FakeSession"]
+__all__ = [
+    "ConversationAgent",
+    "RealtimeServer",
+    "ServerOptions",
+    "ServerSession",
+    "ToolCall",
+    "TurnContext",
+]
 
 Event = dict[str, Any]
 
 _FRAME = 20 * BYTES_PER_MS  # VAD frame: 20 ms
 _SPEECH_START_MS = 60  # loud audio needed before speech_started
 _MIN_COMMIT_MS = 100  # the service refuses to commit less
-_TONE_HZ = 300.0
 _SERVER_ERROR = (
     "The server had an error while processing your request. Sorry about that! You can retry your request, "
     "or contact us through our help center at help.openai.com if the error persists."
@@ -74,47 +63,63 @@ _BETA_NAMES = {
 }
 
 
-def _echo_reply(transcript: str) -> str:
-    return f"You said: {transcript.rstrip('.!?')}. Is there anything else I can help you with today?"
-
-
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
 
 
-@dataclass
-class FakeBehavior:
-    """What the fake hears and says. Shared by every connection to one server."""
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    name: str
+    arguments: str
 
-    transcripts: list[str] = field(default_factory=list)
-    """Caller transcript for each caller turn, in order; past the end, ``"(caller turn N)"``."""
-    reply: Callable[[str], str] = _echo_reply
-    """Caller transcript -> the agent's reply text."""
-    greeting: str = "Hello! Thanks for calling. How can I help you today?"
-    """Spoken for a ``response.create`` before any caller turn, unless the response's instructions contain
-    ``saying exactly: X``, in which case X is spoken."""
-    ms_per_char: int = 60
-    """Agent audio per character of reply text."""
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What an agent knows when it plans a response."""
+
+    caller_transcripts: list[str]
+    """Every caller turn so far, oldest first."""
+    tool_output: str | None
+    """The ``function_call_output`` this response follows, if it follows one."""
+    instructions: str
+    tools: list[str]
+    """Names of the functions the session declares."""
+
+
+class ConversationAgent(Protocol):
+    """The mind and voice behind one connection."""
+
+    def hears_speech(self, frame: bytes) -> bool:
+        """Voice activity in one 20 ms μ-law frame."""
+        ...
+
+    async def transcribe(self, audio: bytes, turn: int) -> str:
+        """One committed caller turn (μ-law) as text."""
+        ...
+
+    def plan(self, context: TurnContext) -> str | ToolCall:
+        """What the next response says, or which function it calls."""
+        ...
+
+    def speak(self, text: str) -> AsyncGenerator[tuple[str, bytes], None]:
+        """``text`` as (piece of text, its μ-law audio) pairs, streamed as they are synthesized."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
     delta_ms: int = 100
     """Audio per ``response.output_audio.delta``."""
     speed: float = 1.0
-    """Delta pacing: 1.0 is real time, 2.0 twice as fast, 0 sends as fast as the socket allows."""
-    speech_rms_threshold: float = 1000.0
-    """Energy VAD threshold (16-bit RMS of a 20 ms frame); the session's ``threshold`` is not used."""
-    tool_cues: dict[str, tuple[str, str]] = field(default_factory=dict)
-    """Keyword in the caller transcript -> (function name, arguments JSON): call that function instead of
-    speaking. The response after the ``function_call_output`` says ``"Here is what I found: <output>"``."""
+    """Delta pacing: 1.0 is real time, 2.0 twice as fast, 0 sends as soon as audio is ready."""
     error_on_turn: int | None = None
     """Send a ``server_error`` instead of transcribing and answering caller turn N (1-based)."""
     close_after_s: float | None = None
     """Close the connection with code 1011 this long after ``session.created``."""
 
-    def transcript(self, turn: int) -> str:
-        return self.transcripts[turn - 1] if turn <= len(self.transcripts) else f"(caller turn {turn})"
-
 
 @dataclass
-class FakeSession:
+class ServerSession:
     """What happened on one connection."""
 
     dialect: Dialect
@@ -138,14 +143,24 @@ class FakeSession:
         return [event for event in self.client_events if event.get("type") == event_type]
 
 
-class FakeRealtimeServer:
-    """Serves the fake on ``ws://host:port/v1/realtime``; use as an async context manager or start()/stop()."""
+AgentFactory = Callable[[], ConversationAgent]
 
-    def __init__(self, behavior: FakeBehavior | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.behavior = behavior or FakeBehavior()
+
+class RealtimeServer:
+    """Serves ``ws://host:port/v1/realtime``; use as an async context manager or start()/stop()."""
+
+    def __init__(
+        self,
+        agent_factory: AgentFactory,
+        options: ServerOptions | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.agent_factory = agent_factory
+        self.options = options or ServerOptions()
         self.host = host
         self.port = port
-        self.sessions: list[FakeSession] = []
+        self.sessions: list[ServerSession] = []
         self._server: Server | None = None
 
     @property
@@ -163,7 +178,7 @@ class FakeRealtimeServer:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> FakeRealtimeServer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -183,13 +198,14 @@ class FakeRealtimeServer:
         assert ws.request is not None
         query = parse_qs(urlsplit(ws.request.path).query)
         beta = "realtime=v1" in ws.request.headers.get("OpenAI-Beta", "")
-        record = FakeSession(
+        record = ServerSession(
             dialect="beta" if beta else "ga",
             model=query.get("model", [None])[0],
             headers=ws.request.headers,
         )
         self.sessions.append(record)
-        connection = _Connection(ws, record, self.behavior)
+        agent = self.agent_factory()
+        connection = _Connection(ws, record, agent, self.options)
         try:
             await connection.run()
         finally:
@@ -200,10 +216,25 @@ class FakeRealtimeServer:
 class _Response:
     id: str
     text: str
-    tool: tuple[str, str] | None
+    tool: ToolCall | None
     cancel_reason: str | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+
+    async def next_piece(self, pieces: AsyncIterator[tuple[str, bytes]]) -> tuple[str, bytes] | None:
+        """The next synthesized piece, or ``None`` at the end or as soon as the response is cancelled."""
+        if self.cancel_reason:
+            return None
+        getter = asyncio.ensure_future(anext(pieces, None))
+        waker = asyncio.ensure_future(self.wake.wait())
+        done, _ = await asyncio.wait({getter, waker}, return_when=asyncio.FIRST_COMPLETED)
+        waker.cancel()
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await getter
+        return None
 
     async def pause_until(self, deadline: float) -> None:
         """Sleep until ``deadline`` (loop time), waking early if the response is cancelled."""
@@ -237,10 +268,13 @@ def _merge(target: Event, update: Event) -> None:
 class _Connection:
     """Protocol state for one WebSocket connection."""
 
-    def __init__(self, ws: ServerConnection, record: FakeSession, behavior: FakeBehavior) -> None:
+    def __init__(
+        self, ws: ServerConnection, record: ServerSession, agent: ConversationAgent, options: ServerOptions
+    ) -> None:
         self.ws = ws
         self.record = record
-        self.behavior = behavior
+        self.agent = agent
+        self.options = options
         self.ga = record.dialect == "ga"
         self.conversation_id = _new_id("conv")
         self.config = self._default_session()
@@ -313,8 +347,8 @@ class _Connection:
             await self._send(
                 "conversation.created", conversation={"id": self.conversation_id, "object": "realtime.conversation"}
             )
-        if self.behavior.close_after_s is not None:
-            self._spawn(self._close_later(self.behavior.close_after_s))
+        if self.options.close_after_s is not None:
+            self._spawn(self._close_later(self.options.close_after_s))
         with contextlib.suppress(ConnectionClosed):
             async for message in self.ws:
                 await self._receive(message)
@@ -444,7 +478,7 @@ class _Connection:
         vad = self._vad
         if vad is None:  # turned off by a session.update processed mid-append
             return
-        loud = rms(frame) >= self.behavior.speech_rms_threshold
+        loud = self.agent.hears_speech(frame)
         if self.speech_item is None:
             self.loud_ms = self.loud_ms + 20 if loud else 0
             if self.loud_ms < _SPEECH_START_MS:
@@ -481,6 +515,7 @@ class _Connection:
 
     async def _commit(self, item_id: str, *, respond: bool) -> None:
         """A caller turn: commit the buffer as a user audio item, transcribe it, maybe answer it."""
+        turn_audio = bytes(self.buffer)
         self.buffer.clear()
         turn = len(self.caller_transcripts) + 1
         await self._send(
@@ -497,12 +532,13 @@ class _Connection:
                 "content": content,
             }
         )
-        transcript = self.behavior.transcript(turn)
-        self.caller_transcripts.append(transcript)
-        if turn == self.behavior.error_on_turn:
+        if turn == self.options.error_on_turn:
+            self.caller_transcripts.append("")
             error = {"type": "server_error", "code": None, "message": _SERVER_ERROR, "param": None, "event_id": None}
             await self._send("error", error=error)
             return
+        transcript = await self.agent.transcribe(turn_audio, turn)
+        self.caller_transcripts.append(transcript)
         if self._transcribes:
             words = len(transcript.split())
             usage = {"type": "tokens", "input_tokens": 20, "output_tokens": words, "total_tokens": 20 + words}
@@ -589,26 +625,28 @@ class _Connection:
     # Responses.
 
     def _start_response(self, instructions: str | None) -> None:
-        text, tool = self._plan(instructions)
+        plan = self._plan(instructions)
+        text, tool = ("", plan) if isinstance(plan, ToolCall) else (plan, None)
         response = _Response(_new_id("resp"), text, tool)
         self.active = response
         response.task = self._spawn(self._run_response(response))
 
-    def _plan(self, instructions: str | None) -> tuple[str, tuple[str, str] | None]:
-        """Decide what the next response says, or which function it calls."""
+    def _plan(self, instructions: str | None) -> str | ToolCall:
+        """Decide what the next response says, or which function it calls.
+
+        ``Start the call now by saying exactly: X`` style instructions are followed to the letter, as a real
+        model would; everything else is the agent's decision.
+        """
         exact = re.search(r"saying exactly:\s*(.+)", instructions or "", re.IGNORECASE | re.DOTALL)
         if exact:
-            return exact.group(1).strip().strip("'\"“”"), None
+            return exact.group(1).strip().strip("'\"“”")
         last = self.items[next(reversed(self.items))] if self.items else None
-        if last is not None and last["type"] == "function_call_output":
-            return f"Here is what I found: {last['output']}", None
-        if not self.caller_transcripts:
-            return self.behavior.greeting, None
-        heard = self.caller_transcripts[-1]
-        for keyword, call in self.behavior.tool_cues.items():
-            if keyword.lower() in heard.lower():
-                return "", call
-        return self.behavior.reply(heard), None
+        tool_output = last["output"] if last is not None and last["type"] == "function_call_output" else None
+        tools = [tool.get("name", "") for tool in self.config.get("tools") or []]
+        context = TurnContext(
+            list(self.caller_transcripts), tool_output, instructions or self.config.get("instructions") or "", tools
+        )
+        return self.agent.plan(context)
 
     async def _cancel(self, reason: str) -> None:
         """Stop the active response; its task sends the closing events, and this waits for them."""
@@ -622,7 +660,7 @@ class _Connection:
         try:
             await self._send("response.created", response=self._response_object(response, "in_progress"))
             if response.tool is not None:
-                await self._stream_function_call(response, *response.tool)
+                await self._stream_function_call(response, response.tool.name, response.tool.arguments)
             else:
                 await self._stream_audio(response)
         except ConnectionClosed:
@@ -688,34 +726,41 @@ class _Connection:
         await self._finish(response, item, previous, 0)
 
     async def _stream_audio(self, response: _Response) -> None:
-        behavior, text = self.behavior, response.text
         item: Event = {"type": "message", "role": "assistant", "content": []}
         previous = await self._open_item(response, item)
         ids = {"response_id": response.id, "item_id": item["id"], "output_index": 0, "content_index": 0}
         await self._send("response.content_part.added", **ids, part={"type": "audio", "transcript": ""})
 
-        audio = tone(max(behavior.delta_ms, len(text) * behavior.ms_per_char), _TONE_HZ)
-        chunk = behavior.delta_ms * BYTES_PER_MS
-        count = math.ceil(len(audio) / chunk)
+        delta_ms, speed = self.options.delta_ms, self.options.speed
+        chunk = delta_ms * BYTES_PER_MS
         started = asyncio.get_running_loop().time()
-        chars = 0
-        for index in range(count):
-            if behavior.speed > 0:
-                await response.pause_until(started + index * behavior.delta_ms / 1000 / behavior.speed)
-            else:
-                await asyncio.sleep(0)  # let the receive loop run: caller audio may interrupt
-            if response.cancel_reason:
-                break
-            piece = audio[index * chunk : (index + 1) * chunk]
-            # Count the audio before sending it, so a truncate sent on receipt always sees it.
-            self.audio_sent[item["id"]] = self.audio_sent.get(item["id"], 0) + len(piece)
-            await self._send("response.output_audio.delta", **ids, delta=base64.b64encode(piece).decode())
-            upto = round(len(text) * (index + 1) / count)
-            if upto > chars:
-                await self._send("response.output_audio_transcript.delta", **ids, delta=text[chars:upto])
-                chars = upto
+        sent = 0  # deltas sent
+        transcript = ""
+        async with contextlib.aclosing(self.agent.speak(response.text)) as pieces:
+            while (piece := await response.next_piece(pieces)) is not None:
+                text, audio = piece
+                count = max(1, math.ceil(len(audio) / chunk))
+                chars = 0
+                for index in range(count):
+                    if speed > 0:
+                        await response.pause_until(started + sent * delta_ms / 1000 / speed)
+                    else:
+                        await asyncio.sleep(0)  # let the receive loop run: caller audio may interrupt
+                    if response.cancel_reason:
+                        break
+                    part = audio[index * chunk : (index + 1) * chunk]
+                    # Count the audio before sending it, so a truncate sent on receipt always sees it.
+                    self.audio_sent[item["id"]] = self.audio_sent.get(item["id"], 0) + len(part)
+                    await self._send("response.output_audio.delta", **ids, delta=base64.b64encode(part).decode())
+                    sent += 1
+                    upto = round(len(text) * (index + 1) / count)
+                    if upto > chars:
+                        await self._send("response.output_audio_transcript.delta", **ids, delta=text[chars:upto])
+                        transcript += text[chars:upto]
+                        chars = upto
+                if response.cancel_reason:
+                    break
 
-        transcript = text[:chars]
         item["status"] = "incomplete" if response.cancel_reason else "completed"
         item["content"] = [{"type": "output_audio" if self.ga else "audio", "transcript": transcript}]
         await self._send("response.output_audio.done", **ids)

@@ -1,0 +1,113 @@
+"""A scriptable fake of the OpenAI Realtime API, for tests that must not touch the network.
+
+It is :class:`~callbridge.realtime.server.RealtimeServer` — the full protocol, with the service's event order and
+its errors — driven by a scripted agent: energy-based voice activity detection, each caller turn "transcribed" as
+the next entry of :attr:`FakeBehavior.transcripts`, and replies "spoken" as a 300 Hz tone whose length follows
+the reply text. Each connection is recorded as a :class:`FakeSession` for assertions.
+
+Example::
+
+    from openai import AsyncOpenAI
+
+    from callbridge.audio import silence, tone
+    from callbridge.testing.fake_realtime import FakeBehavior, FakeRealtimeServer
+
+
+    async def test_agent_answers() -> None:
+        behavior = FakeBehavior(transcripts=["I need a plumber"], speed=0)
+        async with FakeRealtimeServer(behavior) as server:
+            client = AsyncOpenAI(api_key="test", websocket_base_url=server.url.removesuffix("/realtime"))
+            async with client.realtime.connect(model="gpt-realtime") as conn:
+                ...  # session.update, then append tone(300) + silence(600) as base64
+        assert server.sessions[0].server_events_of("response.done")
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+
+from callbridge.audio import rms, tone
+from callbridge.realtime.server import RealtimeServer, ServerOptions, ServerSession, ToolCall, TurnContext
+
+__all__ = ["FakeBehavior", "FakeRealtimeServer", "FakeSession", "ScriptedAgent"]
+
+FakeSession = ServerSession
+_TONE_HZ = 300.0
+
+
+def _echo_reply(transcript: str) -> str:
+    return f"You said: {transcript.rstrip('.!?')}. Is there anything else I can help you with today?"
+
+
+@dataclass
+class FakeBehavior:
+    """What the fake hears and says. Shared by every connection to one server."""
+
+    transcripts: list[str] = field(default_factory=list)
+    """Caller transcript for each caller turn, in order; past the end, ``"(caller turn N)"``."""
+    reply: Callable[[str], str] = _echo_reply
+    """Caller transcript -> the agent's reply text."""
+    greeting: str = "Hello! Thanks for calling. How can I help you today?"
+    """Spoken for a ``response.create`` before any caller turn, unless the response's instructions contain
+    ``saying exactly: X``, in which case X is spoken."""
+    ms_per_char: int = 60
+    """Agent audio per character of reply text."""
+    delta_ms: int = 100
+    """Audio per ``response.output_audio.delta``."""
+    speed: float = 1.0
+    """Delta pacing: 1.0 is real time, 2.0 twice as fast, 0 sends as fast as the socket allows."""
+    speech_rms_threshold: float = 1000.0
+    """Energy VAD threshold (16-bit RMS of a 20 ms frame); the session's ``threshold`` is not used."""
+    tool_cues: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Keyword in the caller transcript -> (function name, arguments JSON): call that function instead of
+    speaking. The response after the ``function_call_output`` says ``"Here is what I found: <output>"``."""
+    error_on_turn: int | None = None
+    """Send a ``server_error`` instead of transcribing and answering caller turn N (1-based)."""
+    close_after_s: float | None = None
+    """Close the connection with code 1011 this long after ``session.created``."""
+
+    def transcript(self, turn: int) -> str:
+        return self.transcripts[turn - 1] if turn <= len(self.transcripts) else f"(caller turn {turn})"
+
+
+class ScriptedAgent:
+    """The fake's mind and voice: scripted transcripts and replies, tones for speech."""
+
+    def __init__(self, behavior: FakeBehavior) -> None:
+        self.behavior = behavior
+
+    def hears_speech(self, frame: bytes) -> bool:
+        return rms(frame) >= self.behavior.speech_rms_threshold
+
+    async def transcribe(self, audio: bytes, turn: int) -> str:
+        return self.behavior.transcript(turn)
+
+    def plan(self, context: TurnContext) -> str | ToolCall:
+        if context.tool_output is not None:
+            return f"Here is what I found: {context.tool_output}"
+        if not context.caller_transcripts:
+            return self.behavior.greeting
+        heard = context.caller_transcripts[-1]
+        for keyword, (name, arguments) in self.behavior.tool_cues.items():
+            if keyword.lower() in heard.lower():
+                return ToolCall(name, arguments)
+        return self.behavior.reply(heard)
+
+    async def speak(self, text: str) -> AsyncGenerator[tuple[str, bytes], None]:
+        behavior = self.behavior
+        yield text, tone(max(behavior.delta_ms, len(text) * behavior.ms_per_char), _TONE_HZ)
+
+
+class FakeRealtimeServer(RealtimeServer):
+    """Serves the fake on ``ws://host:port/v1/realtime``; use as an async context manager or start()/stop()."""
+
+    def __init__(self, behavior: FakeBehavior | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.behavior = behavior or FakeBehavior()
+        super().__init__(self._new_agent, ServerOptions(), host, port)
+
+    def _new_agent(self) -> ScriptedAgent:
+        # Options are read per connection, so tests may change the behavior after the server started.
+        behavior = self.behavior
+        self.options = ServerOptions(behavior.delta_ms, behavior.speed, behavior.error_on_turn, behavior.close_after_s)
+        return ScriptedAgent(behavior)
