@@ -62,15 +62,40 @@ def simulate(
 @app.command()
 def demo(
     output: Annotated[Path, typer.Option(help="Folder for the call's WAV and transcript.")] = Path("callbridge-demo"),
+    script: Annotated[
+        Path | None, typer.Option(help="Caller lines, one per line; a line starting with '>' barges in.")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
-    """A whole phone call, offline: the bridge, a local Realtime server and a simulated caller."""
-    from callbridge.demo import run_demo
+    """A whole phone call, offline: the bridge, the local engine and a simulated caller with a real voice."""
+    import json
 
-    configure_logging("console", "warning")
-    output.mkdir(parents=True, exist_ok=True)
-    ok = asyncio.run(run_demo(output, json_output=json_output))
-    raise typer.Exit(0 if ok else 1)
+    from callbridge.demo import DEFAULT_SCRIPT, run_demo
+
+    configure_logging("console", "error")
+    text = script.read_text() if script else DEFAULT_SCRIPT
+    summary = asyncio.run(run_demo(output, script=text, json_output=json_output))
+    if json_output:
+        print(json.dumps(summary))
+    raise typer.Exit(0 if summary["ok"] else 1)
+
+
+@app.command()
+def engine(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9001,
+) -> None:
+    """Run the offline Realtime-compatible engine on its own (ws://HOST:PORT/v1/realtime)."""
+    from callbridge.engine.agent import LocalEngine
+
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+    async def run() -> None:
+        async with LocalEngine(host=host, port=port):
+            await asyncio.Event().wait()
+
+    asyncio.run(run())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,7 @@ class Settings(BaseSettings):
 
     # --- the model ---
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
-    realtime_url: str = Field(default=DEFAULT_REALTIME_URL, validation_alias="CALLBRIDGE_REALTIME_URL")
+    realtime_url: str | None = Field(default=None, validation_alias="CALLBRIDGE_REALTIME_URL")
     realtime_model: str = Field(default="gpt-realtime", validation_alias="CALLBRIDGE_REALTIME_MODEL")
     realtime_dialect: Literal["ga", "beta"] = Field(default="ga", validation_alias="CALLBRIDGE_REALTIME_DIALECT")
     realtime_connect_timeout_seconds: float = Field(
@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = Field(default="console", validation_alias="CALLBRIDGE_LOG_FORMAT")
     log_level: str = Field(default="info", validation_alias="CALLBRIDGE_LOG_LEVEL")
 
-    @field_validator("transcription_model", "say_before_connect", "agent_greeting", "tools", mode="before")
+    @field_validator(
+        "transcription_model", "say_before_connect", "agent_greeting", "tools", "realtime_url", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -86,6 +88,15 @@ class Settings(BaseSettings):
         if not value.startswith(("https://", "http://")):
             raise ValueError("CALLBRIDGE_PUBLIC_URL must start with https:// (or http:// for local use)")
         return value.rstrip("/")
+
+    @property
+    def uses_local_engine(self) -> bool:
+        """No key and no URL: calls go to callbridge's own offline engine."""
+        return self.openai_api_key is None and self.realtime_url is None
+
+    @property
+    def effective_realtime_url(self) -> str:
+        return self.realtime_url or DEFAULT_REALTIME_URL
 
     @property
     def stream_url(self) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
@@ -12,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from callbridge.bridge import CallBridge, HangUp, RealtimeEndpoint
-from callbridge.config import DEFAULT_REALTIME_URL, Settings
+from callbridge.config import Settings
 from callbridge.core.context import CallContext
 from callbridge.core.session import SessionConfig
 from callbridge.core.transcript import MemoryTranscriptSink, TranscriptSink
@@ -73,13 +76,11 @@ def create_app(
     signatures = TwilioSignatures(auth_token)
     if not signatures.configured:
         log.error("config.no_twilio_auth_token", detail="TWILIO_AUTH_TOKEN unset: every Twilio request is refused")
-    if settings.openai_api_key is None and settings.realtime_url == DEFAULT_REALTIME_URL:
-        log.error("config.no_openai_api_key", detail="OPENAI_API_KEY unset: calls to the OpenAI Realtime API will fail")
     hang_up: HangUp | None = None
     if settings.twilio_account_sid and auth_token:
         hang_up = TwilioCalls(settings.twilio_account_sid, auth_token).hang_up
     endpoint = RealtimeEndpoint(
-        url=settings.realtime_url,
+        url=settings.effective_realtime_url,
         model=settings.realtime_model,
         dialect=settings.realtime_dialect,
         api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
@@ -93,7 +94,25 @@ def create_app(
     )
     active_calls: dict[str, CallBridge] = {}
 
-    app = FastAPI(title="callbridge", summary="Twilio Media Streams ⇄ OpenAI Realtime bridge")
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal endpoint
+        if not settings.uses_local_engine:
+            yield
+            return
+        from callbridge.engine.agent import LocalEngine
+
+        async with LocalEngine() as engine:
+            app.state.engine = engine
+            endpoint = dataclasses.replace(endpoint, url=engine.url)
+            log.warning(
+                "engine.local",
+                detail="no OPENAI_API_KEY and no CALLBRIDGE_REALTIME_URL: calls use callbridge's offline local engine",
+                url=engine.url,
+            )
+            yield
+
+    app = FastAPI(title="callbridge", summary="Twilio Media Streams ⇄ OpenAI Realtime bridge", lifespan=lifespan)
     app.state.settings = settings
     app.state.active_calls = active_calls
     app.state.transcripts = transcripts

@@ -111,7 +111,20 @@ class SayWhenHearing:
     after_heard_ms: int
 
 
-Step = Say | Pause | Dtmf | HangUp | SayWhenHearing
+@dataclass(frozen=True, slots=True)
+class SayWhenAgentDone:
+    """Stay silent until the agent has spoken and then been quiet for ``quiet_ms`` (its turn is over), then speak.
+
+    This is how a scripted caller takes turns whatever the agent's latency. After ``max_wait_ms`` without a
+    finished agent turn the caller speaks anyway.
+    """
+
+    audio: bytes
+    quiet_ms: int = 700
+    max_wait_ms: int = 15000
+
+
+Step = Say | Pause | Dtmf | HangUp | SayWhenHearing | SayWhenAgentDone
 
 
 @dataclass(slots=True)
@@ -339,6 +352,8 @@ class _Call:
         self.marks_passed: list[str] = []  # played through in the last step; echoed at the next tick
         self.speaking = bytearray()  # rest of the current Say/Pause
         self.waiting: tuple[SayWhenHearing, int] | None = None  # with heard bytes when it began
+        self.turn_waiting: tuple[SayWhenAgentDone, int, int] | None = None  # with heard bytes and tick at begin
+        self.last_played_tick = -1
         self.script_ended_tick: int | None = None
         self.ws: ClientConnection
 
@@ -438,6 +453,17 @@ class _Call:
                 self._log_step("SayWhenHearing:triggered", at_ms)
                 self.speaking = bytearray(reply.audio)
                 continue
+            if self.turn_waiting is not None:
+                turn, heard_at_begin, begun_tick = self.turn_waiting
+                quiet_ms = (self.tick - self.last_played_tick) * FRAME_MS
+                heard = len(rec.heard_audio) > heard_at_begin
+                waited_ms = (self.tick - begun_tick) * FRAME_MS
+                if not (heard and quiet_ms >= turn.quiet_ms) and waited_ms < turn.max_wait_ms:
+                    return _SILENT_FRAME
+                self.turn_waiting = None
+                self._log_step("SayWhenAgentDone:triggered", at_ms)
+                self.speaking = bytearray(turn.audio)
+                continue
             if not self.steps:
                 if self.script_ended_tick is None:
                     self.script_ended_tick = self.tick
@@ -459,6 +485,8 @@ class _Call:
                     return None
                 case SayWhenHearing():
                     self.waiting = (step, len(rec.heard_audio))
+                case SayWhenAgentDone():
+                    self.turn_waiting = (step, len(rec.heard_audio), self.tick)
 
     def _play(self, at_ms: int) -> None:
         """Play the next 20 ms of queued agent audio; a step once begun plays out (even across a clear)."""
@@ -474,6 +502,7 @@ class _Call:
                 self.queue.appendleft(item[take:])
         self._pass_marks_at_head()
         if played:
+            self.last_played_tick = self.tick
             self.rec.heard_audio += played
             self.rec.heard_timeline.append((at_ms / 1000, len(played)))
 
