@@ -158,6 +158,8 @@ def test_parameters_round_trip_with_context() -> None:
     signer = StreamParameterSigner("s3cret", ttl_seconds=60)
     context = CallContext(
         call_sid="CA1",
+        agent="sales",
+        reference="customer-42",
         caller="+1",
         called="+2",
         name="Ada",

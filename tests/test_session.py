@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 
 from callbridge.core import events as ev
-from callbridge.core.commands import EndCall, Log, OpenRealtime, RecordTranscript, RunTool
+from callbridge.core.commands import (
+    EndCall,
+    Log,
+    OpenRealtime,
+    RecordEvent,
+    RecordTranscript,
+    ResolveContext,
+    RunTool,
+    TransferCall,
+)
 from callbridge.core.context import AgentConfig, CallContext, ContextItem
 from callbridge.core.session import b64_audio_bytes
 from callbridge.core.transcript import cut_to_heard
@@ -477,3 +487,105 @@ def test_invalid_twilio_frames_are_counted(harness: Harness) -> None:
 def test_unknown_mark_is_counted(harness: Harness) -> None:
     harness.go_live()
     assert logs(harness.handle(ev.TwilioMark("never-sent")), "twilio.unknown_mark")
+
+
+# --- agents, context resolution, key presses, call control ----------------------------------------------
+
+
+def test_agent_is_chosen_by_the_signed_parameters() -> None:
+    sales = AgentConfig(name="sales", instructions="Sell.", voice="cedar")
+    harness = Harness(agents={"sales": sales})
+    harness.handle(harness.start_event(CallContext(call_sid=CALL_SID, agent="sales")))
+    session = of_type(harness.handle(ev.RealtimeConnected()), "session.update")[0]["session"]
+    assert session["instructions"] == "Sell." and session["audio"]["output"]["voice"] == "cedar"
+    unknown = Harness(agents={"sales": sales})
+    unknown.handle(unknown.start_event(CallContext(call_sid=CALL_SID, agent="nobody")))
+    assert unknown.session.agent.name == "default"
+
+
+def test_context_is_resolved_in_parallel_with_the_model_connection() -> None:
+    harness = Harness(resolve_context=True)
+    commands = harness.handle(harness.start_event(CallContext(call_sid=CALL_SID, reference="customer-42")))
+    (resolve,) = [c for c in commands if isinstance(c, ResolveContext)]
+    assert resolve.context.reference == "customer-42"
+    assert any(isinstance(c, OpenRealtime) for c in commands)
+    assert realtime_events(harness.handle(ev.RealtimeConnected())) == []  # waits for the context
+    resolved = CallContext(name="Ada", greeting="Hi Ada!", items=(ContextItem("user", "Last time: a refund."),))
+    commands = harness.handle(ev.ContextResolved(resolved))
+    kinds = [e["type"] for e in realtime_events(commands)]
+    assert kinds == ["session.update", "conversation.item.create", "conversation.item.create", "response.create"]
+    assert "Ada" in realtime_events(commands)[1]["item"]["content"][0]["text"]
+    assert "Hi Ada!" in of_type(commands, "response.create")[0]["response"]["instructions"]
+    assert harness.handle(ev.ContextResolved(None)) == []  # a late second answer changes nothing
+
+
+def test_failed_resolution_keeps_the_defaults() -> None:
+    harness = Harness(resolve_context=True)
+    harness.handle(harness.start_event())
+    harness.handle(ev.ContextResolved(None))
+    commands = harness.handle(ev.RealtimeConnected())
+    assert of_type(commands, "session.update")[0]["session"]["instructions"] == AgentConfig().instructions
+
+
+def test_key_presses_reach_the_model_and_the_record(harness: Harness) -> None:
+    harness.go_live()
+    commands = harness.handle(ev.TwilioDtmf("5"))
+    item = of_type(commands, "conversation.item.create")[0]["item"]
+    assert item["role"] == "user" and "5" in item["content"][0]["text"]
+    assert len(of_type(commands, "response.create")) == 1  # the caller waits in silence for an answer
+    assert [c.data for c in commands if isinstance(c, RecordEvent)] == [{"digit": "5"}]
+
+
+def _call_control_harness(**agent: object) -> Harness:
+    harness = Harness(AgentConfig(builtin_tools=("end_call", "transfer_call"), **agent))  # type: ignore[arg-type]
+    harness.go_live()
+    return harness
+
+
+def test_end_call_says_goodbye_then_hangs_up() -> None:
+    harness = _call_control_harness()
+    harness.handle(ev.RealtimeResponseCreated("resp_1"))
+    commands = harness.handle(ev.RealtimeFunctionCallDone("resp_1", "item_f", "call_1", "end_call", "{}", "completed"))
+    assert not [c for c in commands if isinstance(c, RunTool)]  # handled by callbridge itself
+    assert json.loads(of_type(commands, "conversation.item.create")[0]["item"]["output"])["ok"] is True
+    assert len(of_type(harness.handle(ev.RealtimeResponseDone("resp_1", "completed")), "response.create")) == 1
+    harness.speak("resp_2", "item_bye", chunks=2)  # "Goodbye!"
+    assert ends(harness.handle(ev.RealtimeResponseDone("resp_2", "completed"))) == []  # still playing
+    harness.handle(ev.TwilioMark("item_bye:800"))
+    (end,) = ends(harness.handle(ev.TwilioMark("item_bye:1600")))
+    assert end.reason == "agent_ended_call" and end.hang_up
+
+
+def test_transfer_call_tells_the_caller_then_redirects() -> None:
+    harness = _call_control_harness(transfer_number="+15550109999")
+    harness.handle(ev.RealtimeResponseCreated("resp_1"))
+    harness.handle(ev.RealtimeFunctionCallDone("resp_1", "item_f", "call_1", "transfer_call", "{}", "completed"))
+    harness.handle(ev.RealtimeResponseDone("resp_1", "completed"))
+    harness.handle(ev.RealtimeResponseCreated("resp_2"))  # "Let me put you through."
+    commands = harness.handle(ev.RealtimeResponseDone("resp_2", "completed"))  # no audio left to play
+    transfers = [c for c in commands if isinstance(c, TransferCall)]
+    assert transfers == [TransferCall("+15550109999")]
+    assert commands.index(transfers[0]) < commands.index(ends(commands)[0])  # redirect before the stream closes
+    assert ends(commands)[0].reason == "transferred" and not ends(commands)[0].hang_up
+
+
+def test_transfer_without_a_number_is_refused_to_the_model() -> None:
+    harness = _call_control_harness()
+    commands = harness.handle(
+        ev.RealtimeFunctionCallDone("resp_1", "item_f", "call_1", "transfer_call", "{}", "completed")
+    )
+    assert json.loads(of_type(commands, "conversation.item.create")[0]["item"]["output"])["ok"] is False
+    harness.handle(ev.RealtimeResponseCreated("resp_2"))
+    assert ends(harness.handle(ev.RealtimeResponseDone("resp_2", "completed"))) == []
+
+
+def test_tool_calls_and_barge_ins_are_recorded(harness: Harness) -> None:
+    harness.go_live()
+    harness.handle(ev.RealtimeFunctionCallDone("resp_1", "item_f", "call_1", "lookup", '{"id": 1}', "completed"))
+    commands = harness.handle(ev.ToolFinished("call_1", '{"found": true}'))
+    assert [c.data for c in commands if isinstance(c, RecordEvent)] == [
+        {"name": "lookup", "arguments": '{"id": 1}', "output": '{"found": true}', "ok": True}
+    ]
+    harness.speak("resp_2", "item_2", chunks=2)
+    commands = harness.handle(ev.RealtimeSpeechStarted("item_c", 0))
+    assert [c.kind for c in commands if isinstance(c, RecordEvent)] == ["barge_in"]

@@ -29,10 +29,13 @@ from callbridge.core.commands import (
     EndCall,
     Log,
     OpenRealtime,
+    RecordEvent,
     RecordTranscript,
+    ResolveContext,
     RunTool,
     SendRealtime,
     SendTwilio,
+    TransferCall,
 )
 from callbridge.core.context import CallContext
 from callbridge.core.session import CallSession, SessionConfig
@@ -43,6 +46,13 @@ from callbridge.telephony.media_streams import dumps, parse_twilio_message
 from callbridge.tools import ToolContext, ToolRegistry
 
 HangUp = Callable[[str], Awaitable[None]]
+"""Ends a call through Twilio's REST API, by call SID."""
+Transfer = Callable[[str, str], Awaitable[None]]
+"""Redirects a live call (call SID) to a number with ``<Dial>``."""
+ContextResolver = Callable[[CallContext], Awaitable[CallContext | None]]
+"""Looks up a call's context in the host application (``None``: nothing to add)."""
+EventSink = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+"""Keeps a call event: (call SID, kind, data)."""
 
 
 class TwilioTransport(Protocol):
@@ -82,6 +92,10 @@ class CallBridge:
         tools: ToolRegistry | None = None,
         tool_timeout: float = 10.0,
         hang_up: HangUp | None = None,
+        transfer: Transfer | None = None,
+        resolve_context: ContextResolver | None = None,
+        context_deadline: float = 2.0,
+        events: EventSink | None = None,
         logger: structlog.stdlib.BoundLogger | None = None,
     ) -> None:
         self.session = CallSession(session_config)
@@ -90,9 +104,13 @@ class CallBridge:
         self._tools = tools or ToolRegistry()
         self._tool_timeout = tool_timeout
         self._hang_up = hang_up
+        self._transfer = transfer
+        self._resolve_context = resolve_context
+        self._context_deadline = context_deadline
+        self._events = events
         self._log = logger or structlog.stdlib.get_logger("callbridge.call")
         self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
-        self._transcripts: asyncio.Queue[TranscriptLine | None] = asyncio.Queue()
+        self._records: asyncio.Queue[TranscriptLine | RecordEvent | None] = asyncio.Queue()
         self._realtime: ClientConnection | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._twilio: TwilioTransport | None = None
@@ -105,7 +123,7 @@ class CallBridge:
         """Drive the call until it ends; returns the finished session (its stats and end reason)."""
         self._twilio = twilio
         self._spawn(self._read_twilio(twilio))
-        writer = asyncio.create_task(self._write_transcripts())
+        writer = asyncio.create_task(self._write_records())
         bound = False
         try:
             while self.session.phase != "ended":
@@ -121,7 +139,7 @@ class CallBridge:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._close_realtime()
-            self._transcripts.put_nowait(None)
+            self._records.put_nowait(None)
             await writer
         return self.session
 
@@ -142,7 +160,13 @@ class CallBridge:
             case OpenRealtime():
                 self._spawn(self._connect_realtime())
             case RecordTranscript(line):
-                self._transcripts.put_nowait(line)
+                self._records.put_nowait(line)
+            case RecordEvent():
+                self._records.put_nowait(command)
+            case ResolveContext(context):
+                self._spawn(self._resolve(context))
+            case TransferCall(to):
+                await self._transfer_call(to)
             case RunTool(call_id, name, arguments):
                 self._spawn(self._run_tool(call_id, name, arguments))
             case Log(event, level, fields):
@@ -232,11 +256,37 @@ class CallBridge:
             self._log.warning("tool.failed", name=name, call_id=call_id, output=output)
         self._inbox.put_nowait(ev.ToolFinished(call_id, output, ok))
 
-    async def _write_transcripts(self) -> None:
-        """Deliver lines in order, off the audio path: a slow sink delays lines, never audio."""
-        while (line := await self._transcripts.get()) is not None:
+    async def _resolve(self, context: CallContext) -> None:
+        """Ask the host application for context; past the deadline or on failure the agent's defaults hold."""
+        resolved = None
+        if self._resolve_context is not None:
             try:
-                await self._sink.write(line)
+                async with asyncio.timeout(self._context_deadline):
+                    resolved = await self._resolve_context(context)
+            except Exception as exc:  # the caller never waits in silence for a slow or broken resolver
+                self._log.warning("context.resolve_failed", error=f"{type(exc).__name__}: {exc}")
+        self._inbox.put_nowait(ev.ContextResolved(resolved))
+
+    async def _transfer_call(self, to: str) -> None:
+        if self._transfer is None or not self.session.call_sid:
+            self._log.error("call.transfer_unavailable", detail="no Twilio REST credentials configured")
+            return
+        try:
+            await self._transfer(self.session.call_sid, to)
+        except Exception as exc:
+            self._log.error("call.transfer_failed", error=str(exc))
+
+    async def _write_records(self) -> None:
+        """Deliver transcript lines and events in order, off the audio path: a slow store delays them, not audio."""
+        while (record := await self._records.get()) is not None:
+            try:
+                if isinstance(record, RecordEvent):
+                    if self._events is not None and self.session.call_sid:
+                        await self._events(self.session.call_sid, record.kind, record.data)
+                    continue
+                self._log.info(
+                    "transcript.line", speaker=record.speaker, text=record.text, interrupted=record.interrupted
+                )
+                await self._sink.write(record)
             except Exception as exc:
-                self._log.error("transcript.sink_failed", error=str(exc), item_id=line.item_id)
-            self._log.info("transcript.line", speaker=line.speaker, text=line.text, interrupted=line.interrupted)
+                self._log.error("record.write_failed", error=str(exc))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from callbridge.core.context import CallContext
 from callbridge.core.transcript import TranscriptLine
 
 
@@ -40,6 +41,28 @@ class RunTool:
 
 
 @dataclass(frozen=True, slots=True)
+class ResolveContext:
+    """Ask the host application for the call's context; answered with ``ContextResolved``, within a deadline."""
+
+    context: CallContext
+
+
+@dataclass(frozen=True, slots=True)
+class RecordEvent:
+    """Something worth keeping on the call's record: a tool call, a barge-in, a key press, an error."""
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferCall:
+    """Redirect the live call to a human (``<Dial>``) through Twilio's REST API, before the stream closes."""
+
+    to: str
+
+
+@dataclass(frozen=True, slots=True)
 class Log:
     """A structured log line for the call (the driver binds call and stream SIDs)."""
 
@@ -60,4 +83,15 @@ class EndCall:
     twilio_close_code: int = 1000
 
 
-Command = SendTwilio | SendRealtime | OpenRealtime | RecordTranscript | RunTool | Log | EndCall
+Command = (
+    SendTwilio
+    | SendRealtime
+    | OpenRealtime
+    | ResolveContext
+    | RecordTranscript
+    | RecordEvent
+    | RunTool
+    | TransferCall
+    | Log
+    | EndCall
+)

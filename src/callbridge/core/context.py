@@ -20,6 +20,14 @@ class AgentConfig:
     transcription_model: str | None = "gpt-4o-mini-transcribe"
     tools: tuple[dict[str, Any], ...] = ()
     tool_choice: str = "auto"
+    builtin_tools: tuple[str, ...] = ()
+    """Call-control tools the model may use: ``end_call``, ``transfer_call`` (opt-in per agent)."""
+    transfer_number: str | None = None
+    name: str = "default"
+
+    @property
+    def all_tools(self) -> list[dict[str, Any]]:
+        return [*self.tools, *(BUILTIN_TOOLS[name] for name in self.builtin_tools)]
 
     @property
     def server_cancels_on_speech(self) -> bool:
@@ -29,6 +37,30 @@ class AgentConfig:
         (it would race the server's own cancel and earn ``response_cancel_not_active``).
         """
         return bool(self.turn_detection.get("interrupt_response", True))
+
+
+BUILTIN_TOOLS: dict[str, dict[str, Any]] = {
+    "end_call": {
+        "type": "function",
+        "name": "end_call",
+        "description": "End the phone call. Use it when the conversation is over; you will then say goodbye.",
+        "parameters": {
+            "type": "object",
+            "properties": {"reason": {"type": "string", "description": "why the call ends"}},
+            "required": [],
+        },
+    },
+    "transfer_call": {
+        "type": "function",
+        "name": "transfer_call",
+        "description": "Transfer the caller to a human colleague when they ask for one or you cannot help.",
+        "parameters": {
+            "type": "object",
+            "properties": {"reason": {"type": "string", "description": "why the caller needs a human"}},
+            "required": [],
+        },
+    },
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +74,9 @@ class CallContext:
     """Per-call context carried by the signed stream parameters (or resolved from them)."""
 
     call_sid: str | None = None
+    agent: str | None = None
+    reference: str | None = None
+    """The host application's reference (a customer id, a booking id…), resolved into context at call start."""
     caller: str | None = None
     called: str | None = None
     name: str | None = None
@@ -49,6 +84,24 @@ class CallContext:
     greeting: str | None = None
     items: tuple[ContextItem, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def merge_context(base: CallContext, resolved: CallContext | None) -> CallContext:
+    """``resolved`` (from a context resolver) over ``base`` (from the signed parameters), field by field."""
+    if resolved is None:
+        return base
+    return CallContext(
+        call_sid=base.call_sid,
+        agent=base.agent,
+        reference=base.reference,
+        caller=base.caller,
+        called=base.called,
+        name=resolved.name or base.name,
+        instructions=resolved.instructions or base.instructions,
+        greeting=resolved.greeting or base.greeting,
+        items=base.items + resolved.items,
+        metadata={**base.metadata, **resolved.metadata},
+    )
 
 
 class ParameterError(Exception):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from callbridge.core.context import CallContext
+
 # --- Twilio Media Streams -------------------------------------------------------------------------------
 
 
@@ -186,6 +188,13 @@ class ToolFinished:
 
 
 @dataclass(frozen=True, slots=True)
+class ContextResolved:
+    """The driver's answer to :class:`~callbridge.core.commands.ResolveContext` (``None``: keep the defaults)."""
+
+    context: CallContext | None
+
+
+@dataclass(frozen=True, slots=True)
 class HangupRequested:
     """The application asks to end the call (e.g. a tool or an API call)."""
 
@@ -221,4 +230,4 @@ RealtimeEvent = (
     | RealtimeClosed
     | RealtimeOther
 )
-Event = TwilioEvent | RealtimeEvent | ToolFinished | HangupRequested
+Event = TwilioEvent | RealtimeEvent | ToolFinished | ContextResolved | HangupRequested

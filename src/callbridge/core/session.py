@@ -19,7 +19,9 @@ the session forgets the pending marks when it sends ``clear`` and ignores their 
 from __future__ import annotations
 
 import itertools
+import json
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,12 +31,21 @@ from callbridge.core.commands import (
     EndCall,
     Log,
     OpenRealtime,
+    RecordEvent,
     RecordTranscript,
+    ResolveContext,
     RunTool,
     SendRealtime,
     SendTwilio,
+    TransferCall,
 )
-from callbridge.core.context import AgentConfig, CallContext, ParameterError, ParameterVerifier
+from callbridge.core.context import (
+    AgentConfig,
+    CallContext,
+    ParameterError,
+    ParameterVerifier,
+    merge_context,
+)
 from callbridge.core.transcript import TranscriptLine, cut_to_heard
 
 BYTES_PER_MS = 8  # G.711 μ-law, 8 kHz, one byte per sample
@@ -52,9 +63,13 @@ def b64_audio_bytes(b64: str) -> int:
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     agent: AgentConfig
+    """The default agent; ``agents`` holds the others, chosen by the ``agent`` of the signed parameters."""
     verify_parameters: ParameterVerifier
     pre_ready_buffer_ms: int = 5000
     hang_up_when_model_ends: bool = False
+    agents: Mapping[str, AgentConfig] = field(default_factory=dict)
+    resolve_context: bool = False
+    """Ask the host application for context (in parallel with opening the Realtime connection)."""
 
 
 @dataclass(slots=True)
@@ -119,6 +134,7 @@ class CallSession:
         self.stream_sid: str | None = None
         self.call_sid: str | None = None
         self.context: CallContext | None = None
+        self.agent: AgentConfig = config.agent
         self.end_reason: str | None = None
         self.stats = SessionStats()
 
@@ -127,6 +143,11 @@ class CallSession:
         self._buffer = _Pending()
         self._audio_offset_ms: int | None = None  # stream time of the first frame the model received
         self._configured = False
+        self._realtime_connected = False
+        self._context_ready = not config.resolve_context
+        self._closing: tuple[str, str | None] | None = None  # (end reason, transfer number) once a tool asked
+        self._closing_response: str | None = None  # the goodbye response
+        self._closing_stage: Literal["", "awaiting_goodbye", "goodbye"] = ""
 
         self._active_response: str | None = None
         self._interrupted_responses: set[str] = set()
@@ -140,7 +161,7 @@ class CallSession:
 
         self._caller_turns: dict[str, _CallerTurn] = {}
 
-        self._running_tools: set[str] = set()
+        self._running_tools: dict[str, tuple[str, str]] = {}  # call id → (name, arguments)
         self._needs_response = False
 
     # ------------------------------------------------------------------------------------------------ API
@@ -172,7 +193,10 @@ class CallSession:
                 self.stats.protocol_errors += 1
                 return [Log("twilio.invalid_message", "warning", {"reason": event.reason})]
             case ev.RealtimeConnected():
-                return self._on_realtime_connected()
+                self._realtime_connected = True
+                return self._maybe_configure()
+            case ev.ContextResolved():
+                return self._on_context_resolved(event)
             case ev.RealtimeConnectFailed():
                 return [
                     Log("realtime.connect_failed", "error", {"reason": event.reason}),
@@ -187,6 +211,8 @@ class CallSession:
                 return []
             case ev.RealtimeResponseCreated():
                 self._active_response = event.response_id
+                if self._closing_stage == "awaiting_goodbye" and self._closing_response is None:
+                    self._closing_response = event.response_id
                 return []
             case ev.RealtimeResponseDone():
                 return self._on_response_done(event, now)
@@ -242,7 +268,14 @@ class CallSession:
         except ParameterError as exc:
             return self._refuse(str(exc), now)
         self.phase = "connecting"
-        return [Log("call.admitted", "info", {"caller": self.context.caller}), OpenRealtime()]
+        self.agent = self.config.agents.get(self.context.agent or "", self.config.agent)
+        commands: list[Command] = [
+            Log("call.admitted", "info", {"caller": self.context.caller, "agent": self.agent.name}),
+            OpenRealtime(),
+        ]
+        if self.config.resolve_context:
+            commands.append(ResolveContext(self.context))
+        return commands
 
     def _refuse(self, why: str, now: float) -> list[Command]:
         return [
@@ -299,23 +332,39 @@ class CallSession:
             head = self._items.get(self._pending_marks[0].item_id)
             if head is not None and head.started_at is None:
                 head.started_at = now
-        return self._record_settled_agent_lines(now)
+        return [*self._record_settled_agent_lines(now), *self._close_after_goodbye(now)]
 
     def _on_dtmf(self, event: ev.TwilioDtmf) -> list[Command]:
+        """A key press reaches the model as a conversation item, and the application as an event."""
         if self.phase != "live":
             return [Log("twilio.dtmf_ignored", "info", {"digit": event.digit})]
-        return [Log("twilio.dtmf", "info", {"digit": event.digit})]
+        self._needs_response = True  # a caller who presses a key waits for an answer without speaking
+        note = _message("user", f"[The caller pressed the key {event.digit} on their keypad.]")
+        return [
+            Log("twilio.dtmf", "info", {"digit": event.digit}),
+            RecordEvent("dtmf", {"digit": event.digit}),
+            SendRealtime({"type": "conversation.item.create", "event_id": self._event_id(), "item": note}),
+            *self._continue_after_tools(),
+        ]
 
     # ------------------------------------------------------------------------------------------------ Realtime
 
     def _event_id(self) -> str:
         return f"cb_{next(self._event_ids)}"
 
-    def _on_realtime_connected(self) -> list[Command]:
-        if self.phase != "connecting" or self._configured:
+    def _on_context_resolved(self, event: ev.ContextResolved) -> list[Command]:
+        if self._context_ready:
+            return []
+        self._context_ready = True
+        self.context = merge_context(self.context or CallContext(), event.context)
+        return self._maybe_configure()
+
+    def _maybe_configure(self) -> list[Command]:
+        """Configure the model once it is connected and the call's context is known (the two run in parallel)."""
+        if self.phase != "connecting" or self._configured or not (self._realtime_connected and self._context_ready):
             return []
         self._configured = True
-        agent, context = self.config.agent, self.context or CallContext()
+        agent, context = self.agent, self.context or CallContext()
         commands: list[Command] = [SendRealtime(self._session_update(agent, context))]
         for item in self._seed_items(context):
             commands.append(
@@ -342,8 +391,8 @@ class CallSession:
                 "output": {"format": {"type": "audio/pcmu"}, "voice": agent.voice},
             },
         }
-        if agent.tools:
-            session["tools"] = list(agent.tools)
+        if agent.all_tools:
+            session["tools"] = agent.all_tools
             session["tool_choice"] = agent.tool_choice
         return {"type": "session.update", "event_id": self._event_id(), "session": session}
 
@@ -438,12 +487,14 @@ class CallSession:
             self._pending_marks.clear()
         if active is not None and fresh_response:
             self._interrupted_responses.add(active)  # its late deltas must not reach the caller
-            if not self.config.agent.server_cancels_on_speech:
+            if not self.agent.server_cancels_on_speech:
                 self.stats.cancels += 1
                 commands.append(SendRealtime({"type": "response.cancel", "event_id": self._event_id()}))
         if item is not None and not item.interrupted and (heard < item.received_bytes or item.response_id == active):
             commands.extend(self._truncate(item, heard, now))
-        commands.append(Log("barge_in", "info", {"heard_ms": heard // BYTES_PER_MS}))
+        heard_ms = heard // BYTES_PER_MS
+        data = {"heard_ms": heard_ms, "item_id": item.item_id if item else None}
+        commands += [Log("barge_in", "info", {"heard_ms": heard_ms}), RecordEvent("barge_in", data)]
         return commands
 
     def _truncate(self, item: _AgentItem, heard: int, now: float) -> list[Command]:
@@ -480,7 +531,13 @@ class CallSession:
         for item in self._items.values():
             if item.response_id == event.response_id:
                 item.response_done = True
-        return [*self._record_settled_agent_lines(now), *self._continue_after_tools()]
+        if self._closing_response == event.response_id:
+            self._closing_stage = "goodbye"
+        return [
+            *self._record_settled_agent_lines(now),
+            *self._continue_after_tools(),
+            *self._close_after_goodbye(now),
+        ]
 
     def _on_agent_transcript(self, event: ev.RealtimeAudioTranscriptDone, now: float) -> list[Command]:
         item = self._items.get(event.item_id)
@@ -544,20 +601,45 @@ class CallSession:
     def _on_function_call(self, event: ev.RealtimeFunctionCallDone) -> list[Command]:
         if event.status != "completed":  # interrupted calls carry truncated arguments
             return [Log("tool.skipped", "info", {"name": event.name, "status": event.status})]
-        self._running_tools.add(event.call_id)
         self.stats.tool_calls += 1
+        if event.name in self.agent.builtin_tools:
+            return self._call_control(event)
+        self._running_tools[event.call_id] = (event.name, event.arguments)
         return [
             Log("tool.call", "info", {"name": event.name, "call_id": event.call_id}),
             RunTool(event.call_id, event.name, event.arguments),
         ]
 
+    def _call_control(self, event: ev.RealtimeFunctionCallDone) -> list[Command]:
+        """``end_call`` and ``transfer_call``: the model says a last sentence, then the call ends or moves on."""
+        if event.name == "transfer_call" and not self.agent.transfer_number:
+            output = {"ok": False, "error": "No transfer number is configured; keep helping the caller yourself."}
+        elif event.name == "transfer_call":
+            self._closing = ("transferred", self.agent.transfer_number)
+            output = {"ok": True, "instruction": "Tell the caller in one short sentence that you transfer them now."}
+        else:
+            self._closing = ("agent_ended_call", None)
+            output = {"ok": True, "instruction": "Say a short goodbye now; the call ends right after it."}
+        self._needs_response = True
+        result = _json(output)
+        item = {"type": "function_call_output", "call_id": event.call_id, "output": result}
+        record = {"name": event.name, "arguments": event.arguments, "output": result, "ok": output["ok"]}
+        return [
+            Log("tool.call", "info", {"name": event.name, "call_id": event.call_id}),
+            RecordEvent("tool_call", record),
+            SendRealtime({"type": "conversation.item.create", "event_id": self._event_id(), "item": item}),
+            *self._continue_after_tools(),
+        ]
+
     def _on_tool_finished(self, event: ev.ToolFinished) -> list[Command]:
         if event.call_id not in self._running_tools:
             return [Log("tool.unknown_result", "warning", {"call_id": event.call_id})]
-        self._running_tools.discard(event.call_id)
+        name, arguments = self._running_tools.pop(event.call_id)
         self._needs_response = True
         output = {"type": "function_call_output", "call_id": event.call_id, "output": event.output}
+        record = {"name": name, "arguments": arguments, "output": event.output, "ok": event.ok}
         return [
+            RecordEvent("tool_call", record),
             SendRealtime({"type": "conversation.item.create", "event_id": self._event_id(), "item": output}),
             *self._continue_after_tools(),
         ]
@@ -567,7 +649,19 @@ class CallSession:
         if not self._needs_response or self._running_tools or self._active_response is not None:
             return []
         self._needs_response = False
+        if self._closing is not None and not self._closing_stage:
+            self._closing_stage = "awaiting_goodbye"
         return [SendRealtime({"type": "response.create", "event_id": self._event_id()})]
+
+    def _close_after_goodbye(self, now: float) -> list[Command]:
+        """End or transfer the call once the goodbye has been said and heard (or cut off by the caller)."""
+        if self._closing is None or self._closing_stage != "goodbye" or self._pending_marks:
+            return []
+        reason, transfer_to = self._closing
+        self._closing = None
+        if transfer_to is not None:
+            return [TransferCall(transfer_to), *self._end(reason, now)]
+        return self._end(reason, now, hang_up=True)
 
     # ------------------------------------------------------------------------------------------------ errors, end
 
@@ -579,7 +673,7 @@ class CallSession:
             return [Log("realtime.error", "warning", fields)]
         if event.code == "response_cancel_not_active":
             return [Log("realtime.error", "warning", fields)]
-        return [Log("realtime.error", "error", fields)]
+        return [Log("realtime.error", "error", fields), RecordEvent("error", fields)]
 
     def _end(self, reason: str, now: float, *, hang_up: bool = False, twilio_close_code: int = 1000) -> list[Command]:
         if self.phase == "ended":
@@ -596,6 +690,10 @@ class CallSession:
         commands.append(Log("call.ended", "info", {"reason": reason}))
         commands.append(EndCall(reason, hang_up=hang_up, twilio_close_code=twilio_close_code))
         return commands
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _message(role: str, text: str) -> dict[str, Any]:

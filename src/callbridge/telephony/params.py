@@ -29,6 +29,8 @@ class StreamParameterSigner:
         """The ``<Parameter>``s for one call's ``<Stream>``."""
         payload: dict[str, Any] = {"exp": int(now) + self.ttl_seconds, "sid": context.call_sid}
         claims = {
+            "agent": context.agent,
+            "ref": context.reference,
             "from": context.caller,
             "to": context.called,
             "name": context.name,
@@ -59,6 +61,8 @@ class StreamParameterSigner:
         items = tuple(ContextItem(role, text) for role, text in payload.get("items") or ())
         return CallContext(
             call_sid=call_sid,
+            agent=payload.get("agent"),
+            reference=payload.get("ref"),
             caller=payload.get("from"),
             called=payload.get("to"),
             name=payload.get("name"),
