@@ -1,0 +1,131 @@
+"""Agents from a file, context resolvers, and the signatures callbridge puts on what it sends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from callbridge.agents import load_agents
+from callbridge.config import Settings
+from callbridge.core.context import CallContext, ContextItem
+from callbridge.resolvers import HttpContextResolver, PythonContextResolver
+from callbridge.signing import HEADER, sign, verify_signature
+from callbridge.tools import ToolRegistry
+
+registry = ToolRegistry()
+
+
+@registry.tool
+async def check_availability(day: str) -> bool:
+    """Is the day free?"""
+    return True
+
+
+@registry.tool
+async def cancel_booking(reference: str) -> bool:
+    """Cancel a booking."""
+    return True
+
+
+AGENTS = """
+default_agent = "reception"
+
+[agents.reception]
+instructions = "You answer for Bright Dental."
+greeting = "Bright Dental, how can I help?"
+tools = ["check_availability", "end_call", "transfer_call"]
+transfer_number = "+15550109999"
+
+[agents.reminders]
+speaks_first = false
+turn_detection = "semantic_vad"
+vad_eagerness = "low"
+
+[numbers]
+"+15550100002" = "reception"
+"+15550100003" = "reminders"
+"""
+
+
+def test_agents_file(tmp_path: Path) -> None:
+    path = tmp_path / "agents.toml"
+    path.write_text(AGENTS)
+    settings = Settings(CALLBRIDGE_AGENT_VOICE="cedar", _env_file=None)
+    directory = load_agents(settings, registry, path)
+    reception, reminders = directory.get("reception"), directory.get("reminders")
+    assert reception is not None and reminders is not None
+    assert directory.default is reception
+    assert reception.instructions == "You answer for Bright Dental." and reception.voice == "cedar"
+    assert [tool["name"] for tool in reception.all_tools] == ["check_availability", "end_call", "transfer_call"]
+    assert reception.transfer_number == "+15550109999"
+    assert reminders.turn_detection["type"] == "semantic_vad" and not reminders.speaks_first
+    assert [tool["name"] for tool in reminders.all_tools] == ["check_availability", "cancel_booking"]
+    assert directory.for_number("+15550100003") == "reminders"
+    assert directory.for_number("+19999999999") == "reception"
+
+
+def test_agents_file_errors(tmp_path: Path) -> None:
+    path = tmp_path / "agents.toml"
+    path.write_text('[agents.a]\ntools = ["nope"]\n')
+    with pytest.raises(ValueError, match="unknown tools: nope"):
+        load_agents(Settings(_env_file=None), registry, path)
+    path.write_text('[numbers]\n"+1" = "ghost"\n')
+    with pytest.raises(ValueError, match="unknown agent"):
+        load_agents(Settings(_env_file=None), registry, path)
+    path.write_text("[agents.a]\nvoyce = 'x'\n")
+    with pytest.raises(ValueError, match="voyce"):
+        load_agents(Settings(_env_file=None), registry, path)
+
+
+def test_without_a_file_there_is_one_default_agent() -> None:
+    directory = load_agents(Settings(_env_file=None), registry)
+    assert directory.default.name == "default" and len(directory.default.tools) == 2
+
+
+def test_signatures_round_trip() -> None:
+    body = b'{"call_sid": "CA1"}'
+    header = sign("secret", body, timestamp=1000)
+    assert verify_signature("secret", body, header, now=1010)
+    assert not verify_signature("secret", body + b" ", header, now=1010)
+    assert not verify_signature("other", body, header, now=1010)
+    assert not verify_signature("secret", body, header, now=2000)  # too old: a replay
+    assert not verify_signature("secret", body, "garbage", now=1010)
+
+
+async def test_http_resolver_signs_and_reads_the_answer() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        assert verify_signature("hook-secret", request.content, request.headers[HEADER])
+        return httpx.Response(
+            200, json={"name": "Ada", "greeting": "Hi Ada!", "items": [{"role": "user", "text": "x"}]}
+        )
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    resolver = HttpContextResolver("https://app.example/callbridge/context", "hook-secret", client)
+    context = CallContext(call_sid="CA1", reference="customer-42", caller="+1", called="+2", agent="reception")
+    resolved = await resolver(context)
+    assert resolved == CallContext(name="Ada", greeting="Hi Ada!", items=(ContextItem("user", "x"),))
+    assert json.loads(seen[0].content) == {
+        "call_sid": "CA1",
+        "reference": "customer-42",
+        "agent": "reception",
+        "from": "+1",
+        "to": "+2",
+    }
+    await resolver.aclose()
+
+
+async def resolve_example(context: CallContext) -> dict[str, object]:
+    return {"name": f"customer {context.reference}", "metadata": {"tier": "gold"}}
+
+
+async def test_python_resolver() -> None:
+    resolved = await PythonContextResolver("test_agents:resolve_example")(CallContext(reference="7"))
+    assert resolved is not None and resolved.name == "customer 7" and resolved.metadata == {"tier": "gold"}
+    with pytest.raises(ValueError):
+        PythonContextResolver("test_agents:registry")
