@@ -302,7 +302,7 @@ async def test_tool_call_end_to_end(tmp_path: Path) -> None:
         await wait_closed([session])
     assert_conformant(session)
     update = next(event for event in session.client_events if event["type"] == "session.update")
-    assert [tool["name"] for tool in update["session"]["tools"]] == ["check_availability"]
+    assert [tool["name"] for tool in update["session"]["tools"]] == ["check_availability", "book_appointment"]
     outputs = [
         event["item"]
         for event in session.client_events
