@@ -96,6 +96,7 @@ class CallBridge:
         resolve_context: ContextResolver | None = None,
         context_deadline: float = 2.0,
         events: EventSink | None = None,
+        on_admitted: Callable[[CallSession], Awaitable[None]] | None = None,
         logger: structlog.stdlib.BoundLogger | None = None,
     ) -> None:
         self.session = CallSession(session_config)
@@ -108,6 +109,7 @@ class CallBridge:
         self._resolve_context = resolve_context
         self._context_deadline = context_deadline
         self._events = events
+        self._on_admitted = on_admitted
         self._log = logger or structlog.stdlib.get_logger("callbridge.call")
         self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
         self._records: asyncio.Queue[TranscriptLine | RecordEvent | None] = asyncio.Queue()
@@ -159,6 +161,8 @@ class CallBridge:
                 await self._send_realtime(event)
             case OpenRealtime():
                 self._spawn(self._connect_realtime())
+                if self._on_admitted is not None:
+                    self._spawn(self._admitted(self._on_admitted))
             case RecordTranscript(line):
                 self._records.put_nowait(line)
             case RecordEvent():
@@ -255,6 +259,12 @@ class CallBridge:
         if not ok:
             self._log.warning("tool.failed", name=name, call_id=call_id, output=output)
         self._inbox.put_nowait(ev.ToolFinished(call_id, output, ok))
+
+    async def _admitted(self, hook: Callable[[CallSession], Awaitable[None]]) -> None:
+        try:
+            await hook(self.session)
+        except Exception as exc:  # bookkeeping never disturbs the call
+            self._log.error("call.admitted_hook_failed", error=str(exc))
 
     async def _resolve(self, context: CallContext) -> None:
         """Ask the host application for context; past the deadline or on failure the agent's defaults hold."""

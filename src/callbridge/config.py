@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -41,6 +42,19 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=256 * 1024, gt=1024, validation_alias="CALLBRIDGE_MAX_MESSAGE_BYTES")
     pre_ready_buffer_ms: int = Field(default=5000, ge=0, validation_alias="CALLBRIDGE_PRE_READY_BUFFER_MS")
 
+    twilio_api_base_url: str | None = Field(default=None, validation_alias="TWILIO_API_BASE_URL")
+    """Test-only: where Twilio REST requests go instead of Twilio (a local fake)."""
+
+    # --- records, the REST API, the host application ---
+    database_url: str = Field(default="sqlite+aiosqlite:///callbridge.db", validation_alias="CALLBRIDGE_DATABASE_URL")
+    api_token: SecretStr | None = Field(default=None, validation_alias="CALLBRIDGE_API_TOKEN")
+    agents_file: Path | None = Field(default=None, validation_alias="CALLBRIDGE_AGENTS_FILE")
+    context_url: str | None = Field(default=None, validation_alias="CALLBRIDGE_CONTEXT_URL")
+    context_function: str | None = Field(default=None, validation_alias="CALLBRIDGE_CONTEXT_FUNCTION")
+    context_timeout_seconds: float = Field(default=2.0, gt=0, validation_alias="CALLBRIDGE_CONTEXT_TIMEOUT_SECONDS")
+    webhook_url: str | None = Field(default=None, validation_alias="CALLBRIDGE_WEBHOOK_URL")
+    webhook_secret: SecretStr | None = Field(default=None, validation_alias="CALLBRIDGE_WEBHOOK_SECRET")
+
     # --- the agent ---
     agent_instructions: str = Field(
         default=(
@@ -76,7 +90,17 @@ class Settings(BaseSettings):
     log_level: str = Field(default="info", validation_alias="CALLBRIDGE_LOG_LEVEL")
 
     @field_validator(
-        "transcription_model", "say_before_connect", "agent_greeting", "tools", "realtime_url", mode="before"
+        "transcription_model",
+        "say_before_connect",
+        "agent_greeting",
+        "tools",
+        "realtime_url",
+        "context_url",
+        "context_function",
+        "webhook_url",
+        "twilio_api_base_url",
+        "agents_file",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:

@@ -121,9 +121,7 @@ def _bound_socket() -> socket.socket:
 
 
 @contextlib.asynccontextmanager
-async def running_bridge(
-    settings: Settings, sock: socket.socket, sink: LiveTranscriptSink
-) -> AsyncIterator[FastAPI]:
+async def running_bridge(settings: Settings, sock: socket.socket, sink: LiveTranscriptSink) -> AsyncIterator[FastAPI]:
     """callbridge's app under uvicorn, in this event loop, on an already bound socket."""
     app = create_app(settings, tools=tools, sink=sink)
     config = uvicorn.Config(app, log_config=None, ws_max_size=settings.max_message_bytes)
@@ -187,7 +185,9 @@ class DemoCall:
     engine_sessions: list[ServerSession]
 
 
-async def place_demo_call(script: str = DEFAULT_SCRIPT, console: Console | None = None) -> DemoCall:
+async def place_demo_call(
+    script: str = DEFAULT_SCRIPT, console: Console | None = None, output: Path = Path("callbridge-demo")
+) -> DemoCall:
     """Start the bridge (and with it the local engine) on loopback and place the scripted call."""
     lines = parse_script(script)
     utterances = await asyncio.to_thread(synthesize_caller, lines)
@@ -201,8 +201,10 @@ async def place_demo_call(script: str = DEFAULT_SCRIPT, console: Console | None 
         TWILIO_AUTH_TOKEN=token,
         CALLBRIDGE_SECRET=secrets.token_hex(16),
         CALLBRIDGE_AGENT_GREETING="Hello, thanks for calling Bright Dental. How can I help you today?",
+        CALLBRIDGE_DATABASE_URL=f"sqlite+aiosqlite:///{output.resolve() / 'callbridge.db'}",
         _env_file=None,
     )
+    output.mkdir(parents=True, exist_ok=True)
     if console:
         console.print(f"[bold]callbridge demo[/bold]: a simulated call to 127.0.0.1:{port}, local engine, no network")
     async with running_bridge(settings, sock, sink) as app:
@@ -216,7 +218,7 @@ async def place_demo_call(script: str = DEFAULT_SCRIPT, console: Console | None 
 async def run_demo(output: Path, *, script: str = DEFAULT_SCRIPT, json_output: bool = False) -> dict[str, Any]:
     """Place the demo call; returns the summary (``ok`` tells whether the call succeeded)."""
     console = None if json_output else Console(highlight=False)
-    call = await place_demo_call(script, console)
+    call = await place_demo_call(script, console, output)
     summary = summarize(call.recording, call.utterances, call.lines, output)
     if console:
         latency = summary["turn_latency_ms"]

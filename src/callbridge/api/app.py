@@ -1,11 +1,11 @@
-"""The ASGI application: Twilio's webhook, the media-stream WebSocket, health."""
+"""The ASGI application: Twilio's webhooks, the media-stream WebSocket, the REST API, health."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import secrets
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,15 +14,19 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from callbridge.bridge import CallBridge, HangUp, RealtimeEndpoint
+from callbridge.agents import load_agents
+from callbridge.api.rest import router
+from callbridge.bridge import CallBridge, ContextResolver, RealtimeEndpoint
 from callbridge.config import Settings
-from callbridge.core.context import CallContext
-from callbridge.core.session import SessionConfig
-from callbridge.core.transcript import MemoryTranscriptSink, TranscriptSink
+from callbridge.core.session import CallSession, SessionConfig
+from callbridge.core.transcript import TranscriptLine, TranscriptSink
+from callbridge.resolvers import HttpContextResolver, PythonContextResolver
+from callbridge.services import CallServices
+from callbridge.store.repository import DatabaseTranscriptSink, Store
 from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls
 from callbridge.telephony.signatures import TwilioSignatures
-from callbridge.telephony.twiml import connect_stream_twiml
+from callbridge.telephony.twiml import say_and_hang_up_twiml
 from callbridge.tools import ToolRegistry, load_registry
 
 log = structlog.stdlib.get_logger("callbridge.api")
@@ -46,7 +50,7 @@ class StarletteTwilioTransport:
         if data is None:
             data = message.get("bytes") or b""
         if len(data) > self._max:
-            return b""  # reported as an invalid (binary-sized) frame, never parsed
+            return b""  # reported as an invalid frame, never parsed
         return data
 
     async def send(self, text: str) -> None:
@@ -55,6 +59,19 @@ class StarletteTwilioTransport:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._websocket.application_state != WebSocketState.DISCONNECTED:
             await self._websocket.close(code, reason[:120])
+
+
+class _Sinks:
+    """Transcript lines go to the store and, when given, to an extra sink (the demo's live printer)."""
+
+    def __init__(self, store: Store, extra: TranscriptSink | None) -> None:
+        self._store = DatabaseTranscriptSink(store)
+        self._extra = extra
+
+    async def write(self, line: TranscriptLine) -> None:
+        await self._store.write(line)
+        if self._extra is not None:
+            await self._extra.write(line)
 
 
 def create_app(
@@ -66,7 +83,7 @@ def create_app(
     """Build the service. Everything it needs comes from ``settings`` and the arguments: no globals."""
     if tools is None:
         tools = load_registry(settings.tools) if settings.tools else ToolRegistry()
-    transcripts = sink or MemoryTranscriptSink()
+    agents = load_agents(settings, tools, settings.agents_file)
     secret = settings.secret.get_secret_value() if settings.secret else ""
     if not secret:
         secret = secrets.token_urlsafe(32)
@@ -76,9 +93,15 @@ def create_app(
     signatures = TwilioSignatures(auth_token)
     if not signatures.configured:
         log.error("config.no_twilio_auth_token", detail="TWILIO_AUTH_TOKEN unset: every Twilio request is refused")
-    hang_up: HangUp | None = None
+    twilio = None
     if settings.twilio_account_sid and auth_token:
-        hang_up = TwilioCalls(settings.twilio_account_sid, auth_token).hang_up
+        twilio = TwilioCalls(settings.twilio_account_sid, auth_token, api_base_url=settings.twilio_api_base_url)
+    resolver: ContextResolver | None = None
+    if settings.context_url:
+        webhook_secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else secret
+        resolver = HttpContextResolver(settings.context_url, webhook_secret)
+    elif settings.context_function:
+        resolver = PythonContextResolver(settings.context_function)
     endpoint = RealtimeEndpoint(
         url=settings.effective_realtime_url,
         model=settings.realtime_model,
@@ -87,50 +110,85 @@ def create_app(
         connect_timeout=settings.realtime_connect_timeout_seconds,
     )
     session_config = SessionConfig(
-        agent=settings.agent(tools.schemas),
+        agent=agents.default,
+        agents=agents.agents,
         verify_parameters=signer.verify,
         pre_ready_buffer_ms=settings.pre_ready_buffer_ms,
         hang_up_when_model_ends=settings.on_model_end == "hangup",
+        resolve_context=resolver is not None,
     )
-    active_calls: dict[str, CallBridge] = {}
+    active_calls: dict[int, CallBridge] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal endpoint
-        if not settings.uses_local_engine:
-            yield
-            return
-        from callbridge.engine.agent import LocalEngine
+        store = await Store.open(settings.database_url)
+        orphans = await store.close_orphaned_calls("process_ended")
+        if orphans:
+            log.warning("calls.orphans_closed", count=orphans, reason="process_ended")
+        services = CallServices(settings, store, signer, agents, twilio)
+        app.state.services = services
+        app.state.store = store
+        app.state.sinks = _Sinks(store, sink)
+        outbox = asyncio.create_task(services.deliver_webhooks())
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if settings.uses_local_engine:
+                    from callbridge.engine.agent import LocalEngine
 
-        async with LocalEngine() as engine:
-            app.state.engine = engine
-            endpoint = dataclasses.replace(endpoint, url=engine.url)
-            log.warning(
-                "engine.local",
-                detail="no OPENAI_API_KEY and no CALLBRIDGE_REALTIME_URL: calls use callbridge's offline local engine",
-                url=engine.url,
-            )
-            yield
+                    engine = await stack.enter_async_context(LocalEngine())
+                    app.state.engine = engine
+                    endpoint = dataclasses.replace(endpoint, url=engine.url)
+                    log.warning(
+                        "engine.local",
+                        detail="no OPENAI_API_KEY and no CALLBRIDGE_REALTIME_URL: calls use the offline local engine",
+                        url=engine.url,
+                    )
+                yield
+        finally:
+            outbox.cancel()
+            await asyncio.gather(outbox, return_exceptions=True)
+            await services.aclose()
+            await store.close()
 
-    app = FastAPI(title="callbridge", summary="Twilio Media Streams ⇄ OpenAI Realtime bridge", lifespan=lifespan)
+    app = FastAPI(
+        title="callbridge",
+        summary="Twilio Media Streams ⇄ OpenAI Realtime bridge: calls, transcripts, call control",
+        lifespan=lifespan,
+    )
     app.state.settings = settings
     app.state.active_calls = active_calls
-    app.state.transcripts = transcripts
+    app.include_router(router())
+
+    async def twilio_form(request: Request, path: str) -> dict[str, str] | None:
+        form = await request.form()
+        params = {key: str(value) for key, value in form.items()}
+        if not signatures.valid(f"{settings.public_url}{path}", params, request.headers.get("x-twilio-signature")):
+            log.warning("security.webhook_signature_invalid", path=path, client=_client(request))
+            return None
+        return params
 
     @app.post("/twilio/voice", include_in_schema=False)
     async def twilio_voice(request: Request) -> Response:
-        form = await request.form()
-        params = {key: str(value) for key, value in form.items()}
-        url = f"{settings.public_url}/twilio/voice"
-        if not signatures.valid(url, params, request.headers.get("x-twilio-signature")):
-            log.warning("security.webhook_signature_invalid", path="/twilio/voice", client=_client(request))
+        params = await twilio_form(request, "/twilio/voice")
+        if params is None:
             return Response("invalid Twilio signature", status_code=403, media_type="text/plain")
-        call_sid = params.get("CallSid")
-        context = CallContext(call_sid=call_sid, caller=params.get("From"), called=params.get("To"))
-        parameters = signer.mint(context, time.time())
-        twiml = connect_stream_twiml(settings.stream_url, parameters, say=settings.say_before_connect)
-        log.info("twilio.incoming_call", call_sid=call_sid, caller=context.caller, called=context.called)
+        services: CallServices = app.state.services
+        try:
+            twiml = await services.incoming(params)
+        except Exception as exc:  # the caller hears an apology, never dead air
+            log.error("twilio.incoming_failed", error=str(exc), call_sid=params.get("CallSid"))
+            twiml = say_and_hang_up_twiml("Sorry, we cannot take your call right now. Please try again later.")
+        log.info("twilio.incoming_call", call_sid=params.get("CallSid"), caller=params.get("From"))
         return Response(twiml, media_type="application/xml")
+
+    @app.post("/twilio/status", include_in_schema=False)
+    async def twilio_status(request: Request) -> Response:
+        params = await twilio_form(request, "/twilio/status")
+        if params is None:
+            return Response("invalid Twilio signature", status_code=403, media_type="text/plain")
+        await app.state.services.status_callback(params)
+        return Response(status_code=204)
 
     @app.websocket("/twilio/media-stream")
     async def media_stream(websocket: WebSocket) -> None:
@@ -139,33 +197,46 @@ def create_app(
             await websocket.close(code=1008)
             return
         await websocket.accept()
+        services: CallServices = app.state.services
+
+        async def admitted(session: CallSession) -> None:
+            if session.call_sid:
+                await services.call_started(session.call_sid, session.stream_sid, session.context)
+
         bridge = CallBridge(
             session_config,
             endpoint,
-            sink=transcripts,
+            sink=app.state.sinks,
             tools=tools,
             tool_timeout=settings.tool_timeout_seconds,
-            hang_up=hang_up,
+            hang_up=twilio.hang_up if twilio else None,
+            transfer=services.transfer if twilio else None,
+            resolve_context=resolver,
+            context_deadline=settings.context_timeout_seconds,
+            events=services.record_event,
+            on_admitted=admitted,
         )
-        key = f"pending-{id(bridge)}"
-        active_calls[key] = bridge
+        active_calls[id(bridge)] = bridge
         try:
             session = await bridge.run(StarletteTwilioTransport(websocket, settings.max_message_bytes))
+            stats = dataclasses.asdict(session.stats)
             log.info(
                 "call.summary",
                 call_sid=session.call_sid,
                 stream_sid=session.stream_sid,
                 reason=session.end_reason,
-                **{name: getattr(session.stats, name) for name in session.stats.__dataclass_fields__},
+                **stats,
             )
+            if session.context is not None:
+                await services.call_ended(session)
         finally:
-            active_calls.pop(key, None)
+            active_calls.pop(id(bridge), None)
 
-    @app.get("/healthz")
+    @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
         body: dict[str, Any] = {"ready": True, "active_calls": len(active_calls)}
         return JSONResponse(body)

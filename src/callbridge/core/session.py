@@ -569,6 +569,7 @@ class CallSession:
         if heard <= 0:
             return []
         text = cut_to_heard(item.transcript, heard, item.received_bytes) if item.interrupted else item.transcript
+        text = text.strip()
         start_ms = int(((item.started_at if item.started_at is not None else now) - self._t0) * 1000)
         line = TranscriptLine(
             call_sid=self.call_sid or "",

@@ -30,3 +30,12 @@ def say_and_hang_up_twiml(message: str) -> str:
     response.say(message)
     response.hangup()
     return str(response)
+
+
+def dial_twiml(number: str, say: str | None = None) -> str:
+    """Transfer to a human: ``<Dial>`` the number (after an optional ``<Say>``)."""
+    response = VoiceResponse()
+    if say:
+        response.say(say)
+    response.dial(number)
+    return str(response)

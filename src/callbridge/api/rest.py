@@ -1,0 +1,192 @@
+"""The REST API: outbound calls, handing live calls to the agent, call records and transcripts.
+
+Every route needs ``Authorization: Bearer $CALLBRIDGE_API_TOKEN``; with no token configured the API refuses
+everything (it never runs open by accident).
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.responses import PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from callbridge.core.context import CallContext, ContextItem
+from callbridge.services import CallServices
+
+bearer = HTTPBearer(auto_error=False, description="CALLBRIDGE_API_TOKEN")
+
+
+class ContextIn(BaseModel):
+    """Per-call context, carried by the signed stream parameters (keep it small: TwiML is limited in size)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str | None = Field(default=None, max_length=200, description="Your id for the call's subject")
+    name: str | None = Field(default=None, max_length=100)
+    instructions: str | None = Field(default=None, max_length=1500)
+    greeting: str | None = Field(default=None, max_length=300)
+    items: list[tuple[Literal["system", "user", "assistant"], str]] = Field(default=[], max_length=10)
+    metadata: dict[str, Any] = {}
+
+    def to_context(
+        self, *, agent: str | None, call_sid: str | None, caller: str | None, called: str | None
+    ) -> CallContext:
+        return CallContext(
+            call_sid=call_sid,
+            agent=agent,
+            reference=self.reference,
+            caller=caller,
+            called=called,
+            name=self.name,
+            instructions=self.instructions,
+            greeting=self.greeting,
+            items=tuple(ContextItem(role, text) for role, text in self.items),
+            metadata=self.metadata,
+        )
+
+
+class OutboundCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str = Field(pattern=r"^\+[1-9]\d{6,14}$", description="E.164 number to call")
+    from_: str = Field(alias="from", pattern=r"^\+[1-9]\d{6,14}$", description="Your Twilio number")
+    agent: str | None = None
+    context: ContextIn = ContextIn()
+    say: str | None = Field(default=None, max_length=300, description="Spoken before the agent connects")
+
+
+class Handoff(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str | None = None
+    context: ContextIn = ContextIn()
+    say: str | None = Field(default=None, max_length=300)
+
+
+class CallOut(BaseModel):
+    call_sid: str
+    stream_sid: str | None
+    direction: str
+    from_number: str | None
+    to_number: str | None
+    agent: str
+    status: str
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    end_reason: str | None
+    metrics: dict[str, Any] | None
+
+
+class CallPageOut(BaseModel):
+    calls: list[CallOut]
+    next_cursor: str | None
+
+
+class LineOut(BaseModel):
+    speaker: str
+    text: str
+    start_ms: int
+    end_ms: int
+    interrupted: bool
+    failed: bool
+
+
+class TranscriptOut(BaseModel):
+    call_sid: str
+    lines: list[LineOut]
+
+
+def get_services(request: Request) -> CallServices:
+    services: CallServices = request.app.state.services
+    return services
+
+
+Services = Annotated[CallServices, Depends(get_services)]
+
+
+def router() -> APIRouter:
+    api = APIRouter(prefix="/api", tags=["calls"])
+
+    async def authorized(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], services: Services
+    ) -> None:
+        token = services.api_token
+        if not token or credentials is None or not hmac.compare_digest(credentials.credentials, token):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    guarded = [Depends(authorized)]
+
+    @api.post("/calls", status_code=201, response_model=CallOut, dependencies=guarded)
+    async def create_call(body: OutboundCall, services: Services) -> CallOut:
+        """Place an outbound call answered by the agent."""
+        context = body.context.to_context(agent=body.agent, call_sid=None, caller=body.from_, called=body.to)
+        record = await services.place_call(context, say=body.say)
+        return CallOut.model_validate(record, from_attributes=True)
+
+    @api.get("/calls", response_model=CallPageOut, dependencies=guarded)
+    async def list_calls(
+        services: Services,
+        status_: Annotated[str | None, Query(alias="status")] = None,
+        number: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: str | None = None,
+    ) -> CallPageOut:
+        page = await services.store.list_calls(
+            status=status_, number=number, since=since, until=until, limit=limit, cursor=cursor
+        )
+        calls = [CallOut.model_validate(call, from_attributes=True) for call in page.calls]
+        return CallPageOut(calls=calls, next_cursor=page.next_cursor)
+
+    @api.get("/calls/{call_sid}", response_model=CallOut, dependencies=guarded)
+    async def get_call(call_sid: str, services: Services) -> CallOut:
+        record = await services.store.get_call(call_sid)
+        if record is None:
+            raise HTTPException(404, "no such call")
+        return CallOut.model_validate(record, from_attributes=True)
+
+    @api.get(
+        "/calls/{call_sid}/transcript",
+        response_model=TranscriptOut,
+        dependencies=guarded,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def get_transcript(
+        call_sid: str, request: Request, services: Services, format: Literal["json", "text"] | None = None
+    ) -> Any:
+        if await services.store.get_call(call_sid) is None:
+            raise HTTPException(404, "no such call")
+        lines = await services.store.transcript(call_sid)
+        if format == "text" or (format is None and "text/plain" in request.headers.get("accept", "")):
+            text = "".join(
+                f"[{line.start_ms / 1000:7.2f}] {line.speaker}: {line.text}{' (interrupted)' * line.interrupted}\n"
+                for line in lines
+            )
+            return PlainTextResponse(text)
+        out = [LineOut.model_validate(line, from_attributes=True) for line in lines]
+        return TranscriptOut(call_sid=call_sid, lines=out)
+
+    @api.post("/calls/{call_sid}/hangup", response_model=CallOut, dependencies=guarded)
+    async def hang_up(call_sid: str, services: Services) -> CallOut:
+        record = await services.hang_up(call_sid)
+        if record is None:
+            raise HTTPException(404, "no such call")
+        return CallOut.model_validate(record, from_attributes=True)
+
+    @api.post("/calls/{call_sid}/agent", response_model=CallOut, dependencies=guarded)
+    async def hand_to_agent(call_sid: str, body: Handoff, services: Services) -> CallOut:
+        """Hand a call that is already live (in a queue, at an IVR) to the agent."""
+        context = body.context.to_context(agent=body.agent, call_sid=call_sid, caller=None, called=None)
+        record = await services.hand_to_agent(call_sid, context, say=body.say)
+        return CallOut.model_validate(record, from_attributes=True)
+
+    return api

@@ -1,0 +1,237 @@
+"""Calls on record: the application layer between the HTTP routes, the store, Twilio's REST API and webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+import structlog
+from fastapi import HTTPException
+
+from callbridge.agents import AgentDirectory
+from callbridge.config import Settings
+from callbridge.core.context import CallContext
+from callbridge.core.session import CallSession
+from callbridge.signing import HEADER, sign
+from callbridge.store.repository import CallRecord, Store
+from callbridge.telephony.params import StreamParameterSigner
+from callbridge.telephony.rest import TwilioCalls
+from callbridge.telephony.twiml import connect_stream_twiml, dial_twiml
+
+log = structlog.stdlib.get_logger("callbridge.services")
+
+STATUS_EVENTS = ["initiated", "ringing", "answered", "completed"]
+WEBHOOK_MAX_BACKOFF_S = 600
+
+
+class CallServices:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        signer: StreamParameterSigner,
+        agents: AgentDirectory,
+        twilio: TwilioCalls | None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.signer = signer
+        self.agents = agents
+        self.twilio = twilio
+        self.api_token = settings.api_token.get_secret_value() if settings.api_token else None
+        self._http = httpx.AsyncClient(timeout=10)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        if self.twilio is not None:
+            await self.twilio.aclose()
+
+    # --- TwiML ---------------------------------------------------------------------------------------------
+
+    def stream_twiml(self, context: CallContext, say: str | None = None) -> str:
+        """``<Say>`` (optional) and ``<Connect><Stream>`` with this call's signed parameters."""
+        parameters = self.signer.mint(context, time.time())
+        return connect_stream_twiml(self.settings.stream_url, parameters, say=say or self.settings.say_before_connect)
+
+    def _twilio(self) -> TwilioCalls:
+        if self.twilio is None:
+            raise HTTPException(503, "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are needed for call control")
+        return self.twilio
+
+    def _agent_name(self, requested: str | None) -> str:
+        if requested is not None and self.agents.get(requested) is None:
+            raise HTTPException(422, f"unknown agent {requested!r}")
+        return requested or self.agents.default.name
+
+    # --- calls ---------------------------------------------------------------------------------------------
+
+    async def incoming(self, params: dict[str, str]) -> str:
+        """Twilio's incoming-call webhook: the TwiML that connects the call to the agent for its number."""
+        call_sid, called = params.get("CallSid"), params.get("To")
+        agent = self.agents.for_number(called)
+        context = CallContext(call_sid=call_sid, agent=agent, caller=params.get("From"), called=called)
+        if call_sid:
+            await self.store.record_call(
+                call_sid=call_sid,
+                direction="inbound",
+                from_number=context.caller,
+                to_number=called,
+                agent=agent,
+                status="ringing",
+            )
+        return self.stream_twiml(context)
+
+    async def place_call(self, context: CallContext, say: str | None) -> CallRecord:
+        agent = self._agent_name(context.agent)
+        context = dataclasses.replace(context, agent=agent)
+        twiml = self.stream_twiml(context, say)
+        try:
+            call_sid = await self._twilio().create(
+                to=context.called or "",
+                from_=context.caller or "",
+                twiml=twiml,
+                status_callback=f"{self.settings.public_url}/twilio/status",
+                status_callback_event=STATUS_EVENTS,
+            )
+        except ValueError as exc:  # TwiML over Twilio's 4000-character limit
+            raise HTTPException(422, str(exc)) from None
+        return await self.store.record_call(
+            call_sid=call_sid,
+            direction="outbound",
+            from_number=context.caller,
+            to_number=context.called,
+            agent=agent,
+            status="queued",
+            context=_context_json(context),
+        )
+
+    async def hand_to_agent(self, call_sid: str, context: CallContext, say: str | None) -> CallRecord:
+        agent = self._agent_name(context.agent)
+        existing = await self.store.get_call(call_sid)
+        context = dataclasses.replace(
+            context,
+            agent=agent,
+            caller=context.caller or (existing.from_number if existing else None),
+            called=context.called or (existing.to_number if existing else None),
+        )
+        try:
+            await self._twilio().redirect(call_sid, self.stream_twiml(context, say))
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return await self.store.record_call(
+            call_sid=call_sid,
+            direction=existing.direction if existing else "inbound",
+            from_number=context.caller,
+            to_number=context.called,
+            agent=agent,
+            status="in-progress",
+            context=_context_json(context),
+        )
+
+    async def transfer(self, call_sid: str, number: str) -> None:
+        """Move a live call to a human: Twilio leaves the stream and runs the ``<Dial>``."""
+        await self._twilio().redirect(call_sid, dial_twiml(number))
+        await self.store.add_event(call_sid, "transfer", {"to": number})
+
+    async def hang_up(self, call_sid: str) -> CallRecord | None:
+        if await self.store.get_call(call_sid) is None:
+            return None
+        await self._twilio().hang_up(call_sid)
+        return await self.store.update_call(call_sid, end_reason="hung_up_through_api")
+
+    async def status_callback(self, params: dict[str, str]) -> None:
+        call_sid, call_status = params.get("CallSid"), params.get("CallStatus")
+        if not call_sid or not call_status:
+            return
+        fields: dict[str, Any] = {"status": call_status}
+        if call_status in ("completed", "busy", "failed", "no-answer", "canceled"):
+            record = await self.store.get_call(call_sid)
+            if record is not None and record.ended_at is None:
+                fields["ended_at"] = datetime.now(UTC)
+                fields["end_reason"] = record.end_reason or call_status
+        if await self.store.update_call(call_sid, **fields) is None:
+            await self.store.record_call(
+                call_sid=call_sid,
+                direction=params.get("Direction", "inbound").split("-")[0],
+                from_number=params.get("From"),
+                to_number=params.get("To"),
+                status=call_status,
+            )
+        await self.store.add_event(call_sid, "status", {"status": call_status})
+
+    async def call_started(self, call_sid: str, stream_sid: str | None, context: CallContext | None) -> None:
+        fields: dict[str, Any] = {"status": "in-progress", "stream_sid": stream_sid, "started_at": datetime.now(UTC)}
+        if await self.store.update_call(call_sid, **fields) is None:
+            await self.store.record_call(
+                call_sid=call_sid,
+                direction="inbound",
+                from_number=context.caller if context else None,
+                to_number=context.called if context else None,
+                agent=(context.agent if context else None) or self.agents.default.name,
+                status="in-progress",
+            )
+            await self.store.update_call(call_sid, **fields)
+
+    async def call_ended(self, session: CallSession) -> None:
+        call_sid = session.call_sid
+        if call_sid is None:
+            return
+        metrics = dataclasses.asdict(session.stats)
+        record = await self.store.update_call(
+            call_sid, ended_at=datetime.now(UTC), end_reason=session.end_reason, metrics=metrics
+        )
+        if record is not None and self.settings.webhook_url:
+            lines = await self.store.transcript(call_sid)
+            payload = {
+                "event": "call.ended",
+                "call": _jsonable(dataclasses.asdict(record)),
+                "transcript": [_jsonable(dataclasses.asdict(line)) for line in lines],
+            }
+            await self.store.enqueue_webhook(self.settings.webhook_url, payload)
+
+    async def record_event(self, call_sid: str, kind: str, data: dict[str, Any]) -> None:
+        await self.store.add_event(call_sid, kind, data)
+
+    # --- post-call webhooks ------------------------------------------------------------------------------
+
+    async def deliver_webhooks(self, poll_s: float = 1.0) -> None:
+        """Deliver the outbox, forever: signed, retried with exponential backoff, surviving restarts."""
+        secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else ""
+        while True:
+            try:
+                for entry in await self.store.due_webhooks(datetime.now(UTC)):
+                    body = orjson.dumps(entry.payload)
+                    try:
+                        response = await self._http.post(
+                            entry.url,
+                            content=body,
+                            headers={"Content-Type": "application/json", HEADER: sign(secret, body)},
+                        )
+                        response.raise_for_status()
+                    except httpx.HTTPError as exc:
+                        delay = min(WEBHOOK_MAX_BACKOFF_S, 2 ** (entry.attempts + 1))
+                        retry_at = datetime.now(UTC) + timedelta(seconds=delay)
+                        await self.store.mark_failed(entry.id, f"{type(exc).__name__}: {exc}", retry_at)
+                        log.warning("webhook.failed", url=entry.url, attempts=entry.attempts + 1, retry_in_s=delay)
+                    else:
+                        await self.store.mark_delivered(entry.id)
+                        log.info("webhook.delivered", url=entry.url, id=entry.id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the outbox must outlive a transient database error
+                log.error("webhook.outbox_error", error=str(exc))
+            await asyncio.sleep(poll_s)
+
+
+def _context_json(context: CallContext) -> dict[str, Any]:
+    value: dict[str, Any] = _jsonable(dataclasses.asdict(context))
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    return orjson.loads(orjson.dumps(value, default=str))

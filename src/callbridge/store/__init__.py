@@ -1,0 +1,23 @@
+"""Calls on record: SQLAlchemy models, the repository, and the Alembic migrations that own the schema."""
+
+from callbridge.store.repository import (
+    CallChanges,
+    CallEvent,
+    CallPage,
+    CallRecord,
+    DatabaseTranscriptSink,
+    OutboxEntry,
+    Store,
+    async_database_url,
+)
+
+__all__ = [
+    "CallChanges",
+    "CallEvent",
+    "CallPage",
+    "CallRecord",
+    "DatabaseTranscriptSink",
+    "OutboxEntry",
+    "Store",
+    "async_database_url",
+]
