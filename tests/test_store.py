@@ -22,7 +22,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from callbridge.core.transcript import TranscriptLine, TranscriptSink
+from callbridge.core.transcript import Speaker, TranscriptLine, TranscriptSink
 from callbridge.store import DatabaseTranscriptSink, Store, async_database_url
 from callbridge.store.models import Base, CallRow, OutboxRow
 
@@ -111,13 +111,21 @@ async def test_migrations_apply_from_zero_and_again(database: Database) -> None:
     assert diff == []
 
 
-async def test_sqlite_runs_in_wal_mode_with_foreign_keys(database: Database) -> None:
-    if database.kind != "sqlite":
-        pytest.skip("SQLite only")
-    store = await database.open()
-    async with store.engine.connect() as connection:
-        assert (await connection.execute(sa.text("PRAGMA journal_mode"))).scalar_one() == "wal"
-        assert (await connection.execute(sa.text("PRAGMA foreign_keys"))).scalar_one() == 1
+async def test_stores_opening_together_take_turns_to_migrate(database: Database) -> None:
+    """Worker processes start at once, each migrating: one does the work, the others find the schema at head."""
+    stores = await asyncio.gather(*(database.open() for _ in range(4)))
+    await stores[0].record_call(call_sid=sid(1), direction="inbound")
+    assert all([await store.get_call(sid(1)) is not None for store in stores])
+
+
+async def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
+    store = await Store.open(f"sqlite:///{tmp_path / 'calls.db'}")
+    try:
+        async with store.engine.connect() as connection:
+            assert (await connection.execute(sa.text("PRAGMA journal_mode"))).scalar_one() == "wal"
+            assert (await connection.execute(sa.text("PRAGMA foreign_keys"))).scalar_one() == 1
+    finally:
+        await store.close()
 
 
 # ---------------------------------------------------------------------------------------------------- calls
@@ -247,16 +255,8 @@ async def test_close_orphaned_calls(store: Store) -> None:
 # ---------------------------------------------------------------------------------------------------- transcripts
 
 
-def line(item_id: str, start_ms: int, speaker: str = "caller", text: str = "hello") -> TranscriptLine:
-    assert speaker in ("caller", "agent")
-    return TranscriptLine(
-        call_sid=sid(1),
-        speaker="caller" if speaker == "caller" else "agent",
-        text=text,
-        start_ms=start_ms,
-        end_ms=start_ms + 900,
-        item_id=item_id,
-    )
+def line(item_id: str, start_ms: int, speaker: Speaker = "caller", text: str = "hello") -> TranscriptLine:
+    return TranscriptLine(sid(1), speaker, text, start_ms, start_ms + 900, item_id)
 
 
 async def test_transcript_in_spoken_order_and_idempotent(store: Store) -> None:

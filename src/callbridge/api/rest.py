@@ -141,9 +141,12 @@ def router() -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
         cursor: str | None = None,
     ) -> CallPageOut:
-        page = await services.store.list_calls(
-            status=status_, number=number, since=since, until=until, limit=limit, cursor=cursor
-        )
+        try:
+            page = await services.store.list_calls(
+                status=status_, number=number, since=since, until=until, limit=limit, cursor=cursor
+            )
+        except ValueError as exc:  # a cursor that is not one of ours
+            raise HTTPException(422, str(exc)) from None
         calls = [CallOut.model_validate(call, from_attributes=True) for call in page.calls]
         return CallPageOut(calls=calls, next_cursor=page.next_cursor)
 

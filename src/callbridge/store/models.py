@@ -54,15 +54,19 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return _as_utc(value)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return _as_utc(value)
 
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Json = JSON(none_as_null=True)  # Python None is SQL NULL, not the JSON text 'null'
 
 # 64-bit ids on PostgreSQL; SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 Id = BigInteger().with_variant(Integer(), "sqlite")
@@ -70,10 +74,7 @@ Id = BigInteger().with_variant(Integer(), "sqlite")
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {
-        datetime: UTCDateTime(),
-        dict[str, Any]: JSON(none_as_null=True),  # Python None is SQL NULL, not the JSON text 'null'
-    }
+    type_annotation_map = {datetime: UTCDateTime()}
 
 
 class CallRow(Base):
@@ -93,12 +94,12 @@ class CallRow(Base):
     to_number: Mapped[str | None]
     agent: Mapped[str]
     status: Mapped[str]  # as Twilio reports it: queued, ringing, in-progress, completed, busy, failed, ...
-    context: Mapped[dict[str, Any] | None]
+    context: Mapped[dict[str, Any] | None] = mapped_column(Json)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
     end_reason: Mapped[str | None]
-    metrics: Mapped[dict[str, Any] | None]  # the session's stats, once the call has ended
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(Json)  # the session's stats, once the call has ended
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -126,7 +127,7 @@ class EventRow(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     call_sid: Mapped[str] = mapped_column(ForeignKey("calls.call_sid", ondelete="CASCADE"), index=True)
     kind: Mapped[str]  # "tool_call", "barge_in", "error", "status", ...
-    data: Mapped[dict[str, Any]]
+    data: Mapped[dict[str, Any]] = mapped_column(Json)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -144,7 +145,7 @@ class OutboxRow(Base):
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     url: Mapped[str] = mapped_column(Text)
-    payload: Mapped[dict[str, Any]]
+    payload: Mapped[dict[str, Any]] = mapped_column(Json)
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]

@@ -159,12 +159,15 @@ class Store:
     async def upgrade(self) -> None:
         """Apply every migration not yet applied (Alembic's ``upgrade head``), in one transaction.
 
-        On PostgreSQL, workers that start together take turns under an advisory lock: the first migrates, the others
-        then find the schema at head.
+        Workers that start together take turns under a database lock: the first migrates, the others then find the
+        schema at head. On SQLite, taking the write lock up front also makes the DDL transactional: left to itself,
+        the driver would commit each CREATE on its own.
         """
         async with self.engine.begin() as connection:
             if connection.dialect.name == "postgresql":
                 await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+            else:
+                await connection.exec_driver_sql("BEGIN IMMEDIATE")
             await connection.run_sync(lambda sync: command.upgrade(alembic_config(sync), "head"))
 
     # ------------------------------------------------------------------------------------------------ calls
