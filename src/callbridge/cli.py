@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import httpx
 import typer
 
 from callbridge.config import Settings
@@ -96,6 +97,110 @@ def engine(
             await asyncio.Event().wait()
 
     asyncio.run(run())
+
+
+db = typer.Typer(no_args_is_help=True, help="The call records database.")
+app.add_typer(db, name="db")
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the database migrations (``callbridge serve`` does it at start too)."""
+    from callbridge.store.repository import Store
+
+    settings = Settings()
+
+    async def run() -> None:
+        store = await Store.open(settings.database_url)
+        await store.close()
+
+    asyncio.run(run())
+    typer.echo(f"database at head: {settings.database_url}")
+
+
+ApiUrl = Annotated[str, typer.Option("--url", help="Base URL of the running callbridge service.")]
+ApiToken = Annotated[str | None, typer.Option("--token", help="API token (default: CALLBRIDGE_API_TOKEN).")]
+
+
+def _api(url: str, token: str | None) -> httpx.Client:
+    token = token or (Settings().api_token.get_secret_value() if Settings().api_token else None)
+    if not token:
+        raise typer.BadParameter("set CALLBRIDGE_API_TOKEN or pass --token")
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+def _check(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        typer.echo(f"error {response.status_code}: {response.text}", err=True)
+        raise typer.Exit(1)
+    return response.json()
+
+
+@app.command()
+def call(
+    to: Annotated[str, typer.Argument(help="Number to call, E.164 (+1…).")],
+    from_: Annotated[str, typer.Option("--from", help="Your Twilio number, E.164.")],
+    agent: Annotated[str | None, typer.Option(help="Agent name (default: the default agent).")] = None,
+    reference: Annotated[str | None, typer.Option(help="Your reference for the call's context.")] = None,
+    name: Annotated[str | None, typer.Option(help="The callee's name, for the greeting.")] = None,
+    url: ApiUrl = "http://127.0.0.1:8080",
+    token: ApiToken = None,
+) -> None:
+    """Place an outbound call answered by the agent."""
+    body = {"to": to, "from": from_, "agent": agent, "context": {"reference": reference, "name": name}}
+    with _api(url, token) as client:
+        created = _check(client.post("/api/calls", json=body))
+    typer.echo(f"{created['call_sid']} {created['status']}")
+
+
+@app.command()
+def calls(
+    status: Annotated[str | None, typer.Option(help="Only calls with this status.")] = None,
+    number: Annotated[str | None, typer.Option(help="Only calls from or to this number.")] = None,
+    limit: Annotated[int, typer.Option(help="How many.")] = 20,
+    url: ApiUrl = "http://127.0.0.1:8080",
+    token: ApiToken = None,
+) -> None:
+    """List recent calls."""
+    from rich.console import Console
+    from rich.table import Table
+
+    params = {key: value for key, value in {"status": status, "number": number, "limit": limit}.items() if value}
+    with _api(url, token) as client:
+        page = _check(client.get("/api/calls", params=params))
+    table = Table("call", "direction", "from", "to", "agent", "status", "started", "end reason")
+    for item in page["calls"]:
+        table.add_row(
+            item["call_sid"],
+            item["direction"],
+            item["from_number"] or "",
+            item["to_number"] or "",
+            item["agent"],
+            item["status"],
+            (item["started_at"] or "")[:19],
+            item["end_reason"] or "",
+        )
+    Console().print(table)
+
+
+@app.command()
+def transcript(
+    call_sid: Annotated[str, typer.Argument(help="The call's SID (CA…).")],
+    url: ApiUrl = "http://127.0.0.1:8080",
+    token: ApiToken = None,
+) -> None:
+    """Print a call's transcript."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _api(url, token) as client:
+        body = _check(client.get(f"/api/calls/{call_sid}/transcript"))
+    table = Table("at", "speaker", "text", title=call_sid)
+    for line in body["lines"]:
+        colour = "cyan" if line["speaker"] == "caller" else "green"
+        cut = " [dim](interrupted)[/dim]" if line["interrupted"] else ""
+        table.add_row(f"{line['start_ms'] / 1000:.2f}s", f"[{colour}]{line['speaker']}[/{colour}]", line["text"] + cut)
+    Console(width=120).print(table)
 
 
 if __name__ == "__main__":  # pragma: no cover

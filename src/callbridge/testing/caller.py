@@ -234,6 +234,8 @@ class SimulatedCaller:
         hang_up_after_s: float | None = None,
         max_duration_s: float = 120.0,
         on_event: EventHook | None = None,
+        twiml: str | None = None,
+        call_sid: str | None = None,
     ) -> CallRecording:
         """Call, run the script, and return the recording once the call is over.
 
@@ -241,10 +243,14 @@ class SimulatedCaller:
         when the server closes the WebSocket; or ``max_duration_s`` after dialling, whichever comes first. A
         refused call (HTTP error, no ``<Connect><Stream>``, rejected WebSocket handshake) raises
         :class:`CallRefused`; a server closing the accepted WebSocket just ends the call.
+
+        ``twiml`` (with ``call_sid``) connects with TwiML the application gave Twilio directly, as for an outbound
+        call created with inline TwiML or a live call redirected to the agent, instead of asking the voice webhook.
         """
         deadline = asyncio.get_running_loop().time() + max_duration_s
-        call_sid = "CA" + uuid.uuid4().hex
-        twiml = await self._request_twiml(call_sid, limit_s=max_duration_s)
+        call_sid = call_sid or "CA" + uuid.uuid4().hex
+        if twiml is None:  # an incoming call: Twilio asks the voice webhook what to do
+            twiml = await self._request_twiml(call_sid, limit_s=max_duration_s)
         stream_url, parameters = _parse_twiml(twiml)
         recording = CallRecording(call_sid, "MZ" + uuid.uuid4().hex, twiml, parameters)
         call = _Call(self.account_sid, script, recording, hang_up_after_s, on_event)
