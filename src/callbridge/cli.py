@@ -123,7 +123,8 @@ ApiToken = Annotated[str | None, typer.Option("--token", help="API token (defaul
 
 
 def _api(url: str, token: str | None) -> httpx.Client:
-    token = token or (Settings().api_token.get_secret_value() if Settings().api_token else None)
+    configured = Settings().api_token
+    token = token or (configured.get_secret_value() if configured else None)
     if not token:
         raise typer.BadParameter("set CALLBRIDGE_API_TOKEN or pass --token")
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
