@@ -1,0 +1,317 @@
+"""Calls on record, end to end: ``callbridge serve`` as a subprocess, fake Twilio REST, fake Realtime, a caller."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from test_end_to_end import AUTH_TOKEN, Service, serve, wait_closed
+from twilio.request_validator import RequestValidator
+
+from callbridge import audio
+from callbridge.signing import HEADER, verify_signature
+from callbridge.telephony.rest import TwilioCalls
+from callbridge.testing.caller import CallScript, HangUp, Pause, Say
+from callbridge.testing.fake_realtime import FakeBehavior
+from callbridge.testing.fake_twilio import FakeTwilio
+
+ACCOUNT_SID = "AC" + "7" * 32
+API_TOKEN = "api-" + secrets.token_hex(8)
+WEBHOOK_SECRET = "hook-" + secrets.token_hex(8)
+CALLBRIDGE = Path(sys.executable).with_name("callbridge")
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+RESOLVER = """
+async def resolve(context):
+    if context.reference == "customer-42":
+        return {
+            "name": "Ada",
+            "greeting": "Hello Ada, this is Bright Dental calling about your appointment tomorrow.",
+            "items": [{"role": "user", "text": "Last visit: a cleaning in May."}],
+        }
+    return None
+"""
+
+AGENTS = """
+default_agent = "reception"
+
+[agents.reception]
+tools = ["end_call", "transfer_call"]
+transfer_number = "+15550109999"
+"""
+
+
+@contextlib.asynccontextmanager
+async def database(kind: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty database for one test."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
+        return
+    name = f"callbridge_{secrets.token_hex(6)}"
+    try:
+        admin = await asyncpg.connect(PG_ADMIN)
+    except OSError as exc:
+        raise RuntimeError(f"PostgreSQL is not reachable at {PG_ADMIN}: {exc}") from exc
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def service(
+    tmp_path: Path, behavior: FakeBehavior, db: str, **env: str
+) -> AsyncIterator[tuple[Service, FakeTwilio]]:
+    (tmp_path / "host_app.py").write_text(RESOLVER)
+    (tmp_path / "agents.toml").write_text(AGENTS)
+    async with FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio:
+        environment = {
+            "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+            "TWILIO_API_BASE_URL": twilio.base_url,
+            "CALLBRIDGE_API_TOKEN": API_TOKEN,
+            "CALLBRIDGE_DATABASE_URL": db,
+            "CALLBRIDGE_CONTEXT_FUNCTION": "host_app:resolve",
+            "CALLBRIDGE_AGENTS_FILE": str(tmp_path / "agents.toml"),
+            "CALLBRIDGE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+            **env,
+        }
+        async with serve(tmp_path, behavior, **environment) as running:
+            yield running, twilio
+
+
+def api(running: Service) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=running.base_url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10)
+
+
+def stream_of(twiml: str) -> tuple[str, dict[str, str]]:
+    stream = ET.fromstring(twiml).find("Connect/Stream")
+    assert stream is not None
+    return stream.attrib["url"], {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
+
+
+async def twilio_status(running: Service, call_sid: str, status: str) -> None:
+    """Twilio's status callback, signed as Twilio signs it."""
+    url = f"{running.base_url}/twilio/status"
+    form = {"CallSid": call_sid, "CallStatus": status, "AccountSid": ACCOUNT_SID}
+    signature = RequestValidator(AUTH_TOKEN).compute_signature(url, form)
+    async with httpx.AsyncClient() as client:
+        response = await client.post(url, data=form, headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 204
+
+
+def seeded_texts(running: Service) -> list[str]:
+    (session,) = running.fake.sessions
+    return [
+        json.dumps(event)
+        for event in session.client_events
+        if event["type"] in ("conversation.item.create", "response.create", "session.update")
+    ]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_outbound_call_with_resolved_context_on_record(kind: str, tmp_path: Path) -> None:
+    behavior = FakeBehavior(
+        transcripts=["Yes, I can make it."], reply=lambda _: "Wonderful, see you then.", ms_per_char=30
+    )
+    async with database(kind, tmp_path) as db, service(tmp_path, behavior, db) as (running, twilio):
+        async with api(running) as client:
+            assert (await client.get("/api/calls", headers={"Authorization": "Bearer wrong"})).status_code == 401
+            created = await client.post(
+                "/api/calls",
+                json={"to": "+15550100009", "from": "+15550100001", "context": {"reference": "customer-42"}},
+            )
+            assert created.status_code == 201, created.text
+            call_sid = created.json()["call_sid"]
+
+            # The right request reached (fake) Twilio: inline TwiML with the signed stream parameters.
+            (create,) = [r for r in twilio.requests if r.method == "POST" and r.path.endswith("/Calls.json")]
+            assert create.form["To"] == ["+15550100009"] and create.form["From"] == ["+15550100001"]
+            assert create.form["StatusCallback"] == [f"{running.base_url}/twilio/status"]
+            assert create.form["StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]
+            twiml = create.form["Twiml"][0]
+            stream_url, parameters = stream_of(twiml)
+            assert stream_url == running.base_url.replace("http", "ws") + "/twilio/media-stream"
+
+            # Twilio connects exactly the TwiML's stream, with its parameters.
+            script = CallScript([Pause(2500), Say(audio.tone(800, 330)), Pause(2500), HangUp()])
+            recording = await running.caller().place_call(script, twiml=twiml, call_sid=call_sid, max_duration_s=30)
+            assert recording.parameters == parameters
+            await wait_closed(running.fake.sessions)
+            await twilio_status(running, call_sid, "completed")
+            await running.wait_for_logs("call.summary", 1)
+
+            # The resolved context reached the model: seeded items and a greeting by name.
+            seeded = "\n".join(seeded_texts(running))
+            assert "The caller's name is Ada" in seeded and "Last visit: a cleaning in May." in seeded
+            assert "Hello Ada, this is Bright Dental" in seeded
+
+            record = (await client.get(f"/api/calls/{call_sid}")).json()
+            assert (record["direction"], record["status"], record["end_reason"]) == (
+                "outbound",
+                "completed",
+                "caller_hung_up",
+            )
+            assert record["metrics"]["frames_in"] > 0
+            lines = (await client.get(f"/api/calls/{call_sid}/transcript")).json()["lines"]
+            assert [line["speaker"] for line in lines] == ["agent", "caller", "agent"]
+            assert lines[0]["text"].startswith("Hello Ada")
+            text = (await client.get(f"/api/calls/{call_sid}/transcript?format=text")).text
+            assert "caller: Yes, I can make it." in text
+            listed = (await client.get("/api/calls", params={"number": "+15550100009"})).json()
+            assert [call["call_sid"] for call in listed["calls"]] == [call_sid]
+
+        cli = await asyncio.create_subprocess_exec(
+            str(CALLBRIDGE),
+            "transcript",
+            call_sid,
+            "--url",
+            running.base_url,
+            "--token",
+            API_TOKEN,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output = (await cli.communicate())[0].decode()
+        assert cli.returncode == 0 and "Hello Ada" in output and "Yes, I can make it." in output, output
+
+
+async def test_handing_a_live_call_to_the_agent(tmp_path: Path) -> None:
+    behavior = FakeBehavior(ms_per_char=30)
+    async with service(tmp_path, behavior, f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}") as (running, twilio):
+        rest = TwilioCalls(ACCOUNT_SID, AUTH_TOKEN, api_base_url=twilio.base_url)
+        call_sid = await rest.create(
+            to="+15550100002", from_="+15550100008", twiml="<Response><Enqueue>q</Enqueue></Response>"
+        )
+        await rest.aclose()
+        twilio.calls[call_sid].status = "in-progress"  # waiting in a queue
+        async with api(running) as client:
+            handed = await client.post(
+                f"/api/calls/{call_sid}/agent", json={"context": {"name": "Grace"}, "say": "Connecting you now."}
+            )
+            assert handed.status_code == 200, handed.text
+        (update,) = [r for r in twilio.requests if r.path.endswith(f"/Calls/{call_sid}.json") and r.method == "POST"]
+        twiml = update.form["Twiml"][0]
+        assert ET.fromstring(twiml).find("Say") is not None
+        script = CallScript([Pause(1500), HangUp()])
+        await running.caller().place_call(script, twiml=twiml, call_sid=call_sid, max_duration_s=30)
+        await wait_closed(running.fake.sessions)
+        assert "The caller's name is Grace" in "\n".join(seeded_texts(running))
+        admitted = running.logs("call.admitted")
+        assert [line["call_sid"] for line in admitted] == [call_sid]
+
+
+@pytest.mark.parametrize(
+    ("said", "tool", "end_reason"),
+    [("That's all, bye.", "end_call", "agent_ended_call"), ("I want a human.", "transfer_call", "transferred")],
+)
+async def test_call_control_tools_through_twilio(said: str, tool: str, end_reason: str, tmp_path: Path) -> None:
+    behavior = FakeBehavior(transcripts=[said], tool_cues={said: (tool, '{"reason": "asked"}')}, ms_per_char=20)
+    async with service(tmp_path, behavior, f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}") as (running, twilio):
+        rest = TwilioCalls(ACCOUNT_SID, AUTH_TOKEN, api_base_url=twilio.base_url)
+        call_sid = await rest.create(to="+15550100002", from_="+15550100001", twiml="<Response/>")
+        await rest.aclose()
+        twilio.calls[call_sid].status = "in-progress"
+        script = CallScript([Pause(2000), Say(audio.tone(700, 330)), Pause(8000)])
+        # An incoming call: Twilio asks /twilio/voice, then connects the stream.
+        recording = await running.caller().place_call(script, call_sid=call_sid, max_duration_s=30)
+        assert recording.ended_by == "server"  # the agent ended the call, not the caller
+        await running.wait_for_logs("call.summary", 1)
+        async with api(running) as client:
+            record = (await client.get(f"/api/calls/{call_sid}")).json()
+        assert record["end_reason"] == end_reason
+        # The goodbye was said (and heard) before the call ended.
+        assert recording.received_audio_bytes > 0 and len(recording.heard_audio) == recording.received_audio_bytes
+    (update,) = [r.form for r in twilio.requests if r.path.endswith(f"/Calls/{call_sid}.json")]
+    if tool == "end_call":
+        assert update == {"Status": ["completed"]}
+    else:
+        dial = ET.fromstring(update["Twiml"][0]).find("Dial")
+        assert dial is not None and dial.text == "+15550109999"
+
+
+class Receiver:
+    """The host application's webhook endpoint: fails on demand, records what it accepted."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.received: list[tuple[bytes, str]] = []
+        self.attempts = 0
+        app = FastAPI()
+
+        @app.post("/hooks/calls")
+        async def hook(request: Request) -> Response:
+            self.attempts += 1
+            if self.failures > 0:
+                self.failures -= 1
+                return Response(status_code=503)
+            self.received.append((await request.body(), request.headers[HEADER]))
+            return Response(status_code=204)
+
+        self.app = app
+
+
+@contextlib.asynccontextmanager
+async def receiving(receiver: Receiver, port: int) -> AsyncIterator[None]:
+    server = uvicorn.Server(uvicorn.Config(receiver.app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def wait_for(condition: Any, seconds: float) -> None:
+    for _ in range(int(seconds / 0.1)):
+        if condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+async def test_post_call_webhook_is_signed_retried_and_survives_a_restart(tmp_path: Path) -> None:
+    from test_end_to_end import _free_port
+
+    port = _free_port()
+    behavior = FakeBehavior(transcripts=["Hello."], ms_per_char=20)
+    db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
+    hook = {"CALLBRIDGE_WEBHOOK_URL": f"http://127.0.0.1:{port}/hooks/calls"}
+    script = CallScript([Pause(1000), Say(audio.tone(600, 330)), Pause(2000), HangUp()])
+
+    receiver = Receiver(failures=2)  # the host app is flaky: two 503s, then it accepts
+    async with receiving(receiver, port), service(tmp_path, behavior, db, **hook) as (running, _):
+        first = await running.caller().place_call(script, max_duration_s=30)
+        await wait_for(lambda: receiver.received, 15)
+    body, signature = receiver.received[0]
+    assert verify_signature(WEBHOOK_SECRET, body, signature)
+    payload = json.loads(body)
+    assert payload["call"]["call_sid"] == first.call_sid and payload["call"]["end_reason"] == "caller_hung_up"
+    assert [line["speaker"] for line in payload["transcript"]] == ["agent", "caller", "agent"]
+    assert receiver.attempts == 3
+
+    # The receiver is down when the next call ends, and callbridge restarts before it comes back.
+    async with service(tmp_path, behavior, db, **hook) as (running, _):
+        second = await running.caller().place_call(script, max_duration_s=30)
+        await running.wait_for_logs("webhook.failed", 1)
+    later = Receiver(failures=0)
+    async with receiving(later, port), service(tmp_path, behavior, db, **hook):
+        await wait_for(lambda: later.received, 15)
+    assert json.loads(later.received[0][0])["call"]["call_sid"] == second.call_sid
