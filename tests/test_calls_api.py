@@ -18,7 +18,6 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from test_end_to_end import AUTH_TOKEN, Service, serve, wait_closed
 from twilio.request_validator import RequestValidator
 
 from callbridge import audio
@@ -27,6 +26,7 @@ from callbridge.telephony.rest import TwilioCalls
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeTwilio
+from test_end_to_end import AUTH_TOKEN, Service, serve, wait_closed
 
 ACCOUNT_SID = "AC" + "7" * 32
 API_TOKEN = "api-" + secrets.token_hex(8)
@@ -270,7 +270,7 @@ class Receiver:
 async def receiving(receiver: Receiver, port: int) -> AsyncIterator[None]:
     server = uvicorn.Server(uvicorn.Config(receiver.app, host="127.0.0.1", port=port, log_config=None))
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
         await asyncio.sleep(0.01)
     try:
         yield
