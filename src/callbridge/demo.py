@@ -194,6 +194,8 @@ async def place_demo_call(
     token, sock = secrets.token_hex(16), _bound_socket()
     port = sock.getsockname()[1]
     sink = LiveTranscriptSink(console)
+    await asyncio.to_thread(output.mkdir, parents=True, exist_ok=True)
+    folder = await asyncio.to_thread(output.resolve)
     settings = Settings(
         OPENAI_API_KEY=None,
         CALLBRIDGE_REALTIME_URL=None,  # → the local engine
@@ -201,10 +203,9 @@ async def place_demo_call(
         TWILIO_AUTH_TOKEN=token,
         CALLBRIDGE_SECRET=secrets.token_hex(16),
         CALLBRIDGE_AGENT_GREETING="Hello, thanks for calling Bright Dental. How can I help you today?",
-        CALLBRIDGE_DATABASE_URL=f"sqlite+aiosqlite:///{output.resolve() / 'callbridge.db'}",
+        CALLBRIDGE_DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'callbridge.db'}",  # the default store, locally
         _env_file=None,
     )
-    output.mkdir(parents=True, exist_ok=True)
     if console:
         console.print(f"[bold]callbridge demo[/bold]: a simulated call to 127.0.0.1:{port}, local engine, no network")
     async with running_bridge(settings, sock, sink) as app:
