@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,7 +22,7 @@ from callbridge.core.session import CallSession
 from callbridge.signing import HEADER, sign
 from callbridge.store.repository import CallRecord, Store
 from callbridge.telephony.params import StreamParameterSigner
-from callbridge.telephony.rest import TwilioCalls
+from callbridge.telephony.rest import TwilioCalls, TwilioRestException
 from callbridge.telephony.twiml import connect_stream_twiml, dial_twiml
 
 log = structlog.stdlib.get_logger("callbridge.services")
@@ -58,6 +60,22 @@ class CallServices:
         parameters = self.signer.mint(context, time.time())
         return connect_stream_twiml(self.settings.stream_url, parameters, say=say or self.settings.say_before_connect)
 
+    @contextlib.contextmanager
+    def _twilio_errors(self) -> Iterator[None]:
+        """Twilio's refusals as HTTP answers: its 4xx are the request's fault, the rest is a bad gateway."""
+        try:
+            yield
+        except ValueError as exc:  # TwiML over Twilio's 4000-character limit, refused before sending
+            raise HTTPException(422, str(exc)) from None
+        except TwilioRestException as exc:
+            if exc.status == 404:
+                raise HTTPException(404, "Twilio knows no such call") from None
+            if 400 <= exc.status < 500:
+                raise HTTPException(422, f"Twilio refused: {exc.msg}") from None
+            raise HTTPException(502, f"Twilio failed: {exc.msg}") from None
+        except (TimeoutError, OSError) as exc:
+            raise HTTPException(502, f"Twilio unreachable: {exc}") from None
+
     def _twilio(self) -> TwilioCalls:
         if self.twilio is None:
             raise HTTPException(503, "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are needed for call control")
@@ -90,7 +108,7 @@ class CallServices:
         agent = self._agent_name(context.agent)
         context = dataclasses.replace(context, agent=agent)
         twiml = self.stream_twiml(context, say)
-        try:
+        with self._twilio_errors():
             call_sid = await self._twilio().create(
                 to=context.called or "",
                 from_=context.caller or "",
@@ -98,8 +116,6 @@ class CallServices:
                 status_callback=f"{self.settings.public_url}/twilio/status",
                 status_callback_event=STATUS_EVENTS,
             )
-        except ValueError as exc:  # TwiML over Twilio's 4000-character limit
-            raise HTTPException(422, str(exc)) from None
         return await self.store.record_call(
             call_sid=call_sid,
             direction="outbound",
@@ -119,10 +135,8 @@ class CallServices:
             caller=context.caller or (existing.from_number if existing else None),
             called=context.called or (existing.to_number if existing else None),
         )
-        try:
+        with self._twilio_errors():
             await self._twilio().redirect(call_sid, self.stream_twiml(context, say))
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
         return await self.store.record_call(
             call_sid=call_sid,
             direction=existing.direction if existing else "inbound",
@@ -141,7 +155,8 @@ class CallServices:
     async def hang_up(self, call_sid: str) -> CallRecord | None:
         if await self.store.get_call(call_sid) is None:
             return None
-        await self._twilio().hang_up(call_sid)
+        with self._twilio_errors():
+            await self._twilio().hang_up(call_sid)
         return await self.store.update_call(call_sid, end_reason="hung_up_through_api")
 
     async def status_callback(self, params: dict[str, str]) -> None:
