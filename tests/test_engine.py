@@ -25,7 +25,7 @@ EXPECTED_AGENT_TURNS = [
     "thanks for calling",  # greeting
     "what day and time",  # "I'd like to book an appointment"
     "tuesday at 3 pm is free",  # "Tuesday afternoon at three" → check_availability
-    "open monday to friday",  # "what are your opening hours" (interrupted)
+    "we are open",  # "what are your opening hours" (interrupted, cut to what was heard)
     "booked for tuesday at 3 pm",  # "Yes please" → book_appointment
     "goodbye",  # "No thank you, goodbye"
 ]

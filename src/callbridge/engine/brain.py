@@ -103,7 +103,14 @@ class BookingAgent:
     )
 
     def phrases(self) -> list[str]:
-        phrases = [example for intent in self.intents for example in intent.examples] + list(self.fillers)
+        examples = [example for intent in self.intents for example in intent.examples]
+        # Callers wrap what they mean in greetings and politeness: "hi, I'd like to book an appointment please".
+        phrases = examples + [f"{example} please" for example in examples]
+        phrases += [f"{opener} {example}" for opener in ("hi", "hello", "actually", "sorry") for example in examples]
+        yes, no = ("yes", "yeah", "yes please", "sure"), ("no", "no thank you", "no thanks")
+        agree = ("that works", "that's fine", "sounds good", "perfect")
+        phrases += [f"{y} {a}" for y in yes for a in agree] + [f"{n} goodbye" for n in no]
+        phrases += list(self.fillers)
         times = [*NUMBERS, *(f"{n} o'clock" for n in NUMBERS), *(f"{n} thirty" for n in NUMBERS)]
         times += [f"half past {n}" for n in NUMBERS] + [f"{n} pm" for n in NUMBERS] + [f"{n} am" for n in NUMBERS]
         for day in DAYS:
