@@ -35,7 +35,11 @@ CALLBRIDGE = Path(sys.executable).with_name("callbridge")
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 RESOLVER = """
+import asyncio
+
 async def resolve(context):
+    if context.caller == "+15550100666":  # a host app that hangs
+        await asyncio.sleep(30)
     if context.reference == "customer-42":
         return {
             "name": "Ada",
@@ -315,3 +319,24 @@ async def test_post_call_webhook_is_signed_retried_and_survives_a_restart(tmp_pa
     async with receiving(later, port), service(tmp_path, behavior, db, **hook):
         await wait_for(lambda: later.received, 15)
     assert json.loads(later.received[0][0])["call"]["call_sid"] == second.call_sid
+
+
+async def test_key_presses_and_a_hanging_resolver(tmp_path: Path) -> None:
+    from callbridge.testing.caller import Dtmf, SimulatedCaller
+
+    behavior = FakeBehavior(ms_per_char=20)
+    db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
+    async with service(tmp_path, behavior, db, CALLBRIDGE_CONTEXT_TIMEOUT_SECONDS="0.5") as (running, _):
+        caller = SimulatedCaller(running.base_url, AUTH_TOKEN, from_="+15550100666")
+        script = CallScript([Pause(2500), Dtmf("7"), Pause(1500), HangUp()])
+        recording = await caller.place_call(script, max_duration_s=30)
+        await running.wait_for_logs("call.summary", 1)
+        # The resolver never answered; after its deadline the agent greeted with its defaults.
+        assert running.logs("context.resolve_failed")
+        assert recording.heard_timeline and recording.heard_timeline[0][0] < 2.0
+        # The key press reached the model as a conversation item, and the call's record as an event.
+        (session,) = running.fake.sessions
+        assert any("pressed the key 7" in json.dumps(event) for event in session.client_events)
+        async with api(running) as client:
+            events = (await client.get(f"/api/calls/{recording.call_sid}/events")).json()
+        assert {"kind": "dtmf", "data": {"digit": "7"}} in [{"kind": e["kind"], "data": e["data"]} for e in events]

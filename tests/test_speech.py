@@ -163,13 +163,22 @@ def test_language_model_is_a_distribution_after_every_history() -> None:
         assert math.isclose(total, 1.0, abs_tol=1e-4), (history, total)
 
 
+def word_error_rate(hypotheses: list[str]) -> float:
+    references = [" ".join(words_of(line)) for line in CALLER_LINES]
+    return float(jiwer.wer(references, [" ".join(words_of(hypothesis)) for hypothesis in hypotheses]))
+
+
 def test_recognizer_understands_a_call(language_model: LanguageModel, caller_audio: list[bytes]) -> None:
     recognizer = Recognizer(language_model)  # one decoder for the whole call, as the engine uses it
     hypotheses = [recognizer.transcribe(line) for line in caller_audio]
-    references = [" ".join(words_of(line)) for line in CALLER_LINES]
-    error_rate = jiwer.wer(references, [" ".join(words_of(hypothesis)) for hypothesis in hypotheses])
-    assert error_rate <= 0.20, (error_rate, hypotheses)
+    assert word_error_rate(hypotheses) <= 0.20, hypotheses
     assert all(hypothesis == hypothesis.lower() for hypothesis in hypotheses)
+
+
+def test_recognizer_ignores_the_quiet_around_a_turn(language_model: LanguageModel, caller_audio: list[bytes]) -> None:
+    recognizer = Recognizer(language_model)
+    hypotheses = [recognizer.transcribe(audio.silence(2000) + line + audio.silence(500)) for line in caller_audio]
+    assert word_error_rate(hypotheses) <= 0.20, hypotheses
 
 
 def test_recognizer_hears_nothing_in_silence(language_model: LanguageModel) -> None:

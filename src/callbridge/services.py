@@ -215,10 +215,12 @@ class CallServices:
         )
         if record is not None and self.settings.webhook_url:
             lines = await self.store.transcript(call_sid)
+            events = await self.store.events(call_sid)
             payload = {
                 "event": "call.ended",
                 "call": _jsonable(dataclasses.asdict(record)),
                 "transcript": [_jsonable(dataclasses.asdict(line)) for line in lines],
+                "events": [_jsonable(dataclasses.asdict(event)) for event in events],
             }
             await self.store.enqueue_webhook(self.settings.webhook_url, payload)
 

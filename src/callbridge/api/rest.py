@@ -97,6 +97,12 @@ class LineOut(BaseModel):
     failed: bool
 
 
+class EventOut(BaseModel):
+    kind: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
 class TranscriptOut(BaseModel):
     call_sid: str
     lines: list[LineOut]
@@ -177,6 +183,13 @@ def router() -> APIRouter:
             return PlainTextResponse(text)
         out = [LineOut.model_validate(line, from_attributes=True) for line in lines]
         return TranscriptOut(call_sid=call_sid, lines=out)
+
+    @api.get("/calls/{call_sid}/events", response_model=list[EventOut], dependencies=guarded)
+    async def get_events(call_sid: str, services: Services) -> list[EventOut]:
+        """Tool calls (arguments and results), barge-ins, key presses, transfers, status changes, errors."""
+        if await services.store.get_call(call_sid) is None:
+            raise HTTPException(404, "no such call")
+        return [EventOut.model_validate(event, from_attributes=True) for event in await services.store.events(call_sid)]
 
     @api.post("/calls/{call_sid}/hangup", response_model=CallOut, dependencies=guarded)
     async def hang_up(call_sid: str, services: Services) -> CallOut:
