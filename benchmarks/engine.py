@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/engine.py [--max-calls 8]
 
 The engine runs in its own process (``callbridge engine``) pinned to CPU 0; the bridge and the simulated callers
-run in this process on the other CPU(s), so the engine's CPU time is measured alone. Each round places N demo
-calls at once (the demo's script, spoken by the caller's real voice) and reads the engine process's CPU time
+run in this process on the other CPU(s), so the engine's CPU time is measured alone. Each round places N overlapping demo
+calls, arriving 2.3 s apart (the demo's script, spoken by the caller's real voice) and reads the engine process's CPU time
 from /proc before and after. A round "sustains real time" when every call completes its script, the engine used
 less than 90 % of its core, and the turn-latency p95 stayed within 1.5x of the single-call round.
 """
@@ -35,9 +35,10 @@ from callbridge.demo import (
     synthesize_caller,
 )
 from callbridge.logs import configure_logging
-from callbridge.testing.caller import SimulatedCaller
+from callbridge.testing.caller import CallRecording, SimulatedCaller
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STAGGER_S = 2.3  # between call arrivals: identical scripts started together would turn in lockstep
 
 
 def cpu_seconds(pid: int) -> float:
@@ -79,9 +80,12 @@ async def round_of_calls(calls: int, engine_url: str, utterances: list[Utterance
     async with running_bridge(settings, sock, sink):
         cpu_before, wall_before = cpu_seconds(engine_pid), time.monotonic()
         caller = SimulatedCaller(f"http://127.0.0.1:{port}", token)
-        recordings = await asyncio.gather(
-            *(caller.place_call(_call_script(utterances), max_duration_s=180) for _ in range(calls))
-        )
+
+        async def call(index: int) -> CallRecording:
+            await asyncio.sleep(index * STAGGER_S)  # calls arrive one after another, as they do on a phone line
+            return await caller.place_call(_call_script(utterances), max_duration_s=180)
+
+        recordings = await asyncio.gather(*(call(index) for index in range(calls)))
         cpu, wall = cpu_seconds(engine_pid) - cpu_before, time.monotonic() - wall_before
         await asyncio.sleep(0.5)
     latencies: list[int] = []
