@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/engine.py [--max-calls 8]
 
 The engine runs in its own process (``callbridge engine``) pinned to CPU 0; the bridge and the simulated callers
-run in this process on the other CPU(s), so the engine's CPU time is measured alone. Each round places N overlapping demo
-calls, arriving 2.3 s apart (the demo's script, spoken by the caller's real voice) and reads the engine process's CPU time
-from /proc before and after. A round "sustains real time" when every call completes its script, the engine used
-less than 90 % of its core, and the turn-latency p95 stayed within 1.5x of the single-call round.
+run in this process on the other CPU(s), so the engine's CPU time is measured alone. Each round places N
+overlapping demo calls, arriving 2.3 s apart (the demo's script, spoken by the caller's real voice), and reads the
+engine process's CPU time from /proc before and after. A round "sustains real time" when every call completes
+its script, the engine used less than 90 % of its core, and the turn-latency p95 stayed within 1.5x of the
+single-call round.
 """
 
 from __future__ import annotations
