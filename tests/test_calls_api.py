@@ -162,7 +162,10 @@ async def test_outbound_call_with_resolved_context_on_record(kind: str, tmp_path
 
             # The resolved context reached the model: seeded items and a greeting by name.
             seeded = "\n".join(seeded_texts(running))
-            assert "The caller's name is Ada" in seeded and "Last visit: a cleaning in May." in seeded
+            assert (
+                "You placed this call. You are speaking with Ada. Their phone number is +15550100009." in seeded
+                and "Last visit: a cleaning in May." in seeded
+            )
             assert "Hello Ada, this is Bright Dental" in seeded
 
             record = (await client.get(f"/api/calls/{call_sid}")).json()
@@ -215,7 +218,7 @@ async def test_handing_a_live_call_to_the_agent(tmp_path: Path) -> None:
         script = CallScript([Pause(1500), HangUp()])
         await running.caller().place_call(script, twiml=twiml, call_sid=call_sid, max_duration_s=30)
         await wait_closed(running.fake.sessions)
-        assert "The caller's name is Grace" in "\n".join(seeded_texts(running))
+        assert "You are speaking with Grace" in "\n".join(seeded_texts(running))
         admitted = running.logs("call.admitted")
         assert [line["call_sid"] for line in admitted] == [call_sid]
 

@@ -145,6 +145,7 @@ class CallServices:
         context = dataclasses.replace(
             context,
             agent=agent,
+            direction="outbound" if existing is not None and existing.direction == "outbound" else "inbound",
             caller=context.caller or (existing.from_number if existing else None),
             called=context.called or (existing.to_number if existing else None),
         )

@@ -34,10 +34,17 @@ class ContextIn(BaseModel):
     metadata: dict[str, Any] = {}
 
     def to_context(
-        self, *, agent: str | None, call_sid: str | None, caller: str | None, called: str | None
+        self,
+        *,
+        agent: str | None,
+        call_sid: str | None,
+        caller: str | None,
+        called: str | None,
+        outbound: bool = False,
     ) -> CallContext:
         return CallContext(
             call_sid=call_sid,
+            direction="outbound" if outbound else "inbound",
             agent=agent,
             reference=self.reference,
             caller=caller,
@@ -133,7 +140,9 @@ def router() -> APIRouter:
     @api.post("/calls", status_code=201, response_model=CallOut, dependencies=guarded)
     async def create_call(body: OutboundCall, services: Services) -> CallOut:
         """Place an outbound call answered by the agent."""
-        context = body.context.to_context(agent=body.agent, call_sid=None, caller=body.from_, called=body.to)
+        context = body.context.to_context(
+            agent=body.agent, call_sid=None, caller=body.from_, called=body.to, outbound=True
+        )
         record = await services.place_call(context, say=body.say)
         return CallOut.model_validate(record, from_attributes=True)
 

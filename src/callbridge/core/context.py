@@ -74,6 +74,8 @@ class CallContext:
     """Per-call context carried by the signed stream parameters (or resolved from them)."""
 
     call_sid: str | None = None
+    direction: Literal["inbound", "outbound"] = "inbound"
+    """``outbound``: callbridge placed the call; ``caller`` is then our number and ``called`` the person."""
     agent: str | None = None
     reference: str | None = None
     """The host application's reference (a customer id, a booking id…), resolved into context at call start."""
@@ -85,6 +87,11 @@ class CallContext:
     items: tuple[ContextItem, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def person_number(self) -> str | None:
+        """The number of the person on the line (not ours)."""
+        return self.called if self.direction == "outbound" else self.caller
+
 
 def merge_context(base: CallContext, resolved: CallContext | None) -> CallContext:
     """``resolved`` (from a context resolver) over ``base`` (from the signed parameters), field by field."""
@@ -92,6 +99,7 @@ def merge_context(base: CallContext, resolved: CallContext | None) -> CallContex
         return base
     return CallContext(
         call_sid=base.call_sid,
+        direction=base.direction,
         agent=base.agent,
         reference=base.reference,
         caller=base.caller,

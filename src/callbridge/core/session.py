@@ -399,14 +399,12 @@ class CallSession:
     @staticmethod
     def _seed_items(context: CallContext) -> list[dict[str, Any]]:
         """Context as conversation items: facts about the call first, then earlier conversation."""
-        facts = []
+        facts = ["You placed this call." if context.direction == "outbound" else "The person called you."]
         if context.name:
-            facts.append(f"The caller's name is {context.name}.")
-        if context.caller:
-            facts.append(f"The caller's phone number is {context.caller}.")
-        items: list[dict[str, Any]] = []
-        if facts:
-            items.append(_message("system", " ".join(facts)))
+            facts.append(f"You are speaking with {context.name}.")
+        if context.person_number:
+            facts.append(f"Their phone number is {context.person_number}.")
+        items = [_message("system", " ".join(facts))]
         items.extend(_message(item.role, item.text) for item in context.items)
         return items
 

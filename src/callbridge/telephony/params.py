@@ -29,6 +29,7 @@ class StreamParameterSigner:
         """The ``<Parameter>``s for one call's ``<Stream>``."""
         payload: dict[str, Any] = {"exp": int(now) + self.ttl_seconds, "sid": context.call_sid}
         claims = {
+            "dir": "out" if context.direction == "outbound" else None,
             "agent": context.agent,
             "ref": context.reference,
             "from": context.caller,
@@ -61,6 +62,7 @@ class StreamParameterSigner:
         items = tuple(ContextItem(role, text) for role, text in payload.get("items") or ())
         return CallContext(
             call_sid=call_sid,
+            direction="outbound" if payload.get("dir") == "out" else "inbound",
             agent=payload.get("agent"),
             reference=payload.get("ref"),
             caller=payload.get("from"),
