@@ -94,7 +94,7 @@ async def round_of_calls(calls: int, engine_url: str, utterances: list[Utterance
     wers = []
     for recording in recordings:
         lines = [line for line in sink.lines if line.call_sid == recording.call_sid]
-        summary = summarize(recording, utterances, lines, Path("/tmp") / "callbridge-bench")
+        summary = summarize(recording, utterances, lines, Path(tempfile.gettempdir()) / "callbridge-bench")
         latencies += summary["turn_latency_ms"]["turns"]
         completed += bool(summary["ok"])
         wers.append(summary["caller_wer"])
