@@ -589,3 +589,9 @@ def test_tool_calls_and_barge_ins_are_recorded(harness: Harness) -> None:
     harness.speak("resp_2", "item_2", chunks=2)
     commands = harness.handle(ev.RealtimeSpeechStarted("item_c", 0))
     assert [c.kind for c in commands if isinstance(c, RecordEvent)] == ["barge_in"]
+
+
+def test_the_application_can_hang_up(harness: Harness) -> None:
+    harness.go_live()
+    (end,) = ends(harness.handle(ev.HangupRequested("crm_closed_the_ticket")))
+    assert end.reason == "crm_closed_the_ticket" and end.hang_up

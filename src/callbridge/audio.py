@@ -65,11 +65,6 @@ def pcm16_bytes_to_ulaw(data: bytes) -> bytes:
     return pcm16_to_ulaw(struct.unpack(f"<{count}h", data[: count * 2]))
 
 
-def ulaw_to_pcm16_bytes(data: bytes) -> bytes:
-    """Decode μ-law to little-endian 16-bit PCM bytes."""
-    return struct.pack(f"<{len(data)}h", *ulaw_to_pcm16(data))
-
-
 def rms(data: bytes) -> float:
     """Root-mean-square level of μ-law audio, on the 16-bit scale."""
     if not data:

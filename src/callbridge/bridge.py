@@ -117,10 +117,6 @@ class CallBridge:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._twilio: TwilioTransport | None = None
 
-    @property
-    def realtime_open(self) -> bool:
-        return self._realtime is not None
-
     async def run(self, twilio: TwilioTransport) -> CallSession:
         """Drive the call until it ends; returns the finished session (its stats and end reason)."""
         self._twilio = twilio
@@ -146,7 +142,7 @@ class CallBridge:
         return self.session
 
     def request_hang_up(self, reason: str = "requested") -> None:
-        """Ask the call to end (thread-unsafe; call from the event loop)."""
+        """End the call from the application (hang up through Twilio); call it from the event loop."""
         self._inbox.put_nowait(ev.HangupRequested(reason))
 
     # ------------------------------------------------------------------------------------------------ commands

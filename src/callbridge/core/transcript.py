@@ -32,20 +32,6 @@ class TranscriptSink(Protocol):
     async def write(self, line: TranscriptLine) -> None: ...
 
 
-class MemoryTranscriptSink:
-    """Keeps lines in memory, per call; handy for tests and the demo."""
-
-    def __init__(self) -> None:
-        self.lines: list[TranscriptLine] = []
-
-    async def write(self, line: TranscriptLine) -> None:
-        self.lines.append(line)
-
-    def for_call(self, call_sid: str) -> list[TranscriptLine]:
-        """The call's lines in spoken order."""
-        return sorted((line for line in self.lines if line.call_sid == call_sid), key=lambda line: line.start_ms)
-
-
 def cut_to_heard(text: str, heard_ms: int, total_ms: int) -> str:
     """Cut an agent line to the part the caller heard, proportionally to audio time, on a word boundary.
 
