@@ -17,6 +17,7 @@ import asyncpg
 import httpx
 import pytest
 import uvicorn
+import websockets
 from fastapi import FastAPI, Request, Response
 from twilio.request_validator import RequestValidator
 
@@ -343,3 +344,33 @@ async def test_key_presses_and_a_hanging_resolver(tmp_path: Path) -> None:
         async with api(running) as client:
             events = (await client.get(f"/api/calls/{recording.call_sid}/events")).json()
         assert {"kind": "dtmf", "data": {"digit": "7"}} in [{"kind": e["kind"], "data": e["data"]} for e in events]
+
+
+async def test_admission_control_turns_calls_away_past_the_limit(tmp_path: Path) -> None:
+    from callbridge.testing.caller import CallRefused
+
+    behavior = FakeBehavior(ms_per_char=20)
+    db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
+    async with service(tmp_path, behavior, db, CALLBRIDGE_MAX_CALLS="1") as (running, _):
+        first = asyncio.create_task(running.caller().place_call(CallScript([Pause(4000), HangUp()]), max_duration_s=30))
+        await running.wait_for_logs("call.admitted", 1)
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{running.base_url}/readyz")).status_code == 503
+        # A second caller hears the fallback: the webhook answers <Say> and <Hangup>, no stream.
+        with pytest.raises(CallRefused) as refused:
+            await running.caller().place_call(CallScript([Pause(500)]), max_duration_s=10)
+        assert "<Hangup />" in refused.value.body and "<Connect>" not in refused.value.body
+        # And a stream that connects anyway (a replayed upgrade) is refused before any Realtime connection.
+        stream_url = running.base_url.replace("http://", "ws://") + "/twilio/media-stream"
+        upgrade = {"X-Twilio-Signature": RequestValidator(AUTH_TOKEN).compute_signature(stream_url, {})}
+        with pytest.raises(websockets.InvalidStatus):
+            await websockets.connect(stream_url, additional_headers=upgrade)
+        assert running.logs("admission.stream_refused")
+        await first
+        await running.wait_for_logs("call.summary", 1)
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{running.base_url}/readyz")).status_code == 200
+        async with api(running) as client:
+            calls = (await client.get("/api/calls")).json()["calls"]
+        assert sorted((call["end_reason"] or "") for call in calls) == ["caller_hung_up", "over_capacity"]
+        assert len(running.fake.sessions) == 1

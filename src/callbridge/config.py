@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     on_model_end: Literal["close_stream", "hangup"] = Field(
         default="close_stream", validation_alias="CALLBRIDGE_ON_MODEL_END"
     )
+    max_calls: int = Field(default=200, ge=1, validation_alias="CALLBRIDGE_MAX_CALLS")
+    """Concurrent calls one process carries; past it new calls hear the fallback and are refused."""
+    fallback_say: str = Field(
+        default="Sorry, we cannot take your call right now. Please try again later.",
+        validation_alias="CALLBRIDGE_FALLBACK_SAY",
+    )
     max_message_bytes: int = Field(default=256 * 1024, gt=1024, validation_alias="CALLBRIDGE_MAX_MESSAGE_BYTES")
     pre_ready_buffer_ms: int = Field(default=5000, ge=0, validation_alias="CALLBRIDGE_PRE_READY_BUFFER_MS")
 

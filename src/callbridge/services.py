@@ -117,6 +117,22 @@ class CallServices:
             )
         return self.stream_twiml(context)
 
+    async def refused(self, params: dict[str, str], reason: str) -> None:
+        """Keep a record of a call turned away (the caller heard the fallback)."""
+        call_sid = params.get("CallSid")
+        if not call_sid:
+            return
+        await self.store.record_call(
+            call_sid=call_sid,
+            direction="inbound",
+            from_number=params.get("From"),
+            to_number=params.get("To"),
+            agent=self.agents.for_number(params.get("To")),
+            status="completed",
+        )
+        await self.store.update_call(call_sid, ended_at=datetime.now(UTC), end_reason=reason)
+        await self.store.add_event(call_sid, "refused", {"reason": reason})
+
     async def place_call(self, context: CallContext, say: str | None) -> CallRecord:
         agent = self._agent_name(context.agent)
         context = dataclasses.replace(context, agent=agent)

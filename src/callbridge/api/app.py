@@ -174,11 +174,15 @@ def create_app(
         if params is None:
             return Response("invalid Twilio signature", status_code=403, media_type="text/plain")
         services: CallServices = app.state.services
+        if len(active_calls) >= settings.max_calls:
+            log.warning("admission.refused", call_sid=params.get("CallSid"), active_calls=len(active_calls))
+            await services.refused(params, "over_capacity")
+            return Response(say_and_hang_up_twiml(settings.fallback_say), media_type="application/xml")
         try:
             twiml = await services.incoming(params)
         except Exception as exc:  # the caller hears an apology, never dead air
             log.error("twilio.incoming_failed", error=str(exc), call_sid=params.get("CallSid"))
-            twiml = say_and_hang_up_twiml("Sorry, we cannot take your call right now. Please try again later.")
+            twiml = say_and_hang_up_twiml(settings.fallback_say)
         log.info("twilio.incoming_call", call_sid=params.get("CallSid"), caller=params.get("From"))
         return Response(twiml, media_type="application/xml")
 
@@ -195,6 +199,10 @@ def create_app(
         if not signatures.valid(settings.stream_url, {}, websocket.headers.get("x-twilio-signature")):
             log.warning("security.stream_signature_invalid", client=_client(websocket))
             await websocket.close(code=1008)
+            return
+        if len(active_calls) >= settings.max_calls:
+            log.warning("admission.stream_refused", active_calls=len(active_calls))
+            await websocket.close(code=1013)  # before accept: the handshake is refused (HTTP 403)
             return
         await websocket.accept()
         services: CallServices = app.state.services
@@ -238,8 +246,10 @@ def create_app(
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
-        body: dict[str, Any] = {"ready": True, "active_calls": len(active_calls)}
-        return JSONResponse(body)
+        """Ready while this process can take another call (a load balancer should route elsewhere when not)."""
+        ready = len(active_calls) < settings.max_calls
+        body: dict[str, Any] = {"ready": ready, "active_calls": len(active_calls), "max_calls": settings.max_calls}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     return app
 
