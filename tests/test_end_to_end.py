@@ -10,7 +10,7 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,16 @@ from twilio.request_validator import RequestValidator
 
 from callbridge import audio
 from callbridge.telephony.params import PARAMETER_NAME
-from callbridge.testing.caller import CallRecording, CallScript, HangUp, Pause, Say, SayWhenHearing, SimulatedCaller
+from callbridge.testing.caller import (
+    CallRecording,
+    CallScript,
+    HangUp,
+    Pause,
+    Say,
+    SayWhenHearing,
+    SimulatedCaller,
+    Step,
+)
 from callbridge.testing.conformance import validate_client_event
 from callbridge.testing.fake_realtime import FakeBehavior, FakeRealtimeServer, FakeSession
 
@@ -103,6 +112,15 @@ async def serve(tmp_path: Path, behavior: FakeBehavior, **env: str) -> AsyncIter
         finally:
             process.terminate()
             await process.wait()
+
+
+async def until(condition: Callable[[], object], seconds: float = 10.0) -> None:
+    """Poll ``condition`` (state another task or process changes, with nothing to await on)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.01)
 
 
 async def wait_closed(sessions: list[FakeSession], seconds: float = 3.0) -> None:
@@ -320,17 +338,59 @@ async def test_tool_call_end_to_end(tmp_path: Path) -> None:
     assert recording.received_audio_bytes == sum(size for _, size in agent_items(session))
 
 
-async def test_model_connection_lost_ends_the_call_cleanly(tmp_path: Path, behavior: FakeBehavior) -> None:
-    behavior.close_after_s = 1.5
+async def test_model_connection_lost_mid_call_reconnects_with_the_conversation(
+    tmp_path: Path, behavior: FakeBehavior
+) -> None:
+    behavior.close_after_s = 6.0  # the first session dies mid-call (code 1011)
     async with serve(tmp_path, behavior) as service:
-        started = time.monotonic()
-        script = CallScript([Pause(20000)])
-        recording = await service.caller().place_call(script, max_duration_s=30)
-        elapsed = time.monotonic() - started
+        steps: list[Step] = [
+            Pause(2500),
+            Say(audio.tone(800, 330)),
+            Pause(6000),
+            Say(audio.tone(800, 440)),
+            Pause(2500),
+            HangUp(),
+        ]
+        call = asyncio.create_task(service.caller().place_call(CallScript(steps), max_duration_s=40))
+        await until(lambda: service.fake.sessions)
+        behavior.close_after_s = None  # the next session stays up
+        first = service.fake.sessions[0]
+        await first.closed.wait()
+        lost_at = time.monotonic()
+        await until(lambda: len(service.fake.sessions) > 1 and service.fake.sessions[1].audio)
+        resumed_after = time.monotonic() - lost_at
+        recording = await call
+        second = service.fake.sessions[1]
+        await wait_closed([second])
         summaries = await service.wait_for_logs("call.summary", 1)
+    assert resumed_after < 2.0  # caller audio reaches the new session within 2 s
+    assert_conformant(second)
+    replayed = [
+        (event["item"]["role"], event["item"]["content"][0]["text"])
+        for event in second.client_events
+        if event["type"] == "conversation.item.create" and event["item"]["role"] != "system"
+    ]
+    assert replayed[:2] == [("assistant", GREETING), ("user", "I would like to know your opening hours.")]
+    assert [e for e in second.client_events if e["type"] == "response.create"] == []  # no second greeting
+    # Caller audio after the loss was kept and forwarded: nothing but the frames in flight at the loss is missing.
+    sent = bytes(recording.sent_audio)
+    assert sent.endswith(bytes(second.audio)) and len(first.audio) + len(second.audio) >= len(sent) - 3 * 160
+    assert [summary["reason"] for summary in summaries] == ["caller_hung_up"]
+
+
+async def test_model_gone_for_good_ends_the_call(tmp_path: Path, behavior: FakeBehavior) -> None:
+    async with serve(tmp_path, behavior) as service:
+        call = asyncio.create_task(service.caller().place_call(CallScript([Pause(30000)]), max_duration_s=40))
+        await until(lambda: service.fake.sessions)
+        await asyncio.sleep(1.0)
+        await service.fake.stop()  # the model's server goes away and does not come back
+        recording = await call
+        summaries = await service.wait_for_logs("call.summary", 1)
+        retries = service.logs("realtime.retry")
     assert recording.close_code == 1000  # the stream is closed so the TwiML after <Connect> runs
-    assert elapsed < 10
-    assert [summary["reason"] for summary in summaries] == ["realtime_closed"]
+    assert recording.duration_s < 15
+    assert [summary["reason"] for summary in summaries] == ["realtime_unavailable"]
+    assert [line["attempt"] for line in retries] == [1, 2, 3, 4]
 
 
 async def test_model_unreachable_ends_the_call(tmp_path: Path, behavior: FakeBehavior) -> None:

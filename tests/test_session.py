@@ -446,17 +446,58 @@ def test_realtime_error_mid_call_is_logged_and_the_call_goes_on(harness: Harness
     assert of_type(harness.handle(ev.TwilioMedia(audio(20))), "input_audio_buffer.append")
 
 
-def test_realtime_close_ends_the_call() -> None:
-    harness = Harness(hang_up_when_model_ends=True)
+def test_realtime_close_ends_the_call_when_reconnecting_fails() -> None:
+    harness = Harness(hang_up_when_model_ends=True, reconnect_delays_s=(0.0, 0.5))
     harness.go_live()
-    (end,) = ends(harness.handle(ev.RealtimeClosed(1011, "server error")))
-    assert end.reason == "realtime_closed" and end.hang_up
+    opens = [c for c in harness.handle(ev.RealtimeClosed(1011, "server error")) if isinstance(c, OpenRealtime)]
+    assert opens == [OpenRealtime(0.0)]  # lost mid-call: reconnect at once
+    assert [c for c in harness.handle(ev.RealtimeConnectFailed("refused")) if isinstance(c, OpenRealtime)] == [
+        OpenRealtime(0.5)
+    ]
+    (end,) = ends(harness.handle(ev.RealtimeConnectFailed("refused")))
+    assert end.reason == "realtime_unavailable" and end.hang_up
 
 
-def test_realtime_close_closes_the_stream_by_default(harness: Harness) -> None:
+def test_realtime_close_closes_the_stream_by_default() -> None:
+    harness = Harness(reconnect_delays_s=())
     harness.go_live()
     (end,) = ends(harness.handle(ev.RealtimeClosed(1000, "")))
-    assert not end.hang_up and end.twilio_close_code == 1000
+    assert not end.hang_up and end.twilio_close_code == 1000 and end.reason == "realtime_closed"
+
+
+def test_connection_refused_at_start_is_retried() -> None:
+    harness = Harness(reconnect_delays_s=(0.0, 1.0))
+    harness.handle(harness.start_event())
+    assert [c for c in harness.handle(ev.RealtimeConnectFailed("refused")) if isinstance(c, OpenRealtime)] == [
+        OpenRealtime(0.0)
+    ]
+    commands = harness.handle(ev.RealtimeConnected())
+    assert of_type(commands, "session.update") and of_type(commands, "response.create")  # the greeting, once
+
+
+def test_lost_connection_reconnects_and_replays_the_conversation(harness: Harness) -> None:
+    harness.go_live()
+    harness.speak("resp_1", "item_1", chunks=1)
+    harness.handle(ev.RealtimeAudioTranscriptDone("item_1", "Hello, how can I help?"))
+    harness.handle(ev.RealtimeResponseDone("resp_1", "completed"))
+    harness.handle(ev.TwilioMark("item_1:800"), at=harness.now + 0.1)
+    harness.handle(ev.RealtimeSpeechStarted("item_c1", 0))
+    harness.handle(ev.RealtimeInputTranscriptionCompleted("item_c1", "I need a plumber."))
+    harness.speak("resp_2", "item_2", chunks=2)  # an answer is streaming when the connection drops
+    commands = harness.handle(ev.RealtimeClosed(1006, "abnormal closure"))
+    assert [c for c in commands if isinstance(c, OpenRealtime)] == [OpenRealtime(0.0)] and not ends(commands)
+    # While the model is away, caller audio is kept; the agent audio already at Twilio plays on.
+    assert realtime_events(harness.handle(ev.TwilioMedia(audio(20, 5), timestamp_ms=9000))) == []
+    assert harness.handle(ev.RealtimeAudioDelta("resp_2", "item_2", audio(100))) == []  # a stale delta
+    commands = harness.handle(ev.RealtimeConnected())
+    items = [e["item"] for e in of_type(commands, "conversation.item.create")]
+    replayed = [(item["role"], item["content"][0]["text"]) for item in items[1:]]
+    assert replayed == [("assistant", "Hello, how can I help?"), ("user", "I need a plumber.")]
+    assert items[1]["content"][0]["type"] == "output_text"
+    assert of_type(commands, "response.create") == []  # no second greeting
+    flushed = of_type(harness.handle(ev.RealtimeSessionUpdated()), "input_audio_buffer.append")
+    assert [e["audio"] for e in flushed] == [audio(20, 5)]
+    assert harness.session.phase == "live"
 
 
 def test_hang_up_flushes_partly_heard_agent_line(harness: Harness) -> None:

@@ -155,8 +155,8 @@ class CallBridge:
                     await self._twilio.send(dumps(message))
             case SendRealtime(event):
                 await self._send_realtime(event)
-            case OpenRealtime():
-                self._spawn(self._connect_realtime())
+            case OpenRealtime(delay_s):
+                self._spawn(self._connect_realtime(delay_s))
                 if self._on_admitted is not None:
                     self._spawn(self._admitted(self._on_admitted))
             case RecordTranscript(line):
@@ -222,8 +222,9 @@ class CallBridge:
                 continue
             self._inbox.put_nowait(parse_twilio_message(raw))
 
-    async def _connect_realtime(self) -> None:
+    async def _connect_realtime(self, delay_s: float = 0.0) -> None:
         endpoint = self._endpoint
+        await asyncio.sleep(delay_s)
         try:
             connection = await websockets.connect(
                 endpoint.full_url,
@@ -238,6 +239,7 @@ class CallBridge:
         if self.session.phase == "ended":
             await connection.close()
             return
+        await self._close_realtime()  # a lost connection being replaced
         self._realtime = connection
         self._log.info("realtime.connected", url=endpoint.url, dialect=endpoint.dialect)
         self._inbox.put_nowait(ev.RealtimeConnected())

@@ -25,7 +25,9 @@ class SendRealtime:
 
 @dataclass(frozen=True, slots=True)
 class OpenRealtime:
-    """Open the Realtime connection: the call was admitted."""
+    """Open the Realtime connection (after ``delay_s``): the call was admitted, or the connection is lost."""
+
+    delay_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

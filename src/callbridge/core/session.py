@@ -70,6 +70,8 @@ class SessionConfig:
     agents: Mapping[str, AgentConfig] = field(default_factory=dict)
     resolve_context: bool = False
     """Ask the host application for context (in parallel with opening the Realtime connection)."""
+    reconnect_delays_s: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+    """Backoff of the attempts to (re)connect when the model's connection fails or is lost; then the call ends."""
 
 
 @dataclass(slots=True)
@@ -143,6 +145,8 @@ class CallSession:
         self._buffer = _Pending()
         self._audio_offset_ms: int | None = None  # stream time of the first frame the model received
         self._configured = False
+        self._attempt = 0  # failed (re)connection attempts since the model was last ready
+        self._history: list[tuple[str, str]] = []  # (speaker, text) of every line so far, replayed on reconnect
         self._realtime_connected = False
         self._context_ready = not config.resolve_context
         self._closing: tuple[str, str | None] | None = None  # (end reason, transfer number) once a tool asked
@@ -198,10 +202,8 @@ class CallSession:
             case ev.ContextResolved():
                 return self._on_context_resolved(event)
             case ev.RealtimeConnectFailed():
-                return [
-                    Log("realtime.connect_failed", "error", {"reason": event.reason}),
-                    *self._end("realtime_unavailable", now, hang_up=self.config.hang_up_when_model_ends),
-                ]
+                log = Log("realtime.connect_failed", "warning", {"reason": event.reason, "attempt": self._attempt})
+                return [log, *self._retry("realtime_unavailable", now)]
             case ev.RealtimeSessionUpdated():
                 return self._on_session_updated()
             case ev.RealtimeSpeechStarted():
@@ -238,10 +240,10 @@ class CallSession:
             case ev.RealtimeError():
                 return self._on_realtime_error(event)
             case ev.RealtimeClosed():
-                return [
-                    Log("realtime.closed", "warning", {"code": event.code, "reason": event.reason}),
-                    *self._end("realtime_closed", now, hang_up=self.config.hang_up_when_model_ends),
-                ]
+                log = Log("realtime.closed", "warning", {"code": event.code, "reason": event.reason})
+                if self.phase != "live":
+                    return [log, *self._retry("realtime_closed", now)]
+                return [log, *self._reconnect(now)]
             case ev.HangupRequested():
                 return self._end(event.reason, now, hang_up=True)
             case ev.RealtimeSessionCreated() | ev.RealtimeItemTruncated() | ev.RealtimeOther():
@@ -366,11 +368,13 @@ class CallSession:
         self._configured = True
         agent, context = self.agent, self.context or CallContext()
         commands: list[Command] = [SendRealtime(self._session_update(agent, context))]
-        for item in self._seed_items(context):
+        items = self._seed_items(context)
+        items += [_message("user" if who == "caller" else "assistant", text) for who, text in self._history]
+        for item in items:
             commands.append(
                 SendRealtime({"type": "conversation.item.create", "event_id": self._event_id(), "item": item})
             )
-        if agent.speaks_first:
+        if agent.speaks_first and not self._history:  # after a reconnect the conversation goes on, no new greeting
             commands.append(SendRealtime(self._greeting(agent, context)))
         return commands
 
@@ -422,6 +426,7 @@ class CallSession:
         if self.phase != "connecting":
             return []
         self.phase = "live"
+        self._attempt = 0
         commands: list[Command] = []
         frames = self._buffer.frames
         if frames:
@@ -578,6 +583,7 @@ class CallSession:
             item_id=item.item_id,
             interrupted=item.interrupted,
         )
+        self._history.append(("agent", line.text))
         return [RecordTranscript(line)]
 
     def _caller_line(self, item_id: str, text: str, failed: bool) -> list[Command]:
@@ -593,6 +599,8 @@ class CallSession:
             item_id=item_id,
             failed=failed,
         )
+        if line.text:
+            self._history.append(("caller", line.text))
         return [RecordTranscript(line)]
 
     # ------------------------------------------------------------------------------------------------ tools
@@ -673,6 +681,35 @@ class CallSession:
         if event.code == "response_cancel_not_active":
             return [Log("realtime.error", "warning", fields)]
         return [Log("realtime.error", "error", fields), RecordEvent("error", fields)]
+
+    def _retry(self, reason: str, now: float) -> list[Command]:
+        """Try the model's connection again after the next backoff delay, or end the call when none is left."""
+        delays = self.config.reconnect_delays_s
+        if self._attempt >= len(delays):
+            return self._end(reason, now, hang_up=self.config.hang_up_when_model_ends)
+        delay = delays[self._attempt]
+        self._attempt += 1
+        return [Log("realtime.retry", "info", {"attempt": self._attempt, "delay_s": delay}), OpenRealtime(delay)]
+
+    def _reconnect(self, now: float) -> list[Command]:
+        """The model's connection was lost mid-call: a new session gets the configuration and the conversation.
+
+        Agent audio already at Twilio plays on; caller audio is buffered until the new session is ready; the
+        old session's responses and tool calls are gone with it.
+        """
+        self.phase = "connecting"
+        self._configured = False
+        self._realtime_connected = False
+        self._audio_offset_ms = None
+        self._caller_turns.clear()
+        if self._active_response is not None:
+            self._interrupted_responses.add(self._active_response)
+        self._active_response = None
+        self._running_tools.clear()
+        self._needs_response = False
+        for item in self._items.values():
+            item.response_done = True
+        return [*self._record_settled_agent_lines(now), *self._retry("realtime_closed", now)]
 
     def _end(self, reason: str, now: float, *, hang_up: bool = False, twilio_close_code: int = 1000) -> list[Command]:
         if self.phase == "ended":

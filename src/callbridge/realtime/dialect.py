@@ -34,6 +34,11 @@ def to_beta(event: dict[str, Any]) -> dict[str, Any]:
     kind = event["type"]
     if kind == "session.update":
         return {**event, "session": _beta_session(event["session"])}
+    if kind == "conversation.item.create" and event["item"].get("type") == "message":
+        content = [
+            {**part, "type": "text"} if part.get("type") == "output_text" else part for part in event["item"]["content"]
+        ]
+        return {**event, "item": {**event["item"], "content": content}}
     if kind == "response.create" and "response" in event:
         response = dict(event["response"])
         if "output_modalities" in response:
