@@ -157,8 +157,9 @@ class CallBridge:
                 await self._send_realtime(event)
             case OpenRealtime(delay_s):
                 self._spawn(self._connect_realtime(delay_s))
-                if self._on_admitted is not None:
+                if self._on_admitted is not None:  # once: later OpenRealtime commands are retries
                     self._spawn(self._admitted(self._on_admitted))
+                    self._on_admitted = None
             case RecordTranscript(line):
                 self._records.put_nowait(line)
             case RecordEvent():
