@@ -498,6 +498,10 @@ def test_lost_connection_reconnects_and_replays_the_conversation(harness: Harnes
     flushed = of_type(harness.handle(ev.RealtimeSessionUpdated()), "input_audio_buffer.append")
     assert [e["audio"] for e in flushed] == [audio(20, 5)]
     assert harness.session.phase == "live"
+    # The old answer still plays at Twilio; a barge-in clears it but truncates nothing in the new session.
+    commands = harness.handle(ev.RealtimeSpeechStarted("item_c2", 100))
+    assert [m["event"] for m in twilio_messages(commands)] == ["clear"]
+    assert of_type(commands, "conversation.item.truncate") == []
 
 
 def test_hang_up_flushes_partly_heard_agent_line(harness: Harness) -> None:

@@ -707,6 +707,7 @@ class CallSession:
         self._active_response = None
         self._running_tools.clear()
         self._needs_response = False
+        self._current_item = None  # the new session knows none of the old items: never truncate them there
         for item in self._items.values():
             item.response_done = True
         return [*self._record_settled_agent_lines(now), *self._retry("realtime_closed", now)]
