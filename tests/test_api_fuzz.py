@@ -115,3 +115,15 @@ def test_every_api_route_requires_the_token(api_url: str) -> None:
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             response = httpx.request(method, f"{api_url}{concrete}", headers=headers, json={})
             assert response.status_code == 401, (method, path, headers)
+
+
+def test_bodies_that_cannot_be_signed_are_refused(api_url: str) -> None:
+    headers = {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"}
+    surrogate = '{"to": "+15550100009", "from": "+15550100001", "say": "\\ud99f"}'
+    huge = (
+        '{"to": "+15550100009", "from": "+15550100001", '
+        '"context": {"metadata": {"n": 95976728519310280612816655282341937152}}}'
+    )
+    for body in (surrogate, huge):
+        response = httpx.post(f"{api_url}/api/calls", content=body, headers=headers)
+        assert response.status_code == 422, response.text

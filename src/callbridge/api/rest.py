@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hmac
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
+import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from callbridge.core.context import CallContext, ContextItem
 from callbridge.services import CallServices
@@ -21,10 +22,22 @@ from callbridge.services import CallServices
 bearer = HTTPBearer(auto_error=False, description="CALLBRIDGE_API_TOKEN")
 
 
-class ContextIn(BaseModel):
-    """Per-call context, carried by the signed stream parameters (keep it small: TwiML is limited in size)."""
+class _Body(BaseModel):
+    """A request body that must survive the trip into signed parameters and TwiML intact."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _encodable(self) -> Self:
+        try:  # lone surrogates and integers beyond 64 bits parse as JSON but cannot be signed or sent on
+            orjson.dumps(self.model_dump())
+        except orjson.JSONEncodeError as exc:
+            raise ValueError(f"not encodable as UTF-8 JSON: {exc}") from None
+        return self
+
+
+class ContextIn(_Body):
+    """Per-call context, carried by the signed stream parameters (keep it small: TwiML is limited in size)."""
 
     reference: str | None = Field(default=None, max_length=200, description="Your id for the call's subject")
     name: str | None = Field(default=None, max_length=100)
@@ -57,9 +70,7 @@ class ContextIn(BaseModel):
         )
 
 
-class OutboundCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class OutboundCall(_Body):
     to: str = Field(pattern=r"^\+[1-9]\d{6,14}$", description="E.164 number to call")
     from_: str = Field(alias="from", pattern=r"^\+[1-9]\d{6,14}$", description="Your Twilio number")
     agent: str | None = None
@@ -67,9 +78,7 @@ class OutboundCall(BaseModel):
     say: str | None = Field(default=None, max_length=300, description="Spoken before the agent connects")
 
 
-class Handoff(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Handoff(_Body):
     agent: str | None = None
     context: ContextIn = ContextIn()
     say: str | None = Field(default=None, max_length=300)
