@@ -40,6 +40,11 @@ def agent_twiml(settings: Settings, context: CallContext, say: str | None = None
     if settings.secret is None:
         raise ValueError("CALLBRIDGE_SECRET must be set: the stream parameters are signed with it")
     signer = StreamParameterSigner(settings.secret.get_secret_value(), settings.stream_parameters_ttl_seconds)
+    return _stream_twiml(settings, signer, context, say)
+
+
+def _stream_twiml(settings: Settings, signer: StreamParameterSigner, context: CallContext, say: str | None) -> str:
+    """``<Say>`` (optional) and ``<Connect><Stream>`` with this call's signed parameters."""
     parameters = signer.mint(context, time.time())
     return connect_stream_twiml(settings.stream_url, parameters, say=say or settings.say_before_connect)
 
@@ -69,9 +74,7 @@ class CallServices:
     # --- TwiML ---------------------------------------------------------------------------------------------
 
     def stream_twiml(self, context: CallContext, say: str | None = None) -> str:
-        """``<Say>`` (optional) and ``<Connect><Stream>`` with this call's signed parameters."""
-        parameters = self.signer.mint(context, time.time())
-        return connect_stream_twiml(self.settings.stream_url, parameters, say=say or self.settings.say_before_connect)
+        return _stream_twiml(self.settings, self.signer, context, say)
 
     @contextlib.contextmanager
     def _twilio_errors(self) -> Iterator[None]:
