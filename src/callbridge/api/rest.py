@@ -17,7 +17,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from callbridge.core.context import CallContext, ContextItem
+from callbridge.core.transcript import TranscriptLine
 from callbridge.services import CallServices
+from callbridge.store.repository import CallEvent, CallPage, CallRecord
 
 bearer = HTTPBearer(auto_error=False, description="CALLBRIDGE_API_TOKEN")
 
@@ -84,44 +86,9 @@ class Handoff(_Body):
     say: str | None = Field(default=None, max_length=300)
 
 
-class CallOut(BaseModel):
-    call_sid: str
-    stream_sid: str | None
-    direction: str
-    from_number: str | None
-    to_number: str | None
-    agent: str
-    status: str
-    created_at: datetime
-    started_at: datetime | None
-    ended_at: datetime | None
-    end_reason: str | None
-    metrics: dict[str, Any] | None
-
-
-class CallPageOut(BaseModel):
-    calls: list[CallOut]
-    next_cursor: str | None
-
-
-class LineOut(BaseModel):
-    speaker: str
-    text: str
-    start_ms: int
-    end_ms: int
-    interrupted: bool
-    failed: bool
-
-
-class EventOut(BaseModel):
-    kind: str
-    data: dict[str, Any]
-    created_at: datetime
-
-
 class TranscriptOut(BaseModel):
     call_sid: str
-    lines: list[LineOut]
+    lines: list[TranscriptLine]
 
 
 def get_services(request: Request) -> CallServices:
@@ -146,16 +113,15 @@ def router() -> APIRouter:
 
     guarded = [Depends(authorized)]
 
-    @api.post("/calls", status_code=201, response_model=CallOut, dependencies=guarded)
-    async def create_call(body: OutboundCall, services: Services) -> CallOut:
+    @api.post("/calls", status_code=201, response_model=CallRecord, dependencies=guarded)
+    async def create_call(body: OutboundCall, services: Services) -> CallRecord:
         """Place an outbound call answered by the agent."""
         context = body.context.to_context(
             agent=body.agent, call_sid=None, caller=body.from_, called=body.to, outbound=True
         )
-        record = await services.place_call(context, say=body.say)
-        return CallOut.model_validate(record, from_attributes=True)
+        return await services.place_call(context, say=body.say)
 
-    @api.get("/calls", response_model=CallPageOut, dependencies=guarded)
+    @api.get("/calls", response_model=CallPage, dependencies=guarded)
     async def list_calls(
         services: Services,
         status_: Annotated[str | None, Query(alias="status")] = None,
@@ -164,22 +130,21 @@ def router() -> APIRouter:
         until: datetime | None = None,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
         cursor: str | None = None,
-    ) -> CallPageOut:
+    ) -> CallPage:
         try:
             page = await services.store.list_calls(
                 status=status_, number=number, since=since, until=until, limit=limit, cursor=cursor
             )
         except ValueError as exc:  # a cursor that is not one of ours
             raise HTTPException(422, str(exc)) from None
-        calls = [CallOut.model_validate(call, from_attributes=True) for call in page.calls]
-        return CallPageOut(calls=calls, next_cursor=page.next_cursor)
+        return page
 
-    @api.get("/calls/{call_sid}", response_model=CallOut, dependencies=guarded)
-    async def get_call(call_sid: str, services: Services) -> CallOut:
+    @api.get("/calls/{call_sid}", response_model=CallRecord, dependencies=guarded)
+    async def get_call(call_sid: str, services: Services) -> CallRecord:
         record = await services.store.get_call(call_sid)
         if record is None:
             raise HTTPException(404, "no such call")
-        return CallOut.model_validate(record, from_attributes=True)
+        return record
 
     @api.get(
         "/calls/{call_sid}/transcript",
@@ -199,28 +164,26 @@ def router() -> APIRouter:
                 for line in lines
             )
             return PlainTextResponse(text)
-        out = [LineOut.model_validate(line, from_attributes=True) for line in lines]
-        return TranscriptOut(call_sid=call_sid, lines=out)
+        return TranscriptOut(call_sid=call_sid, lines=lines)
 
-    @api.get("/calls/{call_sid}/events", response_model=list[EventOut], dependencies=guarded)
-    async def get_events(call_sid: str, services: Services) -> list[EventOut]:
+    @api.get("/calls/{call_sid}/events", response_model=list[CallEvent], dependencies=guarded)
+    async def get_events(call_sid: str, services: Services) -> list[CallEvent]:
         """Tool calls (arguments and results), barge-ins, key presses, transfers, status changes, errors."""
         if await services.store.get_call(call_sid) is None:
             raise HTTPException(404, "no such call")
-        return [EventOut.model_validate(event, from_attributes=True) for event in await services.store.events(call_sid)]
+        return await services.store.events(call_sid)
 
-    @api.post("/calls/{call_sid}/hangup", response_model=CallOut, dependencies=guarded)
-    async def hang_up(call_sid: str, services: Services) -> CallOut:
+    @api.post("/calls/{call_sid}/hangup", response_model=CallRecord, dependencies=guarded)
+    async def hang_up(call_sid: str, services: Services) -> CallRecord:
         record = await services.hang_up(call_sid)
         if record is None:
             raise HTTPException(404, "no such call")
-        return CallOut.model_validate(record, from_attributes=True)
+        return record
 
-    @api.post("/calls/{call_sid}/agent", response_model=CallOut, dependencies=guarded)
-    async def hand_to_agent(call_sid: str, body: Handoff, services: Services) -> CallOut:
+    @api.post("/calls/{call_sid}/agent", response_model=CallRecord, dependencies=guarded)
+    async def hand_to_agent(call_sid: str, body: Handoff, services: Services) -> CallRecord:
         """Hand a call that is already live (in a queue, at an IVR) to the agent."""
         context = body.context.to_context(agent=body.agent, call_sid=call_sid, caller=None, called=None)
-        record = await services.hand_to_agent(call_sid, context, say=body.say)
-        return CallOut.model_validate(record, from_attributes=True)
+        return await services.hand_to_agent(call_sid, context, say=body.say)
 
     return api
