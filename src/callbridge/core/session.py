@@ -170,10 +170,6 @@ class CallSession:
 
     # ------------------------------------------------------------------------------------------------ API
 
-    @property
-    def response_active(self) -> bool:
-        return self._active_response is not None
-
     def handle(self, event: ev.Event, now: float) -> list[Command]:
         """Advance the session by one event; return what to do."""
         if self.phase == "ended":

@@ -20,9 +20,3 @@ class TwilioSignatures:
         if self._validator is None or not signature:
             return False
         return bool(self._validator.validate(url, dict(params), signature))
-
-    def sign(self, url: str, params: Mapping[str, str]) -> str:
-        """The signature Twilio would send (used by the simulated caller)."""
-        if self._validator is None:
-            raise ValueError("no Twilio auth token configured")
-        return str(self._validator.compute_signature(url, dict(params)))
