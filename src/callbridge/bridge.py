@@ -53,6 +53,10 @@ ContextResolver = Callable[[CallContext], Awaitable[CallContext | None]]
 """Looks up a call's context in the host application (``None``: nothing to add)."""
 EventSink = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 """Keeps a call event: (call SID, kind, data)."""
+Fallback = Callable[[str], Awaitable[None]]
+"""Redirects a live call (call SID) to the fallback: an apology and hang-up, or a human."""
+Authorize = Callable[[CallSession], Awaitable[str | None]]
+"""Checks an admitted call before the model is opened: ``None`` lets it in, a string is why it is refused."""
 
 
 class TwilioTransport(Protocol):
@@ -96,6 +100,8 @@ class CallBridge:
         resolve_context: ContextResolver | None = None,
         context_deadline: float = 2.0,
         events: EventSink | None = None,
+        fallback: Fallback | None = None,
+        authorize: Authorize | None = None,
         on_admitted: Callable[[CallSession], Awaitable[None]] | None = None,
         logger: structlog.stdlib.BoundLogger | None = None,
     ) -> None:
@@ -109,6 +115,8 @@ class CallBridge:
         self._resolve_context = resolve_context
         self._context_deadline = context_deadline
         self._events = events
+        self._fallback = fallback
+        self._authorize = authorize
         self._on_admitted = on_admitted
         self._log = logger or structlog.stdlib.get_logger("callbridge.call")
         self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
@@ -145,6 +153,10 @@ class CallBridge:
         """End the call from the application (hang up through Twilio); call it from the event loop."""
         self._inbox.put_nowait(ev.HangupRequested(reason))
 
+    def request_end(self, reason: str = "shutdown") -> None:
+        """Let the call go with the fallback (apology or human), e.g. when a drain deadline has passed."""
+        self._inbox.put_nowait(ev.EndRequested(reason))
+
     # ------------------------------------------------------------------------------------------------ commands
 
     async def _perform(self, command: Command) -> None:
@@ -156,6 +168,11 @@ class CallBridge:
             case SendRealtime(event):
                 await self._send_realtime(event)
             case OpenRealtime(delay_s):
+                if self._authorize is not None:  # once, before the model hears anything
+                    authorize, self._authorize = self._authorize, None
+                    if (refusal := await self._check(authorize)) is not None:
+                        self._inbox.put_nowait(ev.CallRefused(refusal))
+                        return
                 self._spawn(self._connect_realtime(delay_s))
                 if self._on_admitted is not None:  # once: later OpenRealtime commands are retries
                     self._spawn(self._admitted(self._on_admitted))
@@ -183,11 +200,24 @@ class CallBridge:
         with contextlib.suppress(websockets.ConnectionClosed):  # the reader reports the close
             await self._realtime.send(dumps(event))
 
+    async def _check(self, authorize: Authorize) -> str | None:
+        try:
+            return await authorize(self.session)
+        except Exception as exc:  # fail closed: a check that cannot run admits nobody
+            self._log.error("call.authorize_failed", error=f"{type(exc).__name__}: {exc}")
+            return "admission check failed"
+
     async def _end(self, command: EndCall) -> None:
         await self._close_realtime()
-        if command.hang_up and self._hang_up is not None and self.session.call_sid:
+        call_sid = self.session.call_sid
+        if command.fallback and self._fallback is not None and call_sid:
             try:
-                await self._hang_up(self.session.call_sid)
+                await self._fallback(call_sid)
+            except Exception as exc:
+                self._log.error("twilio.fallback_failed", error=str(exc))
+        elif command.hang_up and self._hang_up is not None and call_sid:
+            try:
+                await self._hang_up(call_sid)
             except Exception as exc:
                 self._log.error("twilio.hang_up_failed", error=str(exc))
         assert self._twilio is not None

@@ -19,22 +19,15 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Put a speech
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    workers: Annotated[int, typer.Option(min=1, help="Processes sharing the port (each takes its own calls).")] = 1,
 ) -> None:
-    """Run the service: Twilio webhook, media-stream WebSocket, health."""
-    import uvicorn
+    """Run the service: Twilio webhook, media-stream WebSocket, REST API, health. SIGTERM drains the calls."""
+    from callbridge.server import run_worker, run_workers
 
-    from callbridge.api.app import create_app
-
-    settings = Settings()
-    configure_logging(settings.log_format, settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_config=None,
-        ws_max_size=settings.max_message_bytes,
-        proxy_headers=True,
-    )
+    if workers == 1:
+        run_worker(host, port)
+    else:
+        run_workers(host, port, workers)
 
 
 @app.command()

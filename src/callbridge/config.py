@@ -24,8 +24,16 @@ class Settings(BaseSettings):
     realtime_model: str = Field(default="gpt-realtime", validation_alias="CALLBRIDGE_REALTIME_MODEL")
     realtime_dialect: Literal["ga", "beta"] = Field(default="ga", validation_alias="CALLBRIDGE_REALTIME_DIALECT")
     realtime_connect_timeout_seconds: float = Field(
-        default=10.0, gt=0, validation_alias="CALLBRIDGE_REALTIME_CONNECT_TIMEOUT_SECONDS"
+        default=5.0, gt=0, validation_alias="CALLBRIDGE_REALTIME_CONNECT_TIMEOUT_SECONDS"
     )
+    realtime_reconnect_deadline_seconds: float = Field(
+        default=10.0, gt=0, validation_alias="CALLBRIDGE_REALTIME_RECONNECT_DEADLINE_SECONDS"
+    )
+    """How long a call waits for the model (at start or after losing it) before the caller gets the fallback."""
+    realtime_rollover_seconds: float = Field(
+        default=55 * 60, gt=0, validation_alias="CALLBRIDGE_REALTIME_ROLLOVER_SECONDS"
+    )
+    """Move a long call to a fresh model session at the first quiet moment after this long (OpenAI's limit: 60 min)."""
 
     # --- Twilio and the public face ---
     public_url: str = Field(default="http://127.0.0.1:8080", validation_alias="CALLBRIDGE_PUBLIC_URL")
@@ -42,9 +50,15 @@ class Settings(BaseSettings):
     max_calls: int = Field(default=200, ge=1, validation_alias="CALLBRIDGE_MAX_CALLS")
     """Concurrent calls one process carries; past it new calls hear the fallback and are refused."""
     fallback_say: str = Field(
-        default="Sorry, we cannot take your call right now. Please try again later.",
+        default="Sorry, our assistant is not available right now. Please call again later.",
         validation_alias="CALLBRIDGE_FALLBACK_SAY",
     )
+    fallback_transfer_to: str | None = Field(default=None, validation_alias="CALLBRIDGE_FALLBACK_TRANSFER_TO")
+    """A number to dial after the fallback message instead of hanging up: callers reach a human, not a dead end."""
+    drain_seconds: float = Field(default=60.0, ge=0, validation_alias="CALLBRIDGE_DRAIN_SECONDS")
+    """On SIGTERM, how long live calls may go on before they are handed the fallback and the process exits."""
+    dev_disable_signatures: bool = Field(default=False, validation_alias="CALLBRIDGE_DEV_DISABLE_SIGNATURES")
+    """Local development only: accept Twilio requests without a valid ``X-Twilio-Signature``."""
     max_message_bytes: int = Field(default=256 * 1024, gt=1024, validation_alias="CALLBRIDGE_MAX_MESSAGE_BYTES")
     pre_ready_buffer_ms: int = Field(default=5000, ge=0, validation_alias="CALLBRIDGE_PRE_READY_BUFFER_MS")
 
@@ -106,6 +120,7 @@ class Settings(BaseSettings):
         "webhook_url",
         "twilio_api_base_url",
         "agents_file",
+        "fallback_transfer_to",
         mode="before",
     )
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import secrets
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,16 +20,19 @@ from callbridge.agents import AgentDirectory
 from callbridge.config import Settings
 from callbridge.core.context import CallContext
 from callbridge.core.session import CallSession
+from callbridge.process import process_identity
 from callbridge.signing import HEADER, sign
 from callbridge.store.repository import CallRecord, Store
 from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls, TwilioRestException
-from callbridge.telephony.twiml import connect_stream_twiml, dial_twiml
+from callbridge.telephony.twiml import connect_stream_twiml, dial_twiml, fallback_twiml
 
 log = structlog.stdlib.get_logger("callbridge.services")
 
 STATUS_EVENTS = ["initiated", "ringing", "answered", "completed"]
 WEBHOOK_MAX_BACKOFF_S = 600
+BINDING_WAIT_S = 2.0
+"""How long an outbound call's stream may wait for its call record (Twilio answered before we stored it)."""
 
 
 def agent_twiml(settings: Settings, context: CallContext, say: str | None = None) -> str:
@@ -64,6 +68,7 @@ class CallServices:
         self.agents = agents
         self.twilio = twilio
         self.api_token = settings.api_token.get_secret_value() if settings.api_token else None
+        self.owner = process_identity()
         self._http = httpx.AsyncClient(timeout=10)
 
     async def aclose(self) -> None:
@@ -75,6 +80,10 @@ class CallServices:
 
     def stream_twiml(self, context: CallContext, say: str | None = None) -> str:
         return _stream_twiml(self.settings, self.signer, context, say)
+
+    @property
+    def fallback_twiml(self) -> str:
+        return fallback_twiml(self.settings.fallback_say, self.settings.fallback_transfer_to)
 
     @contextlib.contextmanager
     def _twilio_errors(self) -> Iterator[None]:
@@ -138,7 +147,8 @@ class CallServices:
 
     async def place_call(self, context: CallContext, say: str | None) -> CallRecord:
         agent = self._agent_name(context.agent)
-        context = dataclasses.replace(context, agent=agent)
+        # The TwiML is signed before Twilio assigns the call SID: a one-time binding ties it to the record instead.
+        context = dataclasses.replace(context, agent=agent, call_sid=None, binding=secrets.token_urlsafe(16))
         twiml = self.stream_twiml(context, say)
         with self._twilio_errors():
             call_sid = await self._twilio().create(
@@ -163,6 +173,7 @@ class CallServices:
         existing = await self.store.get_call(call_sid)
         context = dataclasses.replace(
             context,
+            call_sid=call_sid,
             agent=agent,
             direction="outbound" if existing is not None and existing.direction == "outbound" else "inbound",
             caller=context.caller or (existing.from_number if existing else None),
@@ -179,6 +190,29 @@ class CallServices:
             status="in-progress",
             context=_context_json(context),
         )
+
+    async def authorize(self, session: CallSession) -> str | None:
+        """Refuse a stream whose parameters are replayed: onto a call that is over, onto another call (outbound
+        parameters are bound through the call record), or alongside a stream already live for the call."""
+        call_sid, context = session.call_sid, session.context
+        if not call_sid or context is None:
+            return "no call"
+        record = await self.store.get_call(call_sid)
+        if context.binding is not None:
+            deadline = time.monotonic() + BINDING_WAIT_S
+            while record is None and time.monotonic() < deadline:  # the create request may not have returned yet
+                await asyncio.sleep(0.1)
+                record = await self.store.get_call(call_sid)
+            if record is None or (record.context or {}).get("binding") != context.binding:
+                return "stream parameters belong to another call"
+        if record is not None and record.ended_at is not None:
+            return "the call is already over"
+        return None
+
+    async def fallback(self, call_sid: str) -> None:
+        """The agent cannot go on: redirect the caller to the apology (and a human, when one is configured)."""
+        await self._twilio().redirect(call_sid, self.fallback_twiml)
+        await self.store.add_event(call_sid, "fallback", {"transfer_to": self.settings.fallback_transfer_to})
 
     async def transfer(self, call_sid: str, number: str) -> None:
         """Move a live call to a human: Twilio leaves the stream and runs the ``<Dial>``."""
@@ -213,7 +247,12 @@ class CallServices:
         await self.store.add_event(call_sid, "status", {"status": call_status})
 
     async def call_started(self, call_sid: str, stream_sid: str | None, context: CallContext | None) -> None:
-        fields: dict[str, Any] = {"status": "in-progress", "stream_sid": stream_sid, "started_at": datetime.now(UTC)}
+        fields: dict[str, Any] = {
+            "status": "in-progress",
+            "stream_sid": stream_sid,
+            "started_at": datetime.now(UTC),
+            "owner": self.owner,
+        }
         if await self.store.update_call(call_sid, **fields) is None:
             await self.store.record_call(
                 call_sid=call_sid,

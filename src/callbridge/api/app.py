@@ -22,13 +22,13 @@ from callbridge.bridge import CallBridge, ContextResolver, RealtimeEndpoint
 from callbridge.config import Settings
 from callbridge.core.session import CallSession, SessionConfig
 from callbridge.core.transcript import TranscriptLine, TranscriptSink
+from callbridge.process import is_orphan
 from callbridge.resolvers import HttpContextResolver, PythonContextResolver
 from callbridge.services import CallServices
 from callbridge.store.repository import DatabaseTranscriptSink, Store
 from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls
 from callbridge.telephony.signatures import TwilioSignatures
-from callbridge.telephony.twiml import say_and_hang_up_twiml
 from callbridge.tools import ToolRegistry, load_registry
 
 log = structlog.stdlib.get_logger("callbridge.api")
@@ -92,8 +92,14 @@ def create_app(
         log.warning("config.no_secret", detail="CALLBRIDGE_SECRET unset: using a random per-process secret")
     signer = StreamParameterSigner(secret, settings.stream_parameters_ttl_seconds)
     auth_token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
-    signatures = TwilioSignatures(auth_token)
-    if not signatures.configured:
+    signatures = TwilioSignatures(auth_token, disabled=settings.dev_disable_signatures)
+    if signatures.disabled:
+        log.error(
+            "security.signatures_disabled",
+            detail="CALLBRIDGE_DEV_DISABLE_SIGNATURES is on: ANYONE who finds this service can place calls through it "
+            "and talk to the model at your expense. For local development only; never expose it.",
+        )
+    elif not signatures.configured:
         log.error("config.no_twilio_auth_token", detail="TWILIO_AUTH_TOKEN unset: every Twilio request is refused")
     twilio = None
     if settings.twilio_account_sid and auth_token:
@@ -118,16 +124,43 @@ def create_app(
         pre_ready_buffer_ms=settings.pre_ready_buffer_ms,
         hang_up_when_model_ends=settings.on_model_end == "hangup",
         resolve_context=resolver is not None,
+        reconnect_deadline_s=settings.realtime_reconnect_deadline_seconds,
+        rollover_after_s=settings.realtime_rollover_seconds,
     )
     active_calls: dict[int, CallBridge] = {}
+
+    def refusal() -> str | None:
+        """Why this process takes no new call right now (``None``: it takes one)."""
+        if app.state.draining:
+            return "draining"
+        if len(active_calls) >= settings.max_calls:
+            return "over_capacity"
+        return None
+
+    async def drain() -> None:
+        """Take no new call; let live calls go on until they end or the deadline, then hand them the fallback."""
+        app.state.draining = True
+        loop = asyncio.get_running_loop()
+        log.warning("drain.started", active_calls=len(active_calls), deadline_s=settings.drain_seconds)
+        deadline = loop.time() + settings.drain_seconds
+        while active_calls and loop.time() < deadline:  # noqa: ASYNC110 - calls end on their own sockets
+            await asyncio.sleep(0.1)
+        if active_calls:
+            log.warning("drain.deadline", ending_calls=len(active_calls))
+            for bridge in list(active_calls.values()):
+                bridge.request_end("shutdown")
+            give_up = loop.time() + 10
+            while active_calls and loop.time() < give_up:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        log.warning("drain.finished", calls_left=len(active_calls))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal endpoint
         store = await Store.open(settings.database_url)
-        orphans = await store.close_orphaned_calls("process_ended")
+        orphans = await store.close_orphaned_calls("interrupted", is_orphan)
         if orphans:
-            log.warning("calls.orphans_closed", count=orphans, reason="process_ended")
+            log.warning("calls.orphans_closed", count=orphans, reason="interrupted")
         services = CallServices(settings, store, signer, agents, twilio)
         app.state.services = services
         app.state.store = store
@@ -160,6 +193,8 @@ def create_app(
     )
     app.state.settings = settings
     app.state.active_calls = active_calls
+    app.state.draining = False
+    app.state.drain = drain
     app.include_router(router())
 
     @app.exception_handler(RequestValidationError)
@@ -183,15 +218,17 @@ def create_app(
         if params is None:
             return Response("invalid Twilio signature", status_code=403, media_type="text/plain")
         services: CallServices = app.state.services
-        if len(active_calls) >= settings.max_calls:
-            log.warning("admission.refused", call_sid=params.get("CallSid"), active_calls=len(active_calls))
-            await services.refused(params, "over_capacity")
-            return Response(say_and_hang_up_twiml(settings.fallback_say), media_type="application/xml")
+        if (reason := refusal()) is not None:
+            log.warning(
+                "admission.refused", call_sid=params.get("CallSid"), reason=reason, active_calls=len(active_calls)
+            )
+            await services.refused(params, reason)
+            return Response(services.fallback_twiml, media_type="application/xml")
         try:
             twiml = await services.incoming(params)
         except Exception as exc:  # the caller hears an apology, never dead air
             log.error("twilio.incoming_failed", error=str(exc), call_sid=params.get("CallSid"))
-            twiml = say_and_hang_up_twiml(settings.fallback_say)
+            twiml = services.fallback_twiml
         log.info("twilio.incoming_call", call_sid=params.get("CallSid"), caller=params.get("From"))
         return Response(twiml, media_type="application/xml")
 
@@ -209,12 +246,19 @@ def create_app(
             log.warning("security.stream_signature_invalid", client=_client(websocket))
             await websocket.close(code=1008)
             return
-        if len(active_calls) >= settings.max_calls:
-            log.warning("admission.stream_refused", active_calls=len(active_calls))
+        if (reason := refusal()) is not None:
+            log.warning("admission.stream_refused", reason=reason, active_calls=len(active_calls))
             await websocket.close(code=1013)  # before accept: the handshake is refused (HTTP 403)
             return
         await websocket.accept()
         services: CallServices = app.state.services
+
+        async def authorize(session: CallSession) -> str | None:
+            if any(
+                other is not bridge and other.session.call_sid == session.call_sid for other in active_calls.values()
+            ):
+                return "a stream is already live for this call"
+            return await services.authorize(session)
 
         async def admitted(session: CallSession) -> None:
             if session.call_sid:
@@ -231,6 +275,8 @@ def create_app(
             resolve_context=resolver,
             context_deadline=settings.context_timeout_seconds,
             events=services.record_event,
+            fallback=services.fallback if twilio else None,
+            authorize=authorize,
             on_admitted=admitted,
         )
         active_calls[id(bridge)] = bridge
@@ -256,8 +302,11 @@ def create_app(
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
         """Ready while this process can take another call (a load balancer should route elsewhere when not)."""
-        ready = len(active_calls) < settings.max_calls
+        reason = refusal()
+        ready = reason is None
         body: dict[str, Any] = {"ready": ready, "active_calls": len(active_calls), "max_calls": settings.max_calls}
+        if reason is not None:
+            body["reason"] = reason
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return app

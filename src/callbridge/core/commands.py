@@ -77,12 +77,15 @@ class Log:
 class EndCall:
     """Tear the call down: close both sockets; ``hang_up`` ends the phone call through Twilio's REST API.
 
-    ``twilio_close_code`` is the WebSocket close code for the media stream (1008 when refused).
+    ``fallback``: the agent is gone but the caller is still there — redirect the call to the configured fallback
+    (an apology and hang-up, or a transfer to a human). ``twilio_close_code`` is the WebSocket close code for the
+    media stream (1008 when refused).
     """
 
     reason: str
     hang_up: bool = False
     twilio_close_code: int = 1000
+    fallback: bool = False
 
 
 Command = (

@@ -86,6 +86,8 @@ class CallContext:
     greeting: str | None = None
     items: tuple[ContextItem, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
+    binding: str | None = None
+    """Ties parameters minted before Twilio assigned the call SID (outbound calls) to the call's record."""
 
     @property
     def person_number(self) -> str | None:
@@ -109,6 +111,7 @@ def merge_context(base: CallContext, resolved: CallContext | None) -> CallContex
         greeting=resolved.greeting or base.greeting,
         items=base.items + resolved.items,
         metadata={**base.metadata, **resolved.metadata},
+        binding=base.binding,
     )
 
 

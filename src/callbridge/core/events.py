@@ -201,6 +201,20 @@ class HangupRequested:
     reason: str = "requested"
 
 
+@dataclass(frozen=True, slots=True)
+class EndRequested:
+    """The process must let the call go (a drain deadline passed): it ends with the fallback, not dead air."""
+
+    reason: str = "shutdown"
+
+
+@dataclass(frozen=True, slots=True)
+class CallRefused:
+    """The driver's check of an admitted call failed (e.g. stream parameters replayed on another call)."""
+
+    reason: str
+
+
 TwilioEvent = (
     TwilioConnected
     | TwilioStart
@@ -230,4 +244,4 @@ RealtimeEvent = (
     | RealtimeClosed
     | RealtimeOther
 )
-Event = TwilioEvent | RealtimeEvent | ToolFinished | ContextResolved | HangupRequested
+Event = TwilioEvent | RealtimeEvent | ToolFinished | ContextResolved | HangupRequested | EndRequested | CallRefused

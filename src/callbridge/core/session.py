@@ -71,7 +71,12 @@ class SessionConfig:
     resolve_context: bool = False
     """Ask the host application for context (in parallel with opening the Realtime connection)."""
     reconnect_delays_s: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
-    """Backoff of the attempts to (re)connect when the model's connection fails or is lost; then the call ends."""
+    """Backoff of the attempts to (re)connect when the model's connection fails or is lost; then the fallback."""
+    reconnect_deadline_s: float = 10.0
+    """No new attempt starts this long after the model was lost: the caller gets the fallback instead."""
+    rollover_after_s: float | None = 55 * 60
+    """Replace the model's session by a fresh one (with the conversation) at the first quiet moment after this
+    long, before the provider's session limit (60 minutes for OpenAI) cuts it mid-sentence."""
 
 
 @dataclass(slots=True)
@@ -146,6 +151,8 @@ class CallSession:
         self._audio_offset_ms: int | None = None  # stream time of the first frame the model received
         self._configured = False
         self._attempt = 0  # failed (re)connection attempts since the model was last ready
+        self._outage_since: float | None = None  # when the model was lost (None while it is there)
+        self._realtime_since = 0.0  # when the current model session was connected
         self._history: list[tuple[str, str]] = []  # (speaker, text) of every line so far, replayed on reconnect
         self._realtime_connected = False
         self._context_ready = not config.resolve_context
@@ -180,7 +187,7 @@ class CallSession:
             case ev.TwilioStart():
                 return self._on_start(event, now)
             case ev.TwilioMedia():
-                return self._on_media(event)
+                return self._on_media(event, now)
             case ev.TwilioMark():
                 return self._on_mark(event, now)
             case ev.TwilioDtmf():
@@ -194,6 +201,7 @@ class CallSession:
                 return [Log("twilio.invalid_message", "warning", {"reason": event.reason})]
             case ev.RealtimeConnected():
                 self._realtime_connected = True
+                self._realtime_since = now
                 return self._maybe_configure()
             case ev.ContextResolved():
                 return self._on_context_resolved(event)
@@ -242,6 +250,11 @@ class CallSession:
                 return [log, *self._reconnect(now)]
             case ev.HangupRequested():
                 return self._end(event.reason, now, hang_up=True)
+            case ev.EndRequested():
+                return self._end(event.reason, now, fallback=True)
+            case ev.CallRefused():
+                self.context = None  # not this call's to claim: nothing is recorded against it
+                return self._refuse(event.reason, now)
             case ev.RealtimeSessionCreated() | ev.RealtimeItemTruncated() | ev.RealtimeOther():
                 return []
         return []  # pragma: no cover - exhaustive match
@@ -281,7 +294,7 @@ class CallSession:
             *self._end("refused", now, twilio_close_code=1008),
         ]
 
-    def _on_media(self, event: ev.TwilioMedia) -> list[Command]:
+    def _on_media(self, event: ev.TwilioMedia, now: float) -> list[Command]:
         if self.phase == "awaiting_start":
             self.stats.frames_before_start += 1
             self.stats.protocol_errors += 1
@@ -293,7 +306,10 @@ class CallSession:
             return self._buffer_frame(event)
         if self._audio_offset_ms is None:
             self._audio_offset_ms = event.timestamp_ms
-        return [SendRealtime({"type": "input_audio_buffer.append", "audio": event.payload})]
+        append = SendRealtime({"type": "input_audio_buffer.append", "audio": event.payload})
+        if self._rollover_due(now):
+            return [append, *self._rollover(now)]
+        return [append]
 
     def _buffer_frame(self, event: ev.TwilioMedia) -> list[Command]:
         buffer = self._buffer
@@ -423,6 +439,7 @@ class CallSession:
             return []
         self.phase = "live"
         self._attempt = 0
+        self._outage_since = None
         commands: list[Command] = []
         frames = self._buffer.frames
         if frames:
@@ -679,13 +696,41 @@ class CallSession:
         return [Log("realtime.error", "error", fields), RecordEvent("error", fields)]
 
     def _retry(self, reason: str, now: float) -> list[Command]:
-        """Try the model's connection again after the next backoff delay, or end the call when none is left."""
+        """Try the model's connection again after the next backoff delay; past the last one or the deadline, the
+        caller gets the fallback (redirected to an apology or a human) rather than silence."""
         delays = self.config.reconnect_delays_s
-        if self._attempt >= len(delays):
-            return self._end(reason, now, hang_up=self.config.hang_up_when_model_ends)
+        if self._outage_since is None:
+            self._outage_since = now
+        out_for = now - self._outage_since
+        if self._attempt >= len(delays) or out_for + delays[self._attempt] >= self.config.reconnect_deadline_s:
+            return self._end(reason, now, hang_up=self.config.hang_up_when_model_ends, fallback=True)
         delay = delays[self._attempt]
         self._attempt += 1
         return [Log("realtime.retry", "info", {"attempt": self._attempt, "delay_s": delay}), OpenRealtime(delay)]
+
+    def _rollover_due(self, now: float) -> bool:
+        """Time for a fresh model session, and a quiet moment: nobody speaking, nothing playing or running."""
+        limit = self.config.rollover_after_s
+        return (
+            limit is not None
+            and now - self._realtime_since >= limit
+            and self._active_response is None
+            and not self._pending_marks
+            and not self._running_tools
+            and not self._needs_response
+            and self._closing is None
+            and all(turn.end_ms is not None for turn in self._caller_turns.values())
+        )
+
+    def _rollover(self, now: float) -> list[Command]:
+        """Move the call to a new model session before the provider's limit ends the old one."""
+        age_s = round(now - self._realtime_since)
+        self._forget_model_session()
+        return [
+            Log("realtime.rollover", "info", {"session_age_s": age_s}),
+            RecordEvent("realtime_rollover", {"session_age_s": age_s}),
+            OpenRealtime(),
+        ]
 
     def _reconnect(self, now: float) -> list[Command]:
         """The model's connection was lost mid-call: a new session gets the configuration and the conversation.
@@ -693,6 +738,11 @@ class CallSession:
         Agent audio already at Twilio plays on; caller audio is buffered until the new session is ready; the
         old session's responses and tool calls are gone with it.
         """
+        self._forget_model_session()
+        return [*self._record_settled_agent_lines(now), *self._retry("realtime_closed", now)]
+
+    def _forget_model_session(self) -> None:
+        """Back to connecting: the next model session starts from the configuration and the transcript."""
         self.phase = "connecting"
         self._configured = False
         self._realtime_connected = False
@@ -706,9 +756,10 @@ class CallSession:
         self._current_item = None  # the new session knows none of the old items: never truncate them there
         for item in self._items.values():
             item.response_done = True
-        return [*self._record_settled_agent_lines(now), *self._retry("realtime_closed", now)]
 
-    def _end(self, reason: str, now: float, *, hang_up: bool = False, twilio_close_code: int = 1000) -> list[Command]:
+    def _end(
+        self, reason: str, now: float, *, hang_up: bool = False, twilio_close_code: int = 1000, fallback: bool = False
+    ) -> list[Command]:
         if self.phase == "ended":
             return []
         commands: list[Command] = []
@@ -721,7 +772,7 @@ class CallSession:
         self.phase = "ended"
         self.end_reason = reason
         commands.append(Log("call.ended", "info", {"reason": reason}))
-        commands.append(EndCall(reason, hang_up=hang_up, twilio_close_code=twilio_close_code))
+        commands.append(EndCall(reason, hang_up=hang_up, twilio_close_code=twilio_close_code, fallback=fallback))
         return commands
 
 

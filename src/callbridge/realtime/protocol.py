@@ -1,7 +1,14 @@
-"""Realtime server events (JSON) → typed session events."""
+"""Realtime server events (JSON) → typed session events.
+
+The model's server is trusted no more than the caller: each field the session uses is checked for type, range
+and length, and audio deltas must be base64. A malformed event becomes a ``callbridge_malformed_event``
+:class:`RealtimeError` with a short reason (never the event itself); an event type the session does not act on
+becomes :class:`RealtimeOther`. Nothing raises.
+"""
 
 from __future__ import annotations
 
+import binascii
 from typing import Any
 
 import orjson
@@ -9,62 +16,136 @@ import orjson
 from callbridge.core import events as ev
 from callbridge.realtime.dialect import Dialect, ga_event_type
 
+MALFORMED = "callbridge_malformed_event"
+"""The ``code`` of the :class:`RealtimeError` a malformed server event becomes."""
+MAX_ID_CHARS = 256
+MAX_TYPE_CHARS = 128
+MAX_MS = 2**53
+MAX_REASON_CHARS = 200
 
-def parse_server_event(raw: str | bytes, dialect: Dialect = "ga") -> ev.RealtimeEvent:
-    """Parse one server event; anything unexpected becomes an error or :class:`RealtimeOther`, never raises."""
+
+class _Invalid(ValueError):
+    """A server event that breaks the protocol (internal: it becomes a malformed-event error)."""
+
+
+def parse_server_event(raw: str | bytes, dialect: Dialect = "ga", max_bytes: int | None = None) -> ev.RealtimeEvent:
+    """Parse one server event; anything unexpected becomes an error or :class:`RealtimeOther`, never raises.
+
+    ``max_bytes`` caps the event's size (characters for text) before it is parsed at all.
+    """
     try:
-        event = orjson.loads(raw)
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise _Invalid(f"event of {len(raw)} bytes exceeds the limit of {max_bytes}")
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise _Invalid(f"not JSON: {exc}") from None
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-            raise ValueError("not a Realtime event object")
+            raise _Invalid("not a Realtime event object")
         return _parse(ga_event_type(dialect, event["type"]), event)
-    except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
-        return ev.RealtimeError(code="callbridge_malformed_event", message=str(exc) or type(exc).__name__)
+    except _Invalid as exc:
+        return ev.RealtimeError(code=MALFORMED, message=_short(str(exc)))
+    except Exception as exc:  # pragma: no cover - a gap in the checks; the fuzz tests look for this message
+        return ev.RealtimeError(code=MALFORMED, message=f"internal parser error: {type(exc).__name__}")
 
 
 def _parse(kind: str, event: dict[str, Any]) -> ev.RealtimeEvent:
     match kind:
         case "response.output_audio.delta":
-            return ev.RealtimeAudioDelta(event["response_id"], event["item_id"], event["delta"])
+            return ev.RealtimeAudioDelta(_id(event, "response_id"), _id(event, "item_id"), _base64(event, "delta"))
         case "input_audio_buffer.speech_started":
-            return ev.RealtimeSpeechStarted(event["item_id"], int(event.get("audio_start_ms", 0)))
+            return ev.RealtimeSpeechStarted(_id(event, "item_id"), _ms(event, "audio_start_ms", 0))
         case "input_audio_buffer.speech_stopped":
-            return ev.RealtimeSpeechStopped(event["item_id"], int(event.get("audio_end_ms", 0)))
+            return ev.RealtimeSpeechStopped(_id(event, "item_id"), _ms(event, "audio_end_ms", 0))
         case "response.created":
-            return ev.RealtimeResponseCreated(event["response"]["id"])
+            return ev.RealtimeResponseCreated(_id(_object(event, "response"), "id", "response.id"))
         case "response.done":
-            response = event["response"]
-            return ev.RealtimeResponseDone(response["id"], str(response.get("status", "completed")))
+            response = _object(event, "response")
+            status = _text(response, "status", "response.status") or "completed"
+            return ev.RealtimeResponseDone(_id(response, "id", "response.id"), status)
         case "response.output_audio_transcript.done":
-            return ev.RealtimeAudioTranscriptDone(event["item_id"], str(event.get("transcript") or ""))
+            return ev.RealtimeAudioTranscriptDone(_id(event, "item_id"), _text(event, "transcript"))
         case "conversation.item.input_audio_transcription.completed":
-            return ev.RealtimeInputTranscriptionCompleted(event["item_id"], str(event.get("transcript") or ""))
+            return ev.RealtimeInputTranscriptionCompleted(_id(event, "item_id"), _text(event, "transcript"))
         case "conversation.item.input_audio_transcription.failed":
-            error = event.get("error") or {}
-            return ev.RealtimeInputTranscriptionFailed(event["item_id"], str(error.get("message", "")))
+            error = _object(event, "error", optional=True)
+            message = _short(_text(error, "message", "error.message"), 1000)
+            return ev.RealtimeInputTranscriptionFailed(_id(event, "item_id"), message)
         case "response.output_item.done":
-            item = event["item"]
+            item = _object(event, "item")
             if item.get("type") != "function_call":
                 return ev.RealtimeOther(kind)
             return ev.RealtimeFunctionCallDone(
-                response_id=event["response_id"],
-                item_id=item["id"],
-                call_id=item["call_id"],
-                name=item["name"],
-                arguments=str(item.get("arguments") or "{}"),
-                status=str(item.get("status", "completed")),
+                response_id=_id(event, "response_id"),
+                item_id=_id(item, "id", "item.id"),
+                call_id=_id(item, "call_id", "item.call_id"),
+                name=_id(item, "name", "item.name"),
+                arguments=_text(item, "arguments", "item.arguments") or "{}",
+                status=_text(item, "status", "item.status") or "completed",
             )
         case "conversation.item.truncated":
-            return ev.RealtimeItemTruncated(event["item_id"], int(event["audio_end_ms"]))
+            return ev.RealtimeItemTruncated(_id(event, "item_id"), _ms(event, "audio_end_ms", None))
         case "session.created":
             return ev.RealtimeSessionCreated()
         case "session.updated":
             return ev.RealtimeSessionUpdated()
         case "error":
-            error = event.get("error") or {}
+            error = _object(event, "error", optional=True)
+            event_id = error.get("event_id")
+            if event_id is not None and not (isinstance(event_id, str) and len(event_id) <= MAX_ID_CHARS):
+                raise _Invalid("error.event_id must be a short string")
             return ev.RealtimeError(
-                code=str(error.get("code") or error.get("type") or "unknown"),
-                message=str(error.get("message", "")),
-                event_id=error.get("event_id"),
-                error_type=str(error.get("type", "")),
+                code=_short(_text(error, "code", "error.code") or _text(error, "type", "error.type") or "unknown"),
+                message=_short(_text(error, "message", "error.message"), 1000),
+                event_id=event_id,
+                error_type=_short(_text(error, "type", "error.type")),
             )
-    return ev.RealtimeOther(kind)
+    return ev.RealtimeOther(_short(kind, MAX_TYPE_CHARS))
+
+
+def _object(container: dict[str, Any], key: str, *, optional: bool = False) -> dict[str, Any]:
+    value = container.get(key)
+    if value is None and optional:
+        return {}
+    if not isinstance(value, dict):
+        raise _Invalid(f"{key} must be an object")
+    return value
+
+
+def _id(container: dict[str, Any], key: str, field: str | None = None) -> str:
+    value = container.get(key)
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise _Invalid(f"{field or key} must be a non-empty string of at most {MAX_ID_CHARS} characters")
+    return value
+
+
+def _text(container: dict[str, Any], key: str, field: str | None = None) -> str:
+    """An optional string field ("" when absent or null)."""
+    value = container.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _Invalid(f"{field or key} must be a string")
+    return value
+
+
+def _ms(container: dict[str, Any], key: str, default: int | None) -> int:
+    value = container.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MS:
+        raise _Invalid(f"{key} must be a non-negative integer")
+    return value
+
+
+def _base64(container: dict[str, Any], key: str) -> str:
+    value = container.get(key)
+    if not isinstance(value, str):
+        raise _Invalid(f"{key} must be a string")
+    try:
+        binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
+        raise _Invalid(f"{key} is not valid base64") from None
+    return value
+
+
+def _short(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

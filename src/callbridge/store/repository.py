@@ -74,6 +74,8 @@ class CallRecord:
     ended_at: datetime | None
     end_reason: str | None
     metrics: dict[str, Any] | None
+    owner: str | None
+    """The process that carries (or carried) the call's media stream: ``host:pid:start time``."""
     updated_at: datetime
 
 
@@ -120,6 +122,7 @@ class CallChanges(TypedDict, total=False):
     ended_at: datetime | None
     end_reason: str | None
     metrics: dict[str, Any] | None
+    owner: str | None
 
 
 # ---------------------------------------------------------------------------------------------------- the store
@@ -267,26 +270,26 @@ class Store:
         next_cursor = _encode_cursor(page[-1]) if len(rows) > limit else None
         return CallPage(calls=tuple(_plain(CallRecord, row) for row in page), next_cursor=next_cursor)
 
-    async def close_orphaned_calls(self, reason: str, *, created_before: datetime | None = None) -> int:
+    async def close_orphaned_calls(self, reason: str, is_orphan: Callable[[CallRecord], bool] | None = None) -> int:
         """Close the records of calls a dead process left open; returns how many.
 
-        An orphan has no ``ended_at`` and a status that is not final. It gets ``ended_at`` now, ``end_reason`` =
-        ``reason`` and status ``failed``: callbridge lost the call, and ``completed`` would hide that among the calls
-        that ended well. Should Twilio's status callback still arrive, it sets the true status (the end is kept).
-
-        At the start of the only process, every open call is an orphan. Where several processes share the database,
-        pass ``created_before`` (say, now minus the longest call allowed) to spare the calls the others carry.
+        An open call has no ``ended_at`` and a status that is not final; ``is_orphan`` tells which of them were
+        lost (all of them when not given: at the start of the only process, every open call is an orphan). An orphan
+        gets ``ended_at`` now, ``end_reason`` = ``reason`` and status ``failed``: callbridge lost the call, and
+        ``completed`` would hide that among the calls that ended well. Should Twilio's status callback still
+        arrive, it sets the true status (the end is kept).
         """
-        statement = (
-            update(CallRow)
-            .where(CallRow.ended_at.is_(None), CallRow.status.not_in(FINAL_STATUSES))
-            .values(status="failed", ended_at=utcnow(), end_reason=reason)
-            .returning(CallRow.id)
-        )
-        if created_before is not None:
-            statement = statement.where(CallRow.created_at < created_before)
-        async with self.engine.begin() as connection:
-            return len((await connection.execute(statement)).all())
+        still_open = (CallRow.ended_at.is_(None), CallRow.status.not_in(FINAL_STATUSES))
+        async with self._sessions.begin() as session:
+            rows = (await session.scalars(select(CallRow).where(*still_open))).all()
+            orphans = [row.id for row in rows if is_orphan is None or is_orphan(_plain(CallRecord, row))]
+            if orphans:
+                await session.execute(
+                    update(CallRow)
+                    .where(CallRow.id.in_(orphans), *still_open)
+                    .values(status="failed", ended_at=utcnow(), end_reason=reason)
+                )
+        return len(orphans)
 
     # ------------------------------------------------------------------------------------ transcripts and events
 

@@ -2,7 +2,8 @@
 
 Twilio's signature on the WebSocket upgrade covers only the URL, which is the same for every call, so it can be
 replayed. callbridge therefore mints one token per call into the ``<Stream>`` TwiML it writes: the call's context
-reference, bound to the call SID when it is known, with an expiry, signed with ``CALLBRIDGE_SECRET``.
+reference, bound to the call SID when it is known (else to a one-time binding kept in the call record, checked
+when the stream starts), with an expiry, signed with ``CALLBRIDGE_SECRET``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class StreamParameterSigner:
             "greeting": context.greeting,
             "items": [[item.role, item.text] for item in context.items] or None,
             "meta": context.metadata or None,
+            "bind": context.binding,
         }
         payload.update({key: value for key, value in claims.items() if value is not None})
         return {PARAMETER_NAME: self._serializer.dumps(payload)}
@@ -72,4 +74,5 @@ class StreamParameterSigner:
             greeting=payload.get("greeting"),
             items=items,
             metadata=payload.get("meta") or {},
+            binding=payload.get("bind"),
         )

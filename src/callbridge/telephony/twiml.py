@@ -25,10 +25,14 @@ def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str], say: st
     return str(response)
 
 
-def say_and_hang_up_twiml(message: str) -> str:
+def fallback_twiml(message: str, transfer_to: str | None = None) -> str:
+    """What a caller gets when the agent cannot take the call: the message, then a human or the hang-up."""
     response = VoiceResponse()
     response.say(message)
-    response.hangup()
+    if transfer_to:
+        response.dial(transfer_to)
+    else:
+        response.hangup()
     return str(response)
 
 

@@ -1,0 +1,125 @@
+"""Running the service: uvicorn, with callbridge's drain on SIGTERM, in one process or several.
+
+uvicorn answers SIGTERM by closing every open WebSocket with code 1012 before the application hears of it, which
+would cut every live call off mid-sentence on each deploy. :class:`DrainingServer` takes the signal first: the
+application drains (no new calls, live calls go on up to ``CALLBRIDGE_DRAIN_SECONDS``, the rest get the fallback),
+and only then is uvicorn told to stop. A second signal stops at once.
+
+With ``--workers N`` each worker is a process of its own listening on the same port (``SO_REUSEPORT``: the kernel
+spreads new connections across them); the parent passes signals on and replaces a worker that dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from types import FrameType
+from typing import Any
+
+import structlog
+import uvicorn
+from fastapi import FastAPI
+
+from callbridge.config import Settings
+from callbridge.logs import configure_logging
+
+log = structlog.stdlib.get_logger("callbridge.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first SIGTERM/SIGINT drains the calls before the server stops."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is not None or self._loop is None or not self.started:
+            super().handle_exit(sig, frame)  # a second signal, or nothing to drain yet: stop now
+            return
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.create_task(self._drain_then_stop())
+
+    async def _drain_then_stop(self) -> None:
+        try:
+            await self._app.state.drain()
+        except Exception as exc:  # the process must still stop
+            log.error("drain.failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.should_exit = True
+
+
+def _config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        ws_max_size=settings.max_message_bytes,
+        proxy_headers=True,
+    )
+
+
+def run_worker(host: str, port: int, reuse_port: bool = False) -> None:
+    """One serving process: builds the app from the environment and serves until drained."""
+    from callbridge.api.app import create_app
+
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    app = create_app(settings)
+    server = DrainingServer(_config(app, settings, host, port), app)
+    if not reuse_port:
+        server.run()
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    server.run(sockets=[sock])
+
+
+def run_workers(host: str, port: int, workers: int) -> None:
+    """``workers`` serving processes on one port; signals go to all of them, a dead one is replaced."""
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start() -> Any:
+        process = context.Process(target=run_worker, args=(host, port, True), daemon=False)
+        process.start()
+        return process
+
+    processes = [start() for _ in range(workers)]
+
+    def forward(sig: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    while True:
+        for index, process in enumerate(processes):
+            process.join(timeout=0.2)
+            if process.exitcode is not None and not stopping:
+                log.error("worker.died", pid=process.pid, exitcode=process.exitcode)
+                time.sleep(1)
+                processes[index] = start()
+        if stopping and all(process.exitcode is not None for process in processes):
+            return
