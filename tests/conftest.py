@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -18,6 +19,26 @@ SECRET = "test-secret"
 CALL_SID = "CA" + "1" * 32
 STREAM_SID = "MZ" + "2" * 32
 
+SUITE_SECRETS: set[str] = set()
+
+
+def secret(value: str) -> str:
+    """Register a secret a test configures (key, token, signing secret): no log of the suite may contain it."""
+    SUITE_SECRETS.add(value)
+    return value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole suite: grep every log the services under test wrote for every secret they were given."""
+    yield
+    logs = [path for path in tmp_path_factory.getbasetemp().rglob("*.log") if path.is_file()]
+    leaks = [
+        f"{path.name}: {value[:4]}…" for path in logs for value in SUITE_SECRETS if value.encode() in path.read_bytes()
+    ]
+    assert not leaks, f"secrets found in logs: {leaks}"
+    print(f"\nno secret in {len(logs)} service logs ({len(SUITE_SECRETS)} secrets checked)")
+
 
 def audio(ms: int, byte: int = 0x7F) -> str:
     """Base64 μ-law of the given duration."""
@@ -30,9 +51,12 @@ class Harness:
     def __init__(self, agent: AgentConfig | None = None, **config: Any) -> None:
         self.signer = StreamParameterSigner(SECRET, ttl_seconds=600)
         self.session = CallSession(
-            SessionConfig(agent=agent or AgentConfig(), verify_parameters=self.signer.verify, **config)
+            SessionConfig(agent=agent or AgentConfig(), verify_parameters=self._verify, **config)
         )
         self.now = 1000.0
+
+    def _verify(self, parameters: Mapping[str, str], call_sid: str) -> CallContext:
+        return self.signer.verify(parameters, call_sid, now=self.now)  # the harness's clock is the wall clock
 
     def handle(self, event: ev.Event, at: float | None = None) -> list[Command]:
         if at is not None:

@@ -21,9 +21,11 @@ from schemathesis.core.result import Ok
 
 from callbridge.testing.fake_twilio import FakeTwilio
 
+from conftest import secret
+
 ACCOUNT_SID = "AC" + "5" * 32
-AUTH_TOKEN = "fuzz-twilio-token"
-API_TOKEN = "fuzz-api-token"
+AUTH_TOKEN = secret("fuzz-twilio-token")
+API_TOKEN = secret("fuzz-api-token")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def api_url(fake_twilio_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
         "TWILIO_API_BASE_URL": fake_twilio_url,
         "CALLBRIDGE_API_TOKEN": API_TOKEN,
-        "CALLBRIDGE_SECRET": "fuzz-secret",
+        "CALLBRIDGE_SECRET": secret("fuzz-callbridge-secret"),
         "CALLBRIDGE_LOG_LEVEL": "warning",
     }
     log = (folder / "serve.log").open("wb")

@@ -29,9 +29,11 @@ from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeTwilio
 from test_end_to_end import AUTH_TOKEN, Service, serve, wait_closed
 
+from conftest import secret
+
 ACCOUNT_SID = "AC" + "7" * 32
-API_TOKEN = "api-" + secrets.token_hex(8)
-WEBHOOK_SECRET = "hook-" + secrets.token_hex(8)
+API_TOKEN = secret("api-" + secrets.token_hex(8))
+WEBHOOK_SECRET = secret("hook-" + secrets.token_hex(8))
 CALLBRIDGE = Path(sys.executable).with_name("callbridge")
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 

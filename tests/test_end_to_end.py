@@ -37,7 +37,11 @@ from callbridge.testing.caller import (
 from callbridge.testing.conformance import validate_client_event
 from callbridge.testing.fake_realtime import FakeBehavior, FakeRealtimeServer, FakeSession
 
-AUTH_TOKEN = "e2e-twilio-token"
+from conftest import secret
+
+AUTH_TOKEN = secret("e2e-twilio-token-" + secrets.token_hex(8))
+SECRET = secret("e2e-callbridge-secret-" + secrets.token_hex(8))
+OPENAI_KEY = secret("sk-e2e-" + secrets.token_hex(16))
 CALLBRIDGE = Path(sys.executable).with_name("callbridge")
 GREETING = "Hello, you have reached the test line."
 
@@ -83,13 +87,14 @@ async def serve(tmp_path: Path, behavior: FakeBehavior, **env: str) -> AsyncIter
             **os.environ,
             "CALLBRIDGE_PUBLIC_URL": base_url,
             "CALLBRIDGE_REALTIME_URL": fake.url,
-            "CALLBRIDGE_SECRET": secrets.token_hex(16),
+            "CALLBRIDGE_SECRET": SECRET,
+            "OPENAI_API_KEY": OPENAI_KEY,  # sent to the fake; it must never show in a log
             "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "CALLBRIDGE_DRAIN_SECONDS": "5",
             "CALLBRIDGE_LOG_FORMAT": "json",
             "CALLBRIDGE_AGENT_GREETING": GREETING,
             **env,
         }
-        environment.pop("OPENAI_API_KEY", None)
         log_path = tmp_path / f"serve-{port}.log"
         with log_path.open("wb") as log:
             process = await asyncio.create_subprocess_exec(
@@ -110,8 +115,13 @@ async def serve(tmp_path: Path, behavior: FakeBehavior, **env: str) -> AsyncIter
                     raise RuntimeError("callbridge serve did not start")
             yield service
         finally:
-            process.terminate()
-            await process.wait()
+            if process.returncode is None:
+                process.terminate()  # drains: a call still live gets the fallback first
+                try:
+                    await asyncio.wait_for(process.wait(), 20)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
 
 
 async def until(condition: Callable[[], object], seconds: float = 10.0) -> None:

@@ -323,9 +323,9 @@ class CallBridge:
                     if self._events is not None and self.session.call_sid:
                         await self._events(self.session.call_sid, record.kind, record.data)
                     continue
-                self._log.info(
+                await self._sink.write(record)
+                self._log.info(  # after the write: a line logged is a line kept
                     "transcript.line", speaker=record.speaker, text=record.text, interrupted=record.interrupted
                 )
-                await self._sink.write(record)
             except Exception as exc:
                 self._log.error("record.write_failed", error=str(exc))

@@ -120,6 +120,9 @@ class ParameterError(Exception):
 
 
 class ParameterVerifier(Protocol):
-    def __call__(self, parameters: Mapping[str, str], call_sid: str, now: float) -> CallContext:
-        """Return the verified context, or raise :class:`ParameterError`."""
+    def __call__(self, parameters: Mapping[str, str], call_sid: str) -> CallContext:
+        """Return the verified context, or raise :class:`ParameterError`.
+
+        Expiry is judged by the wall clock the parameters were minted with, never by the session's monotonic one.
+        """
         ...

@@ -275,7 +275,7 @@ class CallSession:
         if event.encoding != "audio/x-mulaw" or event.sample_rate != 8000:
             return self._refuse(f"unsupported media format {event.encoding}/{event.sample_rate}", now)
         try:
-            self.context = self.config.verify_parameters(event.custom_parameters, event.call_sid, now)
+            self.context = self.config.verify_parameters(event.custom_parameters, event.call_sid)
         except ParameterError as exc:
             return self._refuse(str(exc), now)
         self.phase = "connecting"

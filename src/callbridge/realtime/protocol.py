@@ -16,12 +16,70 @@ import orjson
 from callbridge.core import events as ev
 from callbridge.realtime.dialect import Dialect, ga_event_type
 
+SERVER_EVENT_TYPES = frozenset(
+    {
+        "conversation.created",
+        "conversation.item.added",
+        "conversation.item.created",
+        "conversation.item.deleted",
+        "conversation.item.done",
+        "conversation.item.input_audio_transcription.completed",
+        "conversation.item.input_audio_transcription.delta",
+        "conversation.item.input_audio_transcription.failed",
+        "conversation.item.input_audio_transcription.segment",
+        "conversation.item.retrieved",
+        "conversation.item.truncated",
+        "error",
+        "input_audio_buffer.cleared",
+        "input_audio_buffer.committed",
+        "input_audio_buffer.dtmf_event_received",
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.timeout_triggered",
+        "mcp_list_tools.completed",
+        "mcp_list_tools.failed",
+        "mcp_list_tools.in_progress",
+        "output_audio_buffer.cleared",
+        "output_audio_buffer.started",
+        "output_audio_buffer.stopped",
+        "rate_limits.updated",
+        "response.content_part.added",
+        "response.content_part.done",
+        "response.created",
+        "response.done",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.mcp_call.completed",
+        "response.mcp_call.failed",
+        "response.mcp_call.in_progress",
+        "response.mcp_call_arguments.delta",
+        "response.mcp_call_arguments.done",
+        "response.output_audio.delta",
+        "response.output_audio.done",
+        "response.output_audio_transcript.delta",
+        "response.output_audio_transcript.done",
+        "response.output_item.added",
+        "response.output_item.done",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "session.created",
+        "session.updated",
+        "transcription_session.updated",
+    }
+)
+"""Every documented server event (GA names; beta names map onto them). ``RealtimeOther`` of any other type is
+an event the protocol does not have: a confused or hostile server, worth counting."""
 MALFORMED = "callbridge_malformed_event"
 """The ``code`` of the :class:`RealtimeError` a malformed server event becomes."""
 MAX_ID_CHARS = 256
 MAX_TYPE_CHARS = 128
 MAX_MS = 2**53
 MAX_REASON_CHARS = 200
+
+
+def is_known_server_event(event_type: str) -> bool:
+    """Whether ``event_type`` (a GA name, as in :class:`RealtimeOther`) is a documented server event."""
+    return event_type in SERVER_EVENT_TYPES
 
 
 class _Invalid(ValueError):

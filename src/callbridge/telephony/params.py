@@ -8,6 +8,7 @@ when the stream starts), with an expiry, signed with ``CALLBRIDGE_SECRET``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,8 +46,11 @@ class StreamParameterSigner:
         payload.update({key: value for key, value in claims.items() if value is not None})
         return {PARAMETER_NAME: self._serializer.dumps(payload)}
 
-    def verify(self, parameters: Mapping[str, str], call_sid: str, now: float) -> CallContext:
-        """Check signature, expiry and call binding; return the context (a :class:`ParameterVerifier`)."""
+    def verify(self, parameters: Mapping[str, str], call_sid: str, now: float | None = None) -> CallContext:
+        """Check signature, expiry (against ``now``, the wall clock by default) and call binding; return the
+        context (a :class:`ParameterVerifier`)."""
+        if now is None:
+            now = time.time()
         token = parameters.get(PARAMETER_NAME)
         if not token:
             raise ParameterError("stream parameters absent")
