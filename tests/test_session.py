@@ -18,7 +18,7 @@ from callbridge.core.commands import (
     TransferCall,
 )
 from callbridge.core.context import AgentConfig, CallContext, ContextItem
-from callbridge.core.session import b64_audio_bytes
+from callbridge.core.session import GOODBYE_LIMIT_S, b64_audio_bytes
 from callbridge.core.transcript import cut_to_heard
 
 from conftest import CALL_SID, STREAM_SID, Harness, audio, of_type, realtime_events, twilio_messages
@@ -598,6 +598,18 @@ def test_end_call_says_goodbye_then_hangs_up() -> None:
     assert ends(harness.handle(ev.RealtimeResponseDone("resp_2", "completed"))) == []  # still playing
     harness.handle(ev.TwilioMark("item_bye:800"))
     (end,) = ends(harness.handle(ev.TwilioMark("item_bye:1600")))
+    assert end.reason == "agent_ended_call" and end.hang_up
+
+
+def test_a_goodbye_never_said_still_ends_the_call() -> None:
+    harness = _call_control_harness()
+    harness.handle(ev.RealtimeResponseCreated("resp_1"))
+    harness.handle(ev.RealtimeFunctionCallDone("resp_1", "item_f", "call_1", "end_call", "{}", "completed"))
+    harness.handle(ev.RealtimeResponseDone("resp_1", "completed"))
+    harness.speak("resp_2", "item_bye", chunks=2)  # a goodbye whose playback Twilio never confirms
+    frame = ev.TwilioMedia(audio(20))
+    assert ends(harness.handle(frame, at=harness.now + GOODBYE_LIMIT_S - 1)) == []
+    (end,) = ends(harness.handle(frame, at=harness.now + 1))
     assert end.reason == "agent_ended_call" and end.hang_up
 
 

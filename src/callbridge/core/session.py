@@ -50,6 +50,9 @@ from callbridge.core.transcript import TranscriptLine, cut_to_heard
 
 BYTES_PER_MS = 8  # G.711 μ-law, 8 kHz, one byte per sample
 BYTES_PER_SECOND = 8000
+GOODBYE_LIMIT_S = 15.0
+"""After ``end_call`` or ``transfer_call``, the call ends or moves on by then even if the goodbye is never said
+or its playback never confirmed: a silent model must not hold a caller on the line."""
 
 Phase = Literal["awaiting_start", "connecting", "live", "ended"]
 
@@ -159,6 +162,7 @@ class CallSession:
         self._closing: tuple[str, str | None] | None = None  # (end reason, transfer number) once a tool asked
         self._closing_response: str | None = None  # the goodbye response
         self._closing_stage: Literal["", "awaiting_goodbye", "goodbye"] = ""
+        self._closing_since = 0.0
 
         self._active_response: str | None = None
         self._interrupted_responses: set[str] = set()
@@ -238,7 +242,7 @@ class CallSession:
                     *self._caller_line(event.item_id, "", failed=True),
                 ]
             case ev.RealtimeFunctionCallDone():
-                return self._on_function_call(event)
+                return self._on_function_call(event, now)
             case ev.ToolFinished():
                 return self._on_tool_finished(event)
             case ev.RealtimeError():
@@ -307,6 +311,8 @@ class CallSession:
         if self._audio_offset_ms is None:
             self._audio_offset_ms = event.timestamp_ms
         append = SendRealtime({"type": "input_audio_buffer.append", "audio": event.payload})
+        if self._closing is not None and now - self._closing_since >= GOODBYE_LIMIT_S:
+            return [append, *self._goodbye_overdue(now)]
         if self._rollover_due(now):
             return [append, *self._rollover(now)]
         return [append]
@@ -618,20 +624,21 @@ class CallSession:
 
     # ------------------------------------------------------------------------------------------------ tools
 
-    def _on_function_call(self, event: ev.RealtimeFunctionCallDone) -> list[Command]:
+    def _on_function_call(self, event: ev.RealtimeFunctionCallDone, now: float) -> list[Command]:
         if event.status != "completed":  # interrupted calls carry truncated arguments
             return [Log("tool.skipped", "info", {"name": event.name, "status": event.status})]
         self.stats.tool_calls += 1
         if event.name in self.agent.builtin_tools:
-            return self._call_control(event)
+            return self._call_control(event, now)
         self._running_tools[event.call_id] = (event.name, event.arguments)
         return [
             Log("tool.call", "info", {"name": event.name, "call_id": event.call_id}),
             RunTool(event.call_id, event.name, event.arguments),
         ]
 
-    def _call_control(self, event: ev.RealtimeFunctionCallDone) -> list[Command]:
+    def _call_control(self, event: ev.RealtimeFunctionCallDone, now: float) -> list[Command]:
         """``end_call`` and ``transfer_call``: the model says a last sentence, then the call ends or moves on."""
+        self._closing_since = now
         if event.name == "transfer_call" and not self.agent.transfer_number:
             output = {"ok": False, "error": "No transfer number is configured; keep helping the caller yourself."}
         elif event.name == "transfer_call":
@@ -672,6 +679,11 @@ class CallSession:
         if self._closing is not None and not self._closing_stage:
             self._closing_stage = "awaiting_goodbye"
         return [SendRealtime({"type": "response.create", "event_id": self._event_id()})]
+
+    def _goodbye_overdue(self, now: float) -> list[Command]:
+        self._closing_stage = "goodbye"
+        self._pending_marks.clear()
+        return [Log("call.goodbye_overdue", "warning", {"waited_s": GOODBYE_LIMIT_S}), *self._close_after_goodbye(now)]
 
     def _close_after_goodbye(self, now: float) -> list[Command]:
         """End or transfer the call once the goodbye has been said and heard (or cut off by the caller)."""
