@@ -7,6 +7,7 @@ import asyncio
 import signal
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ from callbridge.testing.caller import CallRefused, CallScript, HangUp, Pause, Sa
 from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeTwilio
 from test_calls_api import ACCOUNT_SID, api, service
-from test_end_to_end import AUTH_TOKEN, GREETING, _free_port, until
+from test_end_to_end import AUTH_TOKEN, GREETING, _free_port, serve, until
 
 FALLBACK_SAY = "Sorry, our assistant is not available right now. Please call again later."
 
@@ -230,3 +231,31 @@ async def test_kill_9_loses_no_completed_line_and_the_call_is_closed_as_interrup
         async with api(running) as client:
             closed = (await client.get(f"/api/calls/{recording.call_sid}")).json()
     assert (closed["status"], closed["end_reason"]) == ("failed", "interrupted") and closed["ended_at"]
+
+
+async def test_oversized_request_bodies_are_refused(tmp_path: Path) -> None:
+    async with serve(tmp_path, FakeBehavior(), CALLBRIDGE_MAX_REQUEST_BYTES="4096") as running:
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+            for _ in range(10):
+                yield b"From=" + b"9" * 995
+
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        async with httpx.AsyncClient(base_url=running.base_url) as client:
+            declared = await client.post("/twilio/voice", content=b"From=" + b"9" * 5000, headers=form)
+            streamed = await client.post("/twilio/voice", content=chunked(), headers=form)
+            fits = await client.post("/twilio/voice", content=b"From=" + b"9" * 3000, headers=form)
+            alive = await client.get("/healthz")
+    assert (declared.status_code, streamed.status_code) == (413, 413)
+    assert fits.status_code == 403  # read, then refused for its missing signature
+    assert alive.status_code == 200
+
+
+async def test_the_development_switch_turns_signature_checks_off_loudly(tmp_path: Path) -> None:
+    async with serve(tmp_path, FakeBehavior(), CALLBRIDGE_DEV_DISABLE_SIGNATURES="true") as running:
+        form = {"CallSid": "CA" + "f" * 32, "From": "+15550100001", "To": "+15550100002"}
+        async with httpx.AsyncClient() as client:
+            unsigned = await client.post(f"{running.base_url}/twilio/voice", data=form)
+    (warning,) = running.logs("security.signatures_disabled")
+    assert warning["level"] == "error" and "ANYONE" in warning["detail"]
+    assert unsigned.status_code == 200 and "<Connect>" in unsigned.text

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     dev_disable_signatures: bool = Field(default=False, validation_alias="CALLBRIDGE_DEV_DISABLE_SIGNATURES")
     """Local development only: accept Twilio requests without a valid ``X-Twilio-Signature``."""
     max_message_bytes: int = Field(default=256 * 1024, gt=1024, validation_alias="CALLBRIDGE_MAX_MESSAGE_BYTES")
+    max_request_bytes: int = Field(default=1024 * 1024, gt=1024, validation_alias="CALLBRIDGE_MAX_REQUEST_BYTES")
+    """Largest HTTP request body (webhooks, REST API): past it, 413."""
     pre_ready_buffer_ms: int = Field(default=5000, ge=0, validation_alias="CALLBRIDGE_PRE_READY_BUFFER_MS")
 
     twilio_api_base_url: str | None = Field(default=None, validation_alias="TWILIO_API_BASE_URL")

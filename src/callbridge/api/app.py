@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from callbridge.agents import load_agents
+from callbridge.api.limits import BodySizeLimit
 from callbridge.api.rest import router
 from callbridge.bridge import CallBridge, ContextResolver, RealtimeEndpoint
 from callbridge.config import Settings
@@ -196,6 +197,7 @@ def create_app(
     app.state.draining = False
     app.state.drain = drain
     app.include_router(router())
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
