@@ -20,6 +20,7 @@ import httpx
 import orjson
 import pytest
 import websockets
+from prometheus_client.parser import text_string_to_metric_families
 from twilio.request_validator import RequestValidator
 
 from callbridge import audio
@@ -182,6 +183,24 @@ async def test_a_call_end_to_end(tmp_path: Path, behavior: FakeBehavior) -> None
         (session,) = service.fake.sessions
         await wait_closed([session])  # after stop, no Realtime socket is left open
         await service.wait_for_logs("call.summary", 1)
+        async with httpx.AsyncClient() as client:
+            exposition = (await client.get(f"{service.base_url}/metrics")).text
+
+    # The call as Prometheus sees it.
+    metrics = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+    assert metrics[("callbridge_calls_total", (("outcome", "caller_hung_up"),))] == 1
+    assert metrics[("callbridge_active_calls", ())] == 0
+    frames_in = metrics[("callbridge_frames_relayed_total", (("direction", "caller_to_model"),))]
+    assert frames_in == len(recording.sent_audio) // 160
+    assert metrics[("callbridge_frames_relayed_total", (("direction", "model_to_caller"),))] > 0
+    assert metrics[("callbridge_barge_ins_total", ())] == metrics[("callbridge_truncations_total", ())] == 1
+    assert metrics[("callbridge_turn_latency_seconds_count", ())] == 2  # two answers to two caller turns
+    relay_samples = metrics[("callbridge_relay_latency_seconds_count", (("direction", "caller_to_model"),))]
+    assert frames_in // 20 <= relay_samples <= frames_in // 16  # one audio frame in 16 is timed
 
     assert recording.protocol_errors == []  # every message to Twilio matched the Media Streams schema
     assert_conformant(session)

@@ -28,6 +28,7 @@ from callbridge.core.commands import (
     Command,
     EndCall,
     Log,
+    Measure,
     OpenRealtime,
     RecordEvent,
     RecordTranscript,
@@ -57,6 +58,20 @@ Fallback = Callable[[str], Awaitable[None]]
 """Redirects a live call (call SID) to the fallback: an apology and hang-up, or a human."""
 Authorize = Callable[[CallSession], Awaitable[str | None]]
 """Checks an admitted call before the model is opened: ``None`` lets it in, a string is why it is refused."""
+
+
+class BridgeMetrics(Protocol):
+    """Where the bridge reports measurements (:class:`callbridge.metrics.Metrics`)."""
+
+    def observe(self, name: str, value: float) -> None: ...
+
+    def relayed(self, direction: str, seconds: float) -> None: ...
+
+    def error(self, kind: str) -> None: ...
+
+
+RELAY_SAMPLE_EVERY = 16
+"""One audio frame in this many has its time through the bridge measured."""
 
 
 class TwilioTransport(Protocol):
@@ -103,6 +118,7 @@ class CallBridge:
         fallback: Fallback | None = None,
         authorize: Authorize | None = None,
         on_admitted: Callable[[CallSession], Awaitable[None]] | None = None,
+        metrics: BridgeMetrics | None = None,
         logger: structlog.stdlib.BoundLogger | None = None,
     ) -> None:
         self.session = CallSession(session_config)
@@ -118,6 +134,10 @@ class CallBridge:
         self._fallback = fallback
         self._authorize = authorize
         self._on_admitted = on_admitted
+        self._metrics = metrics
+        # The frame being timed through the bridge, per direction: (event, when it was read).
+        self._timed_in: tuple[ev.Event, float] | None = None
+        self._timed_out: tuple[ev.Event, float] | None = None
         self._log = logger or structlog.stdlib.get_logger("callbridge.call")
         self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
         self._records: asyncio.Queue[TranscriptLine | RecordEvent | None] = asyncio.Queue()
@@ -140,6 +160,8 @@ class CallBridge:
                     self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
                 for command in commands:
                     await self._perform(command)
+                if self._metrics is not None:
+                    self._time_relay(event)
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -148,6 +170,15 @@ class CallBridge:
             self._records.put_nowait(None)
             await writer
         return self.session
+
+    def _time_relay(self, event: ev.Event) -> None:
+        assert self._metrics is not None
+        if self._timed_in is not None and self._timed_in[0] is event:
+            self._metrics.relayed("caller_to_model", time.perf_counter() - self._timed_in[1])
+            self._timed_in = None
+        elif self._timed_out is not None and self._timed_out[0] is event:
+            self._metrics.relayed("model_to_caller", time.perf_counter() - self._timed_out[1])
+            self._timed_out = None
 
     def request_hang_up(self, reason: str = "requested") -> None:
         """End the call from the application (hang up through Twilio); call it from the event loop."""
@@ -189,6 +220,9 @@ class CallBridge:
                 self._spawn(self._run_tool(call_id, name, arguments))
             case Log(event, level, fields):
                 getattr(self._log, level)(event, **fields)
+            case Measure(name, value):
+                if self._metrics is not None:
+                    self._metrics.observe(name, value)
             case EndCall():
                 await self._end(command)
 
@@ -215,11 +249,13 @@ class CallBridge:
                 await self._fallback(call_sid)
             except Exception as exc:
                 self._log.error("twilio.fallback_failed", error=str(exc))
+                self._error("twilio_rest")
         elif command.hang_up and self._hang_up is not None and call_sid:
             try:
                 await self._hang_up(call_sid)
             except Exception as exc:
                 self._log.error("twilio.hang_up_failed", error=str(exc))
+                self._error("twilio_rest")
         assert self._twilio is not None
         with contextlib.suppress(Exception):
             await self._twilio.close(command.twilio_close_code, command.reason)
@@ -230,6 +266,10 @@ class CallBridge:
             with contextlib.suppress(Exception):
                 await connection.close()
 
+    def _error(self, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.error(kind)
+
     # ------------------------------------------------------------------------------------------------ tasks
 
     def _spawn(self, coroutine: Awaitable[None]) -> None:
@@ -238,6 +278,7 @@ class CallBridge:
         task.add_done_callback(self._tasks.discard)
 
     async def _read_twilio(self, twilio: TwilioTransport) -> None:
+        count = 0
         while True:
             try:
                 raw = await twilio.receive()
@@ -251,7 +292,12 @@ class CallBridge:
             if isinstance(raw, bytes):
                 self._inbox.put_nowait(ev.TwilioInvalidMessage("binary frame"))
                 continue
-            self._inbox.put_nowait(parse_twilio_message(raw))
+            event = parse_twilio_message(raw)
+            if self._metrics is not None and type(event) is ev.TwilioMedia:
+                count += 1
+                if count % RELAY_SAMPLE_EVERY == 0 and self._timed_in is None:
+                    self._timed_in = (event, time.perf_counter())
+            self._inbox.put_nowait(event)
 
     async def _connect_realtime(self, delay_s: float = 0.0) -> None:
         endpoint = self._endpoint
@@ -266,6 +312,7 @@ class CallBridge:
             )
         except Exception as exc:
             self._inbox.put_nowait(ev.RealtimeConnectFailed(f"{type(exc).__name__}: {exc}"))
+            self._error("realtime_connect")
             return
         if self.session.phase == "ended":
             await connection.close()
@@ -274,9 +321,15 @@ class CallBridge:
         self._realtime = connection
         self._log.info("realtime.connected", url=endpoint.url, dialect=endpoint.dialect)
         self._inbox.put_nowait(ev.RealtimeConnected())
+        count = 0
         try:
             async for raw in connection:
-                self._inbox.put_nowait(parse_server_event(raw, endpoint.dialect))
+                event = parse_server_event(raw, endpoint.dialect)
+                if self._metrics is not None and type(event) is ev.RealtimeAudioDelta:
+                    count += 1
+                    if count % RELAY_SAMPLE_EVERY == 0 and self._timed_out is None:
+                        self._timed_out = (event, time.perf_counter())
+                self._inbox.put_nowait(event)
         except websockets.ConnectionClosed:
             pass
         if self._realtime is connection:  # closed by the other side, not by us
@@ -287,6 +340,7 @@ class CallBridge:
         ok, output = await self._tools.run(name, arguments, context, self._tool_timeout)
         if not ok:
             self._log.warning("tool.failed", name=name, call_id=call_id, output=output)
+            self._error("tool")
         self._inbox.put_nowait(ev.ToolFinished(call_id, output, ok))
 
     async def _admitted(self, hook: Callable[[CallSession], Awaitable[None]]) -> None:
@@ -314,6 +368,7 @@ class CallBridge:
             await self._transfer(self.session.call_sid, to)
         except Exception as exc:
             self._log.error("call.transfer_failed", error=str(exc))
+            self._error("twilio_rest")
 
     async def _write_records(self) -> None:
         """Deliver transcript lines and events in order, off the audio path: a slow store delays them, not audio."""
@@ -329,3 +384,4 @@ class CallBridge:
                 )
             except Exception as exc:
                 self._log.error("record.write_failed", error=str(exc))
+                self._error("record_write")

@@ -14,6 +14,7 @@ import structlog
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from callbridge.agents import load_agents
@@ -23,6 +24,7 @@ from callbridge.bridge import CallBridge, ContextResolver, RealtimeEndpoint
 from callbridge.config import Settings
 from callbridge.core.session import CallSession, SessionConfig
 from callbridge.core.transcript import TranscriptLine, TranscriptSink
+from callbridge.metrics import Metrics
 from callbridge.process import is_orphan
 from callbridge.resolvers import HttpContextResolver, PythonContextResolver
 from callbridge.services import CallServices
@@ -129,6 +131,7 @@ def create_app(
         rollover_after_s=settings.realtime_rollover_seconds,
     )
     active_calls: dict[int, CallBridge] = {}
+    metrics = Metrics(lambda: [bridge.session for bridge in active_calls.values()])
 
     def refusal() -> str | None:
         """Why this process takes no new call right now (``None``: it takes one)."""
@@ -196,6 +199,7 @@ def create_app(
     app.state.active_calls = active_calls
     app.state.draining = False
     app.state.drain = drain
+    app.state.metrics = metrics
     app.include_router(router())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
@@ -224,6 +228,7 @@ def create_app(
             log.warning(
                 "admission.refused", call_sid=params.get("CallSid"), reason=reason, active_calls=len(active_calls)
             )
+            metrics.refusals.labels(reason).inc()
             await services.refused(params, reason)
             return Response(services.fallback_twiml, media_type="application/xml")
         try:
@@ -250,6 +255,7 @@ def create_app(
             return
         if (reason := refusal()) is not None:
             log.warning("admission.stream_refused", reason=reason, active_calls=len(active_calls))
+            metrics.refusals.labels(f"stream_{reason}").inc()
             await websocket.close(code=1013)  # before accept: the handshake is refused (HTTP 403)
             return
         await websocket.accept()
@@ -280,10 +286,13 @@ def create_app(
             fallback=services.fallback if twilio else None,
             authorize=authorize,
             on_admitted=admitted,
+            metrics=metrics,
         )
         active_calls[id(bridge)] = bridge
         try:
             session = await bridge.run(StarletteTwilioTransport(websocket, settings.max_message_bytes))
+            if session.end_reason == "refused":
+                metrics.refusals.labels("stream_parameters").inc()
             stats = dataclasses.asdict(session.stats)
             log.info(
                 "call.summary",
@@ -296,6 +305,12 @@ def create_app(
                 await services.call_ended(session)
         finally:
             active_calls.pop(id(bridge), None)
+            metrics.call_ended(bridge.session)  # with the pop, at once: a scrape counts the call exactly once
+
+    @app.get("/metrics", tags=["health"])
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics of this process: calls, frames, barge-ins, errors, turn and relay latency."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

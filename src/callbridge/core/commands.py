@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from callbridge.core.context import CallContext
 from callbridge.core.transcript import TranscriptLine
@@ -74,6 +74,14 @@ class Log:
 
 
 @dataclass(frozen=True, slots=True)
+class Measure:
+    """A measurement for the metrics (the driver turns it into a histogram observation)."""
+
+    name: Literal["turn_latency_s"]
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
 class EndCall:
     """Tear the call down: close both sockets; ``hang_up`` ends the phone call through Twilio's REST API.
 
@@ -98,5 +106,6 @@ Command = (
     | RunTool
     | TransferCall
     | Log
+    | Measure
     | EndCall
 )

@@ -30,6 +30,7 @@ from callbridge.core.commands import (
     Command,
     EndCall,
     Log,
+    Measure,
     OpenRealtime,
     RecordEvent,
     RecordTranscript,
@@ -177,6 +178,7 @@ class CallSession:
         self._caller_turns: dict[str, _CallerTurn] = {}
 
         self._running_tools: dict[str, tuple[str, str]] = {}  # call id → (name, arguments)
+        self._turn_ended_at: float | None = None  # when the caller last stopped speaking, until the agent answers
         self._needs_response = False
 
     # ------------------------------------------------------------------------------------------------ API
@@ -218,6 +220,7 @@ class CallSession:
                 return self._on_speech_started(event, now)
             case ev.RealtimeSpeechStopped():
                 self._caller_turns.setdefault(event.item_id, _CallerTurn()).end_ms = event.audio_end_ms
+                self._turn_ended_at = now
                 return []
             case ev.RealtimeResponseCreated():
                 self._active_response = event.response_id
@@ -464,10 +467,14 @@ class CallSession:
         ):
             self.stats.deltas_dropped += 1
             return []
+        commands: list[Command] = []
         item = self._items.get(event.item_id)
         if item is None:
             item = self._items[event.item_id] = _AgentItem(event.item_id, event.response_id)
             self._current_item = item
+            if self._turn_ended_at is not None:  # the agent's first audio after the caller's turn
+                commands.append(Measure("turn_latency_s", now - self._turn_ended_at))
+                self._turn_ended_at = None
         start = item.received_bytes
         item.received_bytes += b64_audio_bytes(event.delta)
         if not self._pending_marks:  # Twilio's queue is empty: this chunk starts playing now
@@ -478,10 +485,9 @@ class CallSession:
         self._pending_marks.append(mark)
         self.stats.deltas_out += 1
         sid = self.stream_sid
-        return [
-            SendTwilio({"event": "media", "streamSid": sid, "media": {"payload": event.delta}}),
-            SendTwilio({"event": "mark", "streamSid": sid, "mark": {"name": mark.name}}),
-        ]
+        commands.append(SendTwilio({"event": "media", "streamSid": sid, "media": {"payload": event.delta}}))
+        commands.append(SendTwilio({"event": "mark", "streamSid": sid, "mark": {"name": mark.name}}))
+        return commands
 
     def _played_bytes(self, item_id: str, now: float) -> int:
         item = self._items.get(item_id)

@@ -1,0 +1,111 @@
+"""Prometheus metrics (``GET /metrics``), one registry per application.
+
+The per-frame counters cost nothing on the audio path: each call already counts its frames, barge-ins and errors in
+its session's stats, and :class:`_CallCounters` adds them up only when Prometheus scrapes (the finished calls' totals
+plus the live calls' current stats). Histograms are observed where the events are rare (a turn) or sampled (the
+relay's added latency, one frame in :data:`RELAY_SAMPLE_EVERY`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from callbridge.bridge import RELAY_SAMPLE_EVERY
+
+if TYPE_CHECKING:
+    from callbridge.core.session import CallSession, SessionStats
+
+_STAT_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
+    # session stat → (metric name, help, labels)
+    "frames_in": ("callbridge_frames_relayed", "Audio frames relayed", {"direction": "caller_to_model"}),
+    "deltas_out": ("callbridge_frames_relayed", "Audio frames relayed", {"direction": "model_to_caller"}),
+    "barge_ins": ("callbridge_barge_ins", "Times a caller spoke over the agent", {}),
+    "truncations": ("callbridge_truncations", "Agent turns truncated to what the caller heard", {}),
+    "cancels": ("callbridge_response_cancels", "Model responses cancelled by callbridge", {}),
+    "tool_calls": ("callbridge_tool_calls", "Tool calls the model made", {}),
+    "protocol_errors": ("callbridge_errors", "Errors, by kind", {"kind": "twilio_protocol"}),
+    "realtime_errors": ("callbridge_errors", "Errors, by kind", {"kind": "realtime_error_event"}),
+    "frames_buffered_dropped": ("callbridge_errors", "Errors, by kind", {"kind": "caller_audio_dropped"}),
+}
+
+
+class _CallCounters(Collector):
+    """Counters summed over finished calls and live ones at scrape time, and the number of live calls."""
+
+    def __init__(self, live_sessions: Callable[[], Iterable[CallSession]], finished: dict[str, int]) -> None:
+        self._live_sessions = live_sessions
+        self._finished = finished
+
+    def collect(self) -> Iterator[Metric]:
+        totals = dict(self._finished)
+        live = 0
+        for session in self._live_sessions():
+            live += 1
+            for name, value in dataclasses.asdict(session.stats).items():
+                totals[name] = totals.get(name, 0) + value
+        active = GaugeMetricFamily("callbridge_active_calls", "Calls this process carries now")
+        active.add_metric([], live)
+        yield active
+        families: dict[str, CounterMetricFamily] = {}
+        for stat, (name, documentation, labels) in _STAT_COUNTERS.items():
+            family = families.get(name)
+            if family is None:
+                family = families[name] = CounterMetricFamily(name, documentation, labels=list(labels))
+            family.add_metric(list(labels.values()), totals.get(stat, 0))
+        yield from families.values()
+
+
+class Metrics:
+    """Everything ``/metrics`` reports for one application."""
+
+    def __init__(self, live_sessions: Callable[[], Iterable[CallSession]]) -> None:
+        self.registry = CollectorRegistry()
+        self._finished: dict[str, int] = {}
+        self.registry.register(_CallCounters(live_sessions, self._finished))
+        self.calls = Counter(
+            "callbridge_calls", "Calls ended, by outcome (the end reason)", ["outcome"], registry=self.registry
+        )
+        self.refusals = Counter(
+            "callbridge_calls_refused", "Calls turned away, by reason", ["reason"], registry=self.registry
+        )
+        self.errors = Counter(
+            "callbridge_bridge_errors", "Failures of the bridge's own I/O, by kind", ["kind"], registry=self.registry
+        )
+        self.turn_latency = Histogram(
+            "callbridge_turn_latency_seconds",
+            "From the caller's end of speech (as the model's VAD reports it) to the agent's first audio sent",
+            buckets=(0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0),
+            registry=self.registry,
+        )
+        self.relay_latency = Histogram(
+            "callbridge_relay_latency_seconds",
+            f"Time an audio frame spends in the bridge, read to written (1 frame in {RELAY_SAMPLE_EVERY})",
+            ["direction"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+            registry=self.registry,
+        )
+
+    def call_ended(self, session: CallSession) -> None:
+        self.calls.labels(session.end_reason or "unknown").inc()
+        _add(self._finished, session.stats)
+
+    def observe(self, name: str, value: float) -> None:
+        if name == "turn_latency_s":
+            self.turn_latency.observe(value)
+
+    def relayed(self, direction: str, seconds: float) -> None:
+        self.relay_latency.labels(direction).observe(seconds)
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(kind).inc()
+
+
+def _add(totals: dict[str, int], stats: SessionStats) -> None:
+    for name, value in dataclasses.asdict(stats).items():
+        totals[name] = totals.get(name, 0) + value
