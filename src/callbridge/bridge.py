@@ -119,6 +119,7 @@ class CallBridge:
         authorize: Authorize | None = None,
         on_admitted: Callable[[CallSession], Awaitable[None]] | None = None,
         metrics: BridgeMetrics | None = None,
+        max_frame_bytes: int | None = None,
         logger: structlog.stdlib.BoundLogger | None = None,
     ) -> None:
         self.session = CallSession(session_config)
@@ -135,6 +136,7 @@ class CallBridge:
         self._authorize = authorize
         self._on_admitted = on_admitted
         self._metrics = metrics
+        self._max_frame_bytes = max_frame_bytes  # larger Twilio frames are counted and dropped unparsed
         # The frame being timed through the bridge, per direction: (event, when it was read).
         self._timed_in: tuple[ev.Event, float] | None = None
         self._timed_out: tuple[ev.Event, float] | None = None
@@ -275,7 +277,15 @@ class CallBridge:
     def _spawn(self, coroutine: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A task that dies of a bug ends the call with the fallback: a call without its reader would hang."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.error("bridge.task_failed", error=f"{type(exc).__name__}: {exc}")
+            self._error("internal")
+            self._inbox.put_nowait(ev.EndRequested("internal_error"))
 
     async def _read_twilio(self, twilio: TwilioTransport) -> None:
         count = 0
@@ -292,7 +302,7 @@ class CallBridge:
             if isinstance(raw, bytes):
                 self._inbox.put_nowait(ev.TwilioInvalidMessage("binary frame"))
                 continue
-            event = parse_twilio_message(raw)
+            event = parse_twilio_message(raw, self._max_frame_bytes)
             if self._metrics is not None and type(event) is ev.TwilioMedia:
                 count += 1
                 if count % RELAY_SAMPLE_EVERY == 0 and self._timed_in is None:

@@ -68,7 +68,8 @@ def _config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.C
         host=host,
         port=port,
         log_config=None,
-        ws_max_size=settings.max_message_bytes,
+        # A hard ceiling only: frames up to it reach the call, which counts and drops those over the real limit.
+        ws_max_size=4 * settings.max_message_bytes,
         proxy_headers=True,
     )
 

@@ -40,9 +40,8 @@ log = structlog.stdlib.get_logger("callbridge.api")
 class StarletteTwilioTransport:
     """The media-stream WebSocket as the bridge's :class:`~callbridge.bridge.TwilioTransport`."""
 
-    def __init__(self, websocket: WebSocket, max_message_bytes: int) -> None:
+    def __init__(self, websocket: WebSocket) -> None:
         self._websocket = websocket
-        self._max = max_message_bytes
 
     async def receive(self) -> str | bytes | None:
         try:
@@ -54,8 +53,6 @@ class StarletteTwilioTransport:
         data: str | bytes | None = message.get("text")
         if data is None:
             data = message.get("bytes") or b""
-        if len(data) > self._max:
-            return b""  # reported as an invalid frame, never parsed
         return data
 
     async def send(self, text: str) -> None:
@@ -287,10 +284,11 @@ def create_app(
             authorize=authorize,
             on_admitted=admitted,
             metrics=metrics,
+            max_frame_bytes=settings.max_message_bytes,
         )
         active_calls[id(bridge)] = bridge
         try:
-            session = await bridge.run(StarletteTwilioTransport(websocket, settings.max_message_bytes))
+            session = await bridge.run(StarletteTwilioTransport(websocket))
             if session.end_reason == "refused":
                 metrics.refusals.labels("stream_parameters").inc()
             stats = dataclasses.asdict(session.stats)

@@ -172,9 +172,10 @@ class RealtimeClosed:
 
 @dataclass(frozen=True, slots=True)
 class RealtimeOther:
-    """A server event the session does not act on (kept for counting)."""
+    """A server event the session does not act on; ``known`` is false for a type the protocol does not have."""
 
     type: str
+    known: bool = True
 
 
 # --- Driver-originated ----------------------------------------------------------------------------------

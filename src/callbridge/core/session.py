@@ -262,6 +262,9 @@ class CallSession:
             case ev.CallRefused():
                 self.context = None  # not this call's to claim: nothing is recorded against it
                 return self._refuse(event.reason, now)
+            case ev.RealtimeOther(known=False):
+                self.stats.protocol_errors += 1
+                return [Log("realtime.unknown_event", "warning", {"type": event.type})]
             case ev.RealtimeSessionCreated() | ev.RealtimeItemTruncated() | ev.RealtimeOther():
                 return []
         return []  # pragma: no cover - exhaustive match
@@ -275,7 +278,10 @@ class CallSession:
     def _on_start(self, event: ev.TwilioStart, now: float) -> list[Command]:
         if self.phase != "awaiting_start":
             self.stats.protocol_errors += 1
-            return [Log("twilio.duplicate_start", "warning", {"stream_sid": event.stream_sid})]
+            # Named apart from the call's own ids, which every line of the call carries: a forged start must not
+            # relabel the log line.
+            fields = {"start_stream_sid": event.stream_sid, "start_call_sid": event.call_sid}
+            return [Log("twilio.duplicate_start", "warning", fields)]
         self.stream_sid = event.stream_sid
         self.call_sid = event.call_sid
         self._t0 = now

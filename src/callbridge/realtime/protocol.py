@@ -158,7 +158,7 @@ def _parse(kind: str, event: dict[str, Any]) -> ev.RealtimeEvent:
                 event_id=event_id,
                 error_type=_short(_text(error, "type", "error.type")),
             )
-    return ev.RealtimeOther(_short(kind, MAX_TYPE_CHARS))
+    return ev.RealtimeOther(_short(kind, MAX_TYPE_CHARS), known=is_known_server_event(kind))
 
 
 def _object(container: dict[str, Any], key: str, *, optional: bool = False) -> dict[str, Any]:
