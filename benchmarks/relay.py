@@ -1,0 +1,1321 @@
+"""Benchmark of the bridge itself: how many concurrent phone calls ``callbridge serve`` carries per CPU core.
+
+    .venv/bin/python benchmarks/relay.py [--calls 20,50,100] [--delta-ms 20] [--workers 1] [--no-bare]
+                                         [--warmup-s 3] [--window-s 10] [--json results.json]
+
+What runs. Each round starts three kinds of OS process, each pinned with ``os.sched_setaffinity``:
+
+- a minimal fake Realtime server (this file, ``--role fake``; CPU 0). It speaks the GA protocol with real events:
+  ``session.created`` on connect, ``session.updated`` after ``session.update``, then, for as long as the
+  session lasts, one response after another (``response.created``, ``response.output_audio.delta`` events with
+  ``type``, ``event_id``, ``response_id``, ``item_id``, ``output_index``, ``content_index``, ``delta``, and
+  ``response.done``), a new response every ``--response-s`` seconds of audio. With ``--delta-ms 20`` (the worst
+  case) each delta is 20 ms / 160 bytes and they are sent at real-time pace, back to back; with larger deltas
+  (``--delta-ms 200``: realistic model chunking) they are sent ``--speed`` times faster than real time (2x by
+  default), bursting ahead of playback as the hosted model does, and the next response starts when the previous
+  one would have finished playing. It reads every ``input_audio_buffer.append`` (decoding its base64 audio)
+  and ignores every other client event beyond its ``type``.
+- the system under test: ``callbridge serve`` (the real service, signatures checked, on CPU 1, or on both CPUs
+  with ``--workers 2``), then, right after it at the same N, the bare relay of ``benchmarks/bare_relay.py``
+  (a ~60-line pass-through with no checks, marks or state; ``--no-bare`` skips it).
+- the load generator (this file, ``--role generator``; CPU 0), one asyncio loop placing N calls the way Twilio
+  does: the signed ``/twilio/voice`` webhook, the ``<Stream>`` of the TwiML it answers, a signed WebSocket,
+  ``connected`` and ``start``, then one 160-byte ``media`` frame every 20 ms per call on an absolute schedule.
+  Calls start spread over ``--ramp-s`` seconds (with random jitter) so they do not tick in lockstep. It plays
+  the agent audio it receives like a phone: each ``mark`` is echoed when the audio sent before it would have
+  finished playing (at the next 20 ms tick after that), and a ``clear`` flushes (echoes) every pending mark.
+
+The fake server and the generator use uvloop when it is installed (so does ``callbridge serve``: uvicorn picks it).
+
+Latency. Every 160-byte audio frame starts with ``time.monotonic_ns()`` at sending, as 8 little-endian bytes
+(CLOCK_MONOTONIC is system-wide on Linux, so processes can compare them); the rest is μ-law silence (0xFF). The
+bridge relays the base64 payload untouched, so the far end decodes it and reads the timestamp: the added one-way
+latency is the receive time minus the embedded send time. A larger delta carries one timestamp per 160-byte frame,
+all set to when the delta was sent. This includes the sending and receiving loops' own lag; the bare relay's run
+has exactly the same overhead, so compare the two.
+
+What is measured, over a steady-state window (``--window-s``) that starts ``--warmup-s`` after every call is up
+(its first agent audio arrived):
+
+- bridge CPU: utime + stime from ``/proc/<pid>/stat`` of the serve process and all its descendants (workers),
+  **CPU ms per call-second** = CPU ms / (N x window seconds), and **calls per core** = 1000 / that;
+- added one-way latency p50 / p99 / max, caller→model (measured in the fake) and model→caller (in the generator);
+- RSS (VmRSS, summed over the process tree) idle before the calls and at N calls → **RSS per call** in KiB;
+- frames whose send time falls inside the window, sent and received in each direction → **frames lost** (the
+  receivers keep counting for a 1 s grace period after the window for frames still in flight);
+- errors: failed webhooks, refused or unexpectedly closed sockets (with close codes), protocol surprises, and the
+  serve process's warning/error log lines by event;
+- the generator's and the fake's own CPU use and loop lag (how late each 20 ms tick fires, not counting time its
+  call's previous send spent blocked, which is reported apart as slow sends). When either used more
+  than 85 % of a core or its tick lag p99 exceeds 5 ms, the round is SATURATED: the load, not the bridge, was the
+  limit, and the bridge figures of that N are not reported.
+
+Each N of ``--calls`` gets a fresh serve, fake server and generator. The headline is the highest N that was not
+saturated, had every call up, and kept p99 ≤ 10 ms both ways. Text goes to stdout; ``--json PATH`` also writes
+every number as JSON. Every process started is stopped on exit, on errors and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import ctypes
+import dataclasses
+import itertools
+import math
+import os
+import platform
+import random
+import resource
+import secrets
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+from twilio.request_validator import RequestValidator
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
+
+FRAME_MS = 20
+FRAME_BYTES = 160  # 20 ms of 8 kHz μ-law
+FRAME_NS = FRAME_MS * 1_000_000
+NS_PER_BYTE = 125_000  # one μ-law sample: 1/8000 s
+STAMP_BYTES = 8
+FILLER = b"\xff" * (FRAME_BYTES - STAMP_BYTES)  # μ-law silence after the timestamp
+PLAUSIBLE_NS = 60 * 1_000_000_000  # a timestamp older than this (or in the future) is not one of ours
+GRACE_NS = 1_000_000_000  # receivers keep counting window frames this long after the window
+STALL_NS = 2_000_000  # a send slower than this waited for the peer (flow control) or was preempted
+SATURATED_CORE_USE = 0.85
+SATURATED_LAG_MS = 5.0
+HEADLINE_P99_MS = 10.0
+HERE = Path(__file__).resolve().parent
+CALLBRIDGE = Path(sys.executable).with_name("callbridge")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+Target = Literal["bridge", "bare"]
+
+
+# --- Shared by every role -------------------------------------------------------------------------------------
+
+
+def stamped_frame(now_ns: int) -> bytes:
+    return now_ns.to_bytes(STAMP_BYTES, "little") + FILLER
+
+
+def frame_stamps(audio: bytes) -> Iterator[int]:
+    """The timestamp at the start of each 160-byte frame."""
+    for offset in range(0, len(audio) - STAMP_BYTES + 1, FRAME_BYTES):
+        yield int.from_bytes(audio[offset : offset + STAMP_BYTES], "little")
+
+
+async def sleep_until(due_ns: int) -> int:
+    """Sleep until the monotonic clock reaches ``due_ns``; returns the time it woke."""
+    now = time.monotonic_ns()
+    if due_ns > now:
+        await asyncio.sleep((due_ns - now) / 1e9)
+        now = time.monotonic_ns()
+    return now
+
+
+def run_loop(main: Awaitable[None], use_uvloop: bool) -> None:
+    """Run ``main`` on uvloop when asked and installed, else on asyncio's own loop."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if use_uvloop:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+
+        async def wrapped() -> None:
+            await main
+
+        runner.run(wrapped())
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    count: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, samples_ns: list[int]) -> Latency:
+        if not samples_ns:
+            return cls(0, math.nan, math.nan, math.nan)
+        ordered = sorted(samples_ns)
+
+        def quantile(q: float) -> float:
+            return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] / 1e6
+
+        return cls(len(ordered), quantile(0.5), quantile(0.99), ordered[-1] / 1e6)
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> Latency:
+        def number(value: Any) -> float:
+            return math.nan if value is None else float(value)
+
+        return cls(int(data["count"]), number(data["p50_ms"]), number(data["p99_ms"]), number(data["max_ms"]))
+
+
+@dataclass(slots=True)
+class Window:
+    """The steady-state window and when to report, in monotonic ns; nothing is counted before it is known."""
+
+    start_ns: int = 0
+    end_ns: int = -1
+    report_ns: int = 0
+
+    def __contains__(self, at_ns: int) -> bool:
+        return self.start_ns <= at_ns <= self.end_ns
+
+    @classmethod
+    def parse(cls, line: str) -> Window:
+        _, start, end, report = line.split()
+        return cls(int(start), int(end), int(report))
+
+
+async def read_window() -> Window:
+    """The orchestrator writes ``window <start> <end> <report>`` on stdin; EOF means it is gone: exit."""
+    while True:
+        line = await asyncio.to_thread(sys.stdin.readline)
+        if not line:
+            raise SystemExit(0)
+        if line.startswith("window "):
+            return Window.parse(line)
+
+
+class TickClock:
+    """A helper's lateness: how late each scheduled send woke, once it was due and its previous send was done.
+
+    Time blocked in one call's send (flow control: the peer does not read fast enough, or the process was
+    preempted mid-send) does not count against that call's next tick; such sends are counted apart, as stalls.
+    Every other call's ticks still see the loop's lateness.
+    """
+
+    def __init__(self) -> None:
+        self.window = Window()
+        self.lag: list[int] = []
+        self.stalls = 0
+        self.stalled_ns = 0
+
+    def woke(self, due: int, free_at: int, now: int) -> bool:
+        """Record a tick; True when it falls in the window."""
+        if now in self.window:
+            self.lag.append(now - max(due, free_at))
+            return True
+        return False
+
+    def sent(self, began: int) -> int:
+        """Record the end of a tick's sends; returns when the sender is free again."""
+        ended = time.monotonic_ns()
+        if ended - began > STALL_NS and began in self.window:
+            self.stalls += 1
+            self.stalled_ns += ended - began
+        return ended
+
+    def report(self) -> Ticks:
+        return Ticks(Latency.of(self.lag), self.stalls, self.stalled_ns / 1e6)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticks:
+    lag: Latency
+    stalls: int
+    stalled_ms: float
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> Ticks:
+        return cls(Latency.load(data["lag"]), int(data["stalls"]), float(data["stalled_ms"]))
+
+
+def say(kind: str, data: object = None) -> None:
+    """One line to the orchestrator: ``kind`` and, optionally, JSON."""
+    payload = "" if data is None else " " + orjson.dumps(data).decode()
+    print(f"{kind}{payload}", flush=True)
+
+
+async def send_event(ws: ServerConnection | ClientConnection, event: dict[str, Any]) -> None:
+    """One JSON text frame (orjson gives bytes; WebSocket peers expect text)."""
+    await ws.send(orjson.dumps(event), text=True)
+
+
+# --- The fake Realtime server ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FakeConfig:
+    delta_ms: int
+    speed: float
+    response_s: float
+    port: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FakeReport:
+    sessions: int
+    sessions_open: int
+    caller_frames: int
+    """Caller frames received whose send time is in the window."""
+    caller_latency: Latency
+    agent_frames: int
+    """Agent frames sent in the window."""
+    ticks: Ticks
+    """How late each delta was sent, against its schedule."""
+    malformed: int
+
+
+class FakeServer:
+    def __init__(self, config: FakeConfig) -> None:
+        self.config = config
+        self.window = Window()
+        self.ids = itertools.count(1)
+        self.sessions = 0
+        self.sessions_open = 0
+        self.caller_frames = 0
+        self.caller_latency: list[int] = []
+        self.agent_frames = 0
+        self.clock = TickClock()
+        self.malformed = 0
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}_{next(self.ids)}"
+
+    async def session(self, ws: ServerConnection) -> None:
+        self.sessions += 1
+        self.sessions_open += 1
+        session_id = self.new_id("sess")
+        created = {"object": "realtime.session", "id": session_id, "type": "realtime", "model": "gpt-realtime"}
+        streaming: asyncio.Task[None] | None = None
+        try:
+            created_event = {"type": "session.created", "event_id": self.new_id("event"), "session": created}
+            await send_event(ws, created_event)
+            async for raw in ws:
+                event = orjson.loads(raw)
+                kind = event.get("type")
+                if kind == "input_audio_buffer.append":
+                    self.caller_audio(base64.b64decode(event["audio"]), time.monotonic_ns())
+                elif kind == "session.update":
+                    session = {**event.get("session", {}), "object": "realtime.session", "id": session_id}
+                    updated = {"type": "session.updated", "event_id": self.new_id("event"), "session": session}
+                    await send_event(ws, updated)
+                    if streaming is None:
+                        streaming = asyncio.create_task(self.stream_agent(ws))
+                # Any other client event (conversation.item.create, response.create...) is not needed here.
+        except ConnectionClosed:
+            pass
+        finally:
+            self.sessions_open -= 1
+            if streaming is not None:
+                streaming.cancel()
+                await asyncio.gather(streaming, return_exceptions=True)
+
+    def caller_audio(self, audio: bytes, now: int) -> None:
+        for stamp in frame_stamps(audio):
+            if not 0 <= now - stamp < PLAUSIBLE_NS:
+                self.malformed += 1
+            elif stamp in self.window:
+                self.caller_frames += 1
+                self.caller_latency.append(now - stamp)
+
+    async def stream_agent(self, ws: ServerConnection) -> None:
+        """Responses back to back, each ``response_s`` of audio long, deltas paced at ``speed`` x real time."""
+        config = self.config
+        frames_per_delta = max(1, config.delta_ms // FRAME_MS)
+        deltas = max(1, round(config.response_s * 1000 / (frames_per_delta * FRAME_MS)))
+        delta_period_ns = frames_per_delta * FRAME_NS / config.speed
+        response_ns = deltas * frames_per_delta * FRAME_NS  # the next response starts once this one has played
+        first = time.monotonic_ns()
+        with contextlib.suppress(ConnectionClosed):
+            for number in itertools.count():
+                begin = await sleep_until(first + number * response_ns)
+                response_id, item_id = self.new_id("resp"), self.new_id("item")
+                response = {"object": "realtime.response", "id": response_id, "status": "in_progress", "output": []}
+                await send_event(
+                    ws, {"type": "response.created", "event_id": self.new_id("event"), "response": response}
+                )
+                free_at = time.monotonic_ns()
+                for index in range(deltas):
+                    due = begin + int(index * delta_period_ns)
+                    now = await sleep_until(due)
+                    if self.clock.woke(due, free_at, now):
+                        self.agent_frames += frames_per_delta
+                    audio = stamped_frame(now) * frames_per_delta
+                    delta = {
+                        "type": "response.output_audio.delta",
+                        "event_id": self.new_id("event"),
+                        "response_id": response_id,
+                        "item_id": item_id,
+                        "output_index": 0,
+                        "content_index": 0,
+                        "delta": base64.b64encode(audio).decode("ascii"),
+                    }
+                    await send_event(ws, delta)
+                    free_at = self.clock.sent(now)
+                done = {**response, "status": "completed"}
+                await send_event(ws, {"type": "response.done", "event_id": self.new_id("event"), "response": done})
+
+    def report(self) -> FakeReport:
+        return FakeReport(
+            sessions=self.sessions,
+            sessions_open=self.sessions_open,
+            caller_frames=self.caller_frames,
+            caller_latency=Latency.of(self.caller_latency),
+            agent_frames=self.agent_frames,
+            ticks=self.clock.report(),
+            malformed=self.malformed,
+        )
+
+
+async def fake_main(config: FakeConfig) -> None:
+    fake = FakeServer(config)
+    async with serve(fake.session, "127.0.0.1", config.port, compression=None, max_size=2**24) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        say(f"listening {port}")
+        fake.window = fake.clock.window = await read_window()
+        await sleep_until(fake.window.report_ns)
+        say("report", fake.report())
+        await read_window()  # serve until the orchestrator stops this process (or its stdin closes)
+
+
+# --- The load generator ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratorConfig:
+    calls: int
+    base_url: str
+    """Where the webhook is POSTed (and the stream's host); signatures are computed over it too."""
+    direct_ws_url: str | None
+    """The bare relay: connect here at once, with no webhook and no signature."""
+    ramp_s: float
+    ready_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratorReport:
+    calls: int
+    calls_up: int
+    calls_open: int
+    caller_frames: int
+    """Caller frames sent in the window."""
+    agent_frames: int
+    """Agent frames received whose send time is in the window."""
+    agent_latency: Latency
+    ticks: Ticks
+    """How late each 20 ms caller tick fired, against its absolute schedule."""
+    errors: dict[str, int]
+    marks_received: int
+    marks_echoed: int
+    clears: int
+    malformed: int
+
+
+class Generator:
+    def __init__(self, config: GeneratorConfig, auth_token: str) -> None:
+        self.config = config
+        self.validator = RequestValidator(auth_token)
+        self.account_sid = "AC" + uuid.uuid4().hex
+        self.window = Window()
+        self.hanging_up = False
+        self.settled = 0
+        self.all_settled = asyncio.Event()
+        self.calls_up = 0
+        self.calls_open = 0
+        self.caller_frames = 0
+        self.agent_frames = 0
+        self.agent_latency: list[int] = []
+        self.clock = TickClock()
+        self.errors: Counter[str] = Counter()
+        self.marks_received = 0
+        self.marks_echoed = 0
+        self.clears = 0
+        self.malformed = 0
+
+    def settle(self, error: str | None = None) -> None:
+        if error is not None:
+            self.errors[error] += 1
+        else:
+            self.calls_up += 1
+        self.settled += 1
+        if self.settled == self.config.calls:
+            self.all_settled.set()
+
+    async def place(self, index: int, client: httpx.AsyncClient) -> None:
+        config = self.config
+        await asyncio.sleep(index * config.ramp_s / config.calls + random.uniform(0, FRAME_MS / 1000))
+        call_sid, stream_sid = "CA" + uuid.uuid4().hex, "MZ" + uuid.uuid4().hex
+        parameters: dict[str, str] = {}
+        headers: dict[str, str] = {}
+        if config.direct_ws_url is not None:
+            url = config.direct_ws_url
+        else:
+            try:
+                twiml = await self.webhook(client, call_sid)
+                stream_url, parameters = parse_twiml(twiml)
+            except Exception as exc:
+                self.settle(f"webhook failed: {type(exc).__name__}: {str(exc)[:120]}")
+                return
+            headers["X-Twilio-Signature"] = self.validator.compute_signature(stream_url, {})
+            url = "ws://" + urlsplit(config.base_url).netloc + urlsplit(stream_url).path
+        try:
+            ws = await connect(url, additional_headers=headers, compression=None, max_size=2**24, open_timeout=30)
+        except InvalidStatus as exc:
+            self.settle(f"stream refused: HTTP {exc.response.status_code}")
+            return
+        except Exception as exc:
+            self.settle(f"stream failed: {type(exc).__name__}")
+            return
+        call = Call(self, ws, call_sid, stream_sid, parameters)
+        self.calls_open += 1
+        try:
+            await call.run()
+        finally:
+            self.calls_open -= 1
+            if not call.up:
+                self.settle(f"closed before agent audio: code {ws.close_code}")
+
+    async def webhook(self, client: httpx.AsyncClient, call_sid: str) -> str:
+        params = {
+            "CallSid": call_sid,
+            "AccountSid": self.account_sid,
+            "From": "+15550100001",
+            "To": "+15550100002",
+            "CallStatus": "ringing",
+            "Direction": "inbound",
+            "ApiVersion": "2010-04-01",
+        }
+        url = f"{self.config.base_url}/twilio/voice"
+        headers = {"X-Twilio-Signature": self.validator.compute_signature(url, params)}
+        response = await client.post(url, data=params, headers=headers)
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}")
+        return str(response.text)
+
+    def report(self) -> GeneratorReport:
+        return GeneratorReport(
+            calls=self.config.calls,
+            calls_up=self.calls_up,
+            calls_open=self.calls_open,
+            caller_frames=self.caller_frames,
+            agent_frames=self.agent_frames,
+            agent_latency=Latency.of(self.agent_latency),
+            ticks=self.clock.report(),
+            errors=dict(self.errors),
+            marks_received=self.marks_received,
+            marks_echoed=self.marks_echoed,
+            clears=self.clears,
+            malformed=self.malformed,
+        )
+
+
+def parse_twiml(twiml: str) -> tuple[str, dict[str, str]]:
+    stream = ET.fromstring(twiml).find("./Connect/Stream")
+    if stream is None or not stream.get("url"):
+        raise ValueError(f"no <Connect><Stream> in the TwiML: {twiml[:200]}")
+    return str(stream.get("url")), {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+
+
+class Call:
+    """One media stream: a 20 ms ticker (echo marks that played, send a frame) and a reader."""
+
+    def __init__(
+        self, generator: Generator, ws: ClientConnection, call_sid: str, stream_sid: str, parameters: dict[str, str]
+    ) -> None:
+        self.gen = generator
+        self.ws = ws
+        self.call_sid = call_sid
+        self.stream_sid = stream_sid
+        self.parameters = parameters
+        self.sequence = itertools.count(1)
+        self.up = False
+        self.played_until_ns = 0  # when the agent audio received so far will have finished playing
+        self.marks: deque[tuple[int, str]] = deque()  # (when its audio has played, name)
+
+    async def run(self) -> None:
+        gen = self.gen
+        reader = asyncio.create_task(self.read())
+        try:
+            await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+            await self.send(self.start_message())
+            await self.tick()
+        except ConnectionClosed:
+            pass
+        finally:
+            if gen.hanging_up and self.ws.state is State.OPEN:
+                with contextlib.suppress(ConnectionClosed):
+                    stop = {"accountSid": gen.account_sid, "callSid": self.call_sid}
+                    await self.send({"event": "stop", **self.header(), "stop": stop})
+                    await self.ws.close(1000)
+            await reader
+
+    def start_message(self) -> dict[str, Any]:
+        start = {
+            "accountSid": self.gen.account_sid,
+            "streamSid": self.stream_sid,
+            "callSid": self.call_sid,
+            "tracks": ["inbound"],
+            "customParameters": self.parameters,
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        }
+        return {
+            "event": "start",
+            "sequenceNumber": str(next(self.sequence)),
+            "start": start,
+            "streamSid": self.stream_sid,
+        }
+
+    def header(self) -> dict[str, str]:
+        return {"sequenceNumber": str(next(self.sequence)), "streamSid": self.stream_sid}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await send_event(self.ws, message)
+
+    async def tick(self) -> None:
+        """Tick k is due at t0 + k x 20 ms: an absolute schedule, so a late tick is caught up, never drifts."""
+        gen = self.gen
+        t0 = free_at = time.monotonic_ns()
+        for tick in itertools.count():
+            due = t0 + tick * FRAME_NS
+            now = await sleep_until(due)
+            if gen.hanging_up:
+                return
+            if gen.clock.woke(due, free_at, now):
+                gen.caller_frames += 1
+            while self.marks and self.marks[0][0] <= now:
+                _, name = self.marks.popleft()
+                await self.send({"event": "mark", **self.header(), "mark": {"name": name}})
+                gen.marks_echoed += 1
+            payload = base64.b64encode(stamped_frame(now)).decode("ascii")
+            media = {"track": "inbound", "chunk": str(tick + 1), "timestamp": str(tick * FRAME_MS), "payload": payload}
+            await self.send({"event": "media", **self.header(), "media": media})
+            free_at = gen.clock.sent(now)
+
+    async def read(self) -> None:
+        gen = self.gen
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in self.ws:
+                self.receive(raw)
+        if not gen.hanging_up:
+            gen.errors[f"stream closed by the server: code {self.ws.close_code}"] += 1
+
+    def receive(self, raw: str | bytes) -> None:
+        gen = self.gen
+        now = time.monotonic_ns()
+        message = orjson.loads(raw)
+        event = message.get("event")
+        if event == "media":
+            audio = base64.b64decode(message["media"]["payload"])
+            self.played_until_ns = max(self.played_until_ns, now) + len(audio) * NS_PER_BYTE
+            for stamp in frame_stamps(audio):
+                if not 0 <= now - stamp < PLAUSIBLE_NS:
+                    gen.malformed += 1
+                elif stamp in gen.window:
+                    gen.agent_frames += 1
+                    gen.agent_latency.append(now - stamp)
+            if not self.up:
+                self.up = True
+                gen.settle()
+        elif event == "mark":
+            gen.marks_received += 1
+            self.marks.append((self.played_until_ns, message["mark"]["name"]))
+        elif event == "clear":  # flush: every pending mark is echoed at the next tick
+            gen.clears += 1
+            self.played_until_ns = now
+            self.marks = deque((now, name) for _, name in self.marks)
+        else:
+            gen.errors[f"unexpected message from the server: {event!r}"] += 1
+
+
+async def generator_main(config: GeneratorConfig) -> None:
+    generator = Generator(config, os.environ["BENCH_TWILIO_AUTH_TOKEN"])
+    limits = httpx.Limits(max_connections=32)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        calls = [asyncio.create_task(generator.place(index, client)) for index in range(config.calls)]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(generator.all_settled.wait(), config.ramp_s + config.ready_timeout_s)
+        say("ready", {"calls_up": generator.calls_up, "errors": dict(generator.errors)})
+        generator.window = generator.clock.window = await read_window()
+        await sleep_until(generator.window.report_ns)
+        say("report", generator.report())
+        generator.hanging_up = True
+        await asyncio.wait(calls, timeout=10)
+
+
+# --- The orchestrator: processes, /proc, rounds ---------------------------------------------------------------
+
+
+class RoundFailed(Exception):
+    pass
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (uvicorn's workers are children of the serve process)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def cpu_ns(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total * 1_000_000_000 // CLOCK_TICKS
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def cpu_stat() -> dict[int, tuple[int, int]]:
+    """Per CPU, from /proc/stat: (busy, stolen) ns since boot."""
+    stats: dict[int, tuple[int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            user, nice, system, _, _, irq, softirq, steal = (int(value) for value in values[:8])
+            busy = user + nice + system + irq + softirq
+            stats[int(name[3:])] = (busy * 1_000_000_000 // CLOCK_TICKS, steal * 1_000_000_000 // CLOCK_TICKS)
+    return stats
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+_started_groups: set[int] = set()  # process groups still to stop, should the orchestrator die abruptly
+
+
+def _kill_leftovers() -> None:
+    for group in list(_started_groups):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    _started_groups.clear()
+
+
+def _child_setup(cpus: set[int]) -> Callable[[], None]:
+    """Runs in the child before exec: pin it, let it open many sockets, and have it die with this process."""
+
+    def setup() -> None:
+        os.sched_setaffinity(0, cpus)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return setup
+
+
+@dataclass(slots=True)
+class Child:
+    name: str
+    process: asyncio.subprocess.Process
+
+    async def expect(self, kind: str, within_s: float) -> str:
+        """The rest of the next stdout line starting with ``kind``."""
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                raw = await asyncio.wait_for(self.process.stdout.readline(), max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                raise RoundFailed(f"{self.name}: no '{kind}' within {within_s:.0f} s") from None
+            if not raw:
+                code = await self.process.wait()
+                raise RoundFailed(f"{self.name} exited with code {code} before '{kind}'")
+            line = raw.decode().strip()
+            if line == kind or line.startswith(kind + " "):
+                return line[len(kind) :].strip()
+
+    async def tell(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
+
+
+class Processes:
+    """Every process a round starts, each in its own process group; all stopped on exit, whatever happened."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+
+    async def __aenter__(self) -> Processes:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop_all()
+
+    async def start(self, name: str, argv: list[str], cpus: set[int], env: dict[str, str] | None = None) -> Child:
+        with (self.log_dir / f"{name}.log").open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=env,
+                cwd=self.log_dir,
+                start_new_session=True,
+                preexec_fn=_child_setup(cpus),
+            )
+        _started_groups.add(process.pid)
+        child = Child(name, process)
+        self.children.append(child)
+        return child
+
+    async def stop(self, child: Child, grace_s: float = 10.0) -> None:
+        process = child.process
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), grace_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # workers outliving their supervisor
+        _started_groups.discard(process.pid)
+
+    async def stop_all(self) -> None:
+        for child in reversed(self.children):
+            await asyncio.shield(self.stop(child))
+        self.children.clear()
+
+
+def role_argv(role: str, config: object, use_uvloop: bool) -> list[str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--role-config"]
+    return [*argv, orjson.dumps(config).decode(), "--uvloop" if use_uvloop else "--no-uvloop"]
+
+
+# --- Rounds ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    calls: list[int]
+    delta_ms: int
+    speed: float
+    response_s: float
+    workers: int
+    bare: bool
+    ramp_s: float
+    warmup_s: float
+    window_s: float
+    use_uvloop: bool
+    json_path: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class HelperUse:
+    """A helper process (generator, fake server) during the window: its core use and its loop's lateness."""
+
+    core_use: float
+    tick_lag: Latency
+    send_stalls: int
+    """Sends slower than 2 ms (flow control from the system under test, or preemption)."""
+    stalled_ms: float
+
+
+@dataclass(slots=True)
+class RoundResult:
+    target: Target
+    calls: int
+    calls_up: int = 0
+    window_s: float = 0.0
+    cpu_ms: float = math.nan
+    cpu_ms_per_call_second: float = math.nan
+    calls_per_core: float = math.nan
+    core_use: float = math.nan
+    caller_to_model: Latency = field(default_factory=lambda: Latency.of([]))
+    model_to_caller: Latency = field(default_factory=lambda: Latency.of([]))
+    rss_idle_kib: int = 0
+    rss_loaded_kib: int = 0
+    rss_per_call_kib: float = math.nan
+    caller_frames_sent: int = 0
+    caller_frames_received: int = 0
+    agent_frames_sent: int = 0
+    agent_frames_received: int = 0
+    marks_received: int = 0
+    marks_echoed: int = 0
+    clears: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    server_log: dict[str, int] = field(default_factory=dict)
+    cpu_busy: dict[str, float] = field(default_factory=dict)
+    """Each CPU's busy share during the window, whoever used it."""
+    other_load_cores: float = math.nan
+    """CPU time of processes not started by this benchmark during the window (a noisy machine), in cores."""
+    steal_cores: float = math.nan
+    generator: HelperUse | None = None
+    fake: HelperUse | None = None
+    saturated: list[str] = field(default_factory=list)
+    failed: str | None = None
+    duration_s: float = 0.0
+
+    @property
+    def caller_frames_lost(self) -> int:
+        return self.caller_frames_sent - self.caller_frames_received
+
+    @property
+    def agent_frames_lost(self) -> int:
+        return self.agent_frames_sent - self.agent_frames_received
+
+    @property
+    def measured(self) -> bool:
+        """Figures worth reporting: the load held, every call was up."""
+        return self.failed is None and not self.saturated and self.calls_up == self.calls
+
+    @property
+    def headline_ok(self) -> bool:
+        p99s = (self.caller_to_model.p99_ms, self.model_to_caller.p99_ms)
+        return self.measured and all(p99 <= HEADLINE_P99_MS for p99 in p99s)
+
+    def as_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data |= {
+            "caller_frames_lost": self.caller_frames_lost,
+            "agent_frames_lost": self.agent_frames_lost,
+            "measured": self.measured,
+            "headline_ok": self.headline_ok,
+        }
+        if not self.measured:  # refused: the load, not the system under test, may have been the limit
+            for key in ("cpu_ms", "cpu_ms_per_call_second", "calls_per_core", "rss_per_call_kib"):
+                data[key] = None
+        return data
+
+
+def server_log_events(path: Path) -> dict[str, int]:
+    """Warning and error lines of the serve process, by level and event."""
+    counts: Counter[str] = Counter()
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = orjson.loads(line)
+                counts[f"{record.get('level', '?')} {record.get('event', '?')}"] += 1
+            except orjson.JSONDecodeError:
+                if line.strip():
+                    counts["unparsed " + line.strip()[:80]] += 1
+    return dict(counts)
+
+
+async def wait_healthy(child: Child, base_url: str, within_s: float = 60.0) -> None:
+    deadline = time.monotonic() + within_s
+    async with httpx.AsyncClient(timeout=2) as client:
+        while time.monotonic() < deadline:
+            if child.process.returncode is not None:
+                raise RoundFailed(f"callbridge serve exited with code {child.process.returncode}")
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get(f"{base_url}/healthz")).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise RoundFailed("callbridge serve did not answer /healthz")
+
+
+async def start_target(
+    target: Target, processes: Processes, options: Options, realtime_url: str, token: str
+) -> tuple[Child, GeneratorConfig]:
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    ready_timeout = 30 + options.calls[-1] / 20
+    if target == "bare":
+        argv = [sys.executable, str(HERE / "bare_relay.py"), "--port", str(port), "--realtime-url", realtime_url]
+        argv.append("--uvloop" if options.use_uvloop else "--no-uvloop")
+        child = await processes.start("bare", argv, {1})
+        await child.expect("listening", 30)
+        return child, GeneratorConfig(0, base_url, f"ws://127.0.0.1:{port}/", options.ramp_s, ready_timeout)
+    env = {key: value for key, value in os.environ.items() if key != "OPENAI_API_KEY"}
+    env |= {
+        "CALLBRIDGE_PUBLIC_URL": base_url,
+        "CALLBRIDGE_REALTIME_URL": realtime_url,
+        "CALLBRIDGE_SECRET": secrets.token_hex(16),
+        "TWILIO_AUTH_TOKEN": token,
+        "CALLBRIDGE_DATABASE_URL": f"sqlite+aiosqlite:///{processes.log_dir}/bench.db",
+        "CALLBRIDGE_MAX_CALLS": "100000",
+        "CALLBRIDGE_LOG_LEVEL": "warning",
+        "CALLBRIDGE_LOG_FORMAT": "json",
+        "CALLBRIDGE_AGENT_GREETING": "Hello, thanks for calling.",
+    }
+    argv = [str(CALLBRIDGE), "serve", "--port", str(port)]
+    if options.workers > 1:
+        argv += ["--workers", str(options.workers)]
+    cpus = {1} if options.workers == 1 else set(range(min(options.workers, os.cpu_count() or 2)))
+    child = await processes.start("serve", argv, cpus, env)
+    await wait_healthy(child, base_url)
+    return child, GeneratorConfig(0, base_url, None, options.ramp_s, ready_timeout)
+
+
+async def run_round(target: Target, calls: int, options: Options) -> RoundResult:
+    result = RoundResult(target, calls)
+    began = time.monotonic()
+    token = secrets.token_hex(16)
+    with tempfile.TemporaryDirectory(prefix=f"relay-bench-{target}-{calls}-") as tmp:
+        log_dir = Path(tmp)
+        try:
+            async with Processes(log_dir) as processes:
+                await measure_round(result, processes, options, token)
+        except RoundFailed as exc:
+            result.failed = str(exc)
+            result.server_log = server_log_events(log_dir / "serve.log")
+    result.duration_s = time.monotonic() - began
+    return result
+
+
+async def measure_round(result: RoundResult, processes: Processes, options: Options, token: str) -> None:
+    fake_config = FakeConfig(options.delta_ms, options.speed, options.response_s)
+    fake = await processes.start("fake", role_argv("fake", fake_config, options.use_uvloop), {0})
+    fake_port = int(await fake.expect("listening", 30))
+    target, generator_config = await start_target(
+        result.target, processes, options, f"ws://127.0.0.1:{fake_port}", token
+    )
+    await asyncio.sleep(1.0)  # settle before the idle RSS
+    result.rss_idle_kib = rss_kib(process_tree(target.process.pid))
+    generator_config = dataclasses.replace(generator_config, calls=result.calls)
+    argv = role_argv("generator", generator_config, options.use_uvloop)
+    generator = await processes.start("generator", argv, {0}, {**os.environ, "BENCH_TWILIO_AUTH_TOKEN": token})
+    ready = orjson.loads(await generator.expect("ready", options.ramp_s + generator_config.ready_timeout_s + 10))
+    if ready["calls_up"] < result.calls:
+        raise RoundFailed(f"only {ready['calls_up']} of {result.calls} calls came up: {ready['errors']}")
+
+    start = time.monotonic_ns() + int(options.warmup_s * 1e9)
+    end = start + int(options.window_s * 1e9)
+    for child in (fake, generator):
+        await child.tell(f"window {start} {end} {end + GRACE_NS}")
+    await sleep_until(start)
+    pids = {
+        "target": process_tree(target.process.pid),
+        "generator": [generator.process.pid],
+        "fake": [fake.process.pid],
+    }
+    pids["benchmark"] = [os.getpid()]
+    cpu_before, stat_before = {name: cpu_ns(group) for name, group in pids.items()}, cpu_stat()
+    wall_before = time.monotonic_ns()
+    await sleep_until(end)
+    pids["target"] = process_tree(target.process.pid)
+    cpu = {name: cpu_ns(group) - cpu_before[name] for name, group in pids.items()}
+    stat = cpu_stat()
+    wall_ns = time.monotonic_ns() - wall_before
+    busy = {index: stat[index][0] - stat_before[index][0] for index in stat}
+    result.cpu_busy = {f"cpu{index}": busy[index] / wall_ns for index in sorted(busy)}
+    result.other_load_cores = max(0, sum(busy.values()) - sum(cpu.values())) / wall_ns
+    result.steal_cores = sum(stat[index][1] - stat_before[index][1] for index in stat) / wall_ns
+    result.rss_loaded_kib = rss_kib(pids["target"])
+
+    generator_report = load_generator_report(orjson.loads(await generator.expect("report", 30)))
+    fake_report = load_fake_report(orjson.loads(await fake.expect("report", 30)))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(generator.process.wait(), 15)  # the generator hangs up every call and exits
+    await asyncio.sleep(0.5)  # let the server log the calls' ends
+    result.server_log = server_log_events(processes.log_dir / "serve.log")
+    fill_result(result, options, cpu, wall_ns, generator_report, fake_report)
+
+
+def load_generator_report(data: dict[str, Any]) -> GeneratorReport:
+    return GeneratorReport(
+        **{**data, "agent_latency": Latency.load(data["agent_latency"]), "ticks": Ticks.load(data["ticks"])}
+    )
+
+
+def load_fake_report(data: dict[str, Any]) -> FakeReport:
+    return FakeReport(
+        **{**data, "caller_latency": Latency.load(data["caller_latency"]), "ticks": Ticks.load(data["ticks"])}
+    )
+
+
+def helper_use(core_use: float, ticks: Ticks) -> HelperUse:
+    return HelperUse(core_use, ticks.lag, ticks.stalls, ticks.stalled_ms)
+
+
+def fill_result(
+    result: RoundResult,
+    options: Options,
+    cpu: dict[str, int],
+    wall_ns: int,
+    generator: GeneratorReport,
+    fake: FakeReport,
+) -> None:
+    window_s = wall_ns / 1e9
+    result.window_s = window_s
+    result.calls_up = min(generator.calls_up, generator.calls_open)
+    result.cpu_ms = cpu["target"] / 1e6
+    result.core_use = cpu["target"] / wall_ns
+    result.cpu_ms_per_call_second = result.cpu_ms / (result.calls * window_s)
+    result.calls_per_core = 1000 / result.cpu_ms_per_call_second if result.cpu_ms_per_call_second else math.inf
+    result.caller_to_model = fake.caller_latency
+    result.model_to_caller = generator.agent_latency
+    result.rss_per_call_kib = (result.rss_loaded_kib - result.rss_idle_kib) / result.calls
+    result.caller_frames_sent, result.caller_frames_received = generator.caller_frames, fake.caller_frames
+    result.agent_frames_sent, result.agent_frames_received = fake.agent_frames, generator.agent_frames
+    result.marks_received, result.marks_echoed, result.clears = (
+        generator.marks_received,
+        generator.marks_echoed,
+        generator.clears,
+    )
+    result.errors = dict(generator.errors)
+    if generator.malformed or fake.malformed:
+        result.errors["audio with an implausible timestamp"] = generator.malformed + fake.malformed
+    result.generator = helper_use(cpu["generator"] / wall_ns, generator.ticks)
+    result.fake = helper_use(cpu["fake"] / wall_ns, fake.ticks)
+    for name, use in (("load generator", result.generator), ("fake Realtime server", result.fake)):
+        if use.core_use > SATURATED_CORE_USE:
+            result.saturated.append(f"the {name} used {use.core_use:.0%} of a core (limit {SATURATED_CORE_USE:.0%})")
+        if not use.tick_lag.p99_ms <= SATURATED_LAG_MS:
+            result.saturated.append(
+                f"the {name}'s tick lag p99 was {use.tick_lag.p99_ms:.1f} ms (limit {SATURATED_LAG_MS:.0f} ms)"
+            )
+
+
+# --- Report ---------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def delta_mode(options: Options) -> str:
+    size = options.delta_ms * FRAME_BYTES // FRAME_MS
+    kind = "worst case" if options.delta_ms <= FRAME_MS else "realistic model chunking"
+    return (
+        f"agent audio in {options.delta_ms} ms ({size}-byte) deltas at {options.speed:g}x real-time pace, "
+        f"a new {options.response_s:g} s response once the previous one has played ({kind})"
+    )
+
+
+def describe(result: RoundResult) -> list[str]:
+    head = f"N={result.calls:<5} {result.target:<6}"
+    if result.failed is not None:
+        return [f"{head} FAILED: {result.failed}"]
+    lines: list[str] = []
+    helpers = f"load generator {helper_text(result.generator)}; fake Realtime server {helper_text(result.fake)}"
+    if not result.measured:
+        why = result.saturated or [f"only {result.calls_up} of {result.calls} calls were up through the window"]
+        lines.append(f"{head} SATURATED, figures not reported: {'; '.join(why)}")
+        lines += [f"{'':13}{helpers}", f"{'':13}{machine_text(result)}"]
+        return lines
+    c2m, m2c = result.caller_to_model, result.model_to_caller
+    lines += [
+        f"{head} CPU {result.cpu_ms:.0f} ms in {result.window_s:.1f} s ({result.core_use:.0%} of a core): "
+        f"{result.cpu_ms_per_call_second:.2f} CPU ms per call-second -> {result.calls_per_core:.0f} calls per core",
+        f"{'':13}added latency caller->model p50 {c2m.p50_ms:.2f} / p99 {c2m.p99_ms:.2f} / max {c2m.max_ms:.1f} ms; "
+        f"model->caller p50 {m2c.p50_ms:.2f} / p99 {m2c.p99_ms:.2f} / max {m2c.max_ms:.1f} ms",
+        f"{'':13}RSS idle {result.rss_idle_kib / 1024:.1f} MiB, at N {result.rss_loaded_kib / 1024:.1f} MiB "
+        f"-> {result.rss_per_call_kib:.0f} KiB per call",
+        f"{'':13}frames caller->model {result.caller_frames_received}/{result.caller_frames_sent} "
+        f"(lost {result.caller_frames_lost}), model->caller {result.agent_frames_received}/{result.agent_frames_sent} "
+        f"(lost {result.agent_frames_lost}); marks {result.marks_received} received, {result.marks_echoed} echoed; "
+        f"clears {result.clears}",
+        f"{'':13}errors: {counts_text(result.errors)}; server warnings: {counts_text(result.server_log)}",
+        f"{'':13}{helpers}",
+        f"{'':13}{machine_text(result)}",
+    ]
+    return lines
+
+
+def machine_text(result: RoundResult) -> str:
+    busy = ", ".join(f"{name} {share:.0%}" for name, share in result.cpu_busy.items())
+    return (
+        f"machine during the window: busy {busy}; processes not ours used {result.other_load_cores:.2f} core, "
+        f"steal {result.steal_cores:.2f} core"
+    )
+
+
+def helper_text(use: HelperUse | None) -> str:
+    if use is None:
+        return "n/a"
+    stalls = f", {use.send_stalls} slow sends (flow control or preemption)" if use.send_stalls else ""
+    return f"{use.core_use:.0%} of a core, tick lag p99 {use.tick_lag.p99_ms:.2f} ms{stalls}"
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} x{count}" for name, count in sorted(counts.items())) or "none"
+
+
+def report(options: Options, results: list[RoundResult], elapsed_s: float) -> dict[str, Any]:
+    info = machine()
+    print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}, Linux {info['kernel']}")
+    print(f"mode: {delta_mode(options)}; caller audio 20 ms frames at real-time pace")
+    print(
+        f"bridge: callbridge serve, {options.workers} worker(s), pinned to CPU(s) "
+        f"{'1' if options.workers == 1 else '0-1'}; load generator and fake server on CPU 0; "
+        f"window {options.window_s:g} s after {options.warmup_s:g} s of warm-up; marks echoed when played"
+    )
+    ratios: dict[str, float | None] = {}
+    for calls in options.calls:
+        print()
+        pair = [result for result in results if result.calls == calls]
+        for result in pair:
+            for line in describe(result):
+                print(line)
+        bridge = next((r for r in pair if r.target == "bridge" and r.measured), None)
+        bare = next((r for r in pair if r.target == "bare" and r.measured), None)
+        ratio = bridge.cpu_ms / bare.cpu_ms if bridge and bare and bare.cpu_ms > 0 else None
+        ratios[str(calls)] = ratio
+        if ratio is not None:
+            print(f"{'':13}bridge/bare CPU ratio at N={calls}: {ratio:.2f}x")
+    print()
+    best = max((r for r in results if r.target == "bridge" and r.headline_ok), key=lambda r: r.calls, default=None)
+    headline: dict[str, Any] | None = None
+    if best is None:
+        print("no round of the bridge qualifies for a headline (saturated, failed, or p99 > 10 ms)")
+    else:
+        headline = {
+            "calls": best.calls,
+            "cpu_ms_per_call_second": best.cpu_ms_per_call_second,
+            "calls_per_core": best.calls_per_core,
+            "rss_per_call_kib": best.rss_per_call_kib,
+        }
+        print(
+            f"HEADLINE: {best.calls_per_core:.0f} calls per core ({best.cpu_ms_per_call_second:.2f} CPU ms per "
+            f"call-second, {best.rss_per_call_kib:.0f} KiB RSS per call)"
+        )
+        print(
+            f"calls per core = 1000 / CPU ms per call-second, measured at N={best.calls} (the highest N the load "
+            "generator sustains unsaturated on this machine; conservative, since cost per call falls as load rises)"
+        )
+    print(f"benchmark took {elapsed_s:.0f} s")
+    return {
+        "machine": info,
+        "mode": delta_mode(options),
+        "options": dataclasses.asdict(options) | {"json_path": str(options.json_path) if options.json_path else None},
+        "rounds": [result.as_json() for result in results],
+        "bridge_to_bare_cpu_ratio": ratios,
+        "headline": headline,
+        "elapsed_s": elapsed_s,
+    }
+
+
+async def orchestrate(options: Options) -> None:
+    os.sched_setaffinity(0, {0})  # keep CPU 1 for the system under test
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
+    began = time.monotonic()
+    results: list[RoundResult] = []
+    targets: list[Target] = ["bridge", "bare"] if options.bare else ["bridge"]
+    for calls in options.calls:
+        for target in targets:
+            print(f"[round] N={calls} {target} ...", file=sys.stderr, flush=True)
+            result = await run_round(target, calls, options)
+            results.append(result)
+            print(f"[round] N={calls} {target} took {result.duration_s:.0f} s", file=sys.stderr, flush=True)
+    data = report(options, results, time.monotonic() - began)
+    if options.json_path is not None:
+        options.json_path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+
+
+def serve_supports_workers() -> bool:
+    import subprocess
+
+    done = subprocess.run([str(CALLBRIDGE), "serve", "--help"], capture_output=True, text=True, check=False)
+    return "--workers" in done.stdout
+
+
+def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        description="How many concurrent calls callbridge carries per CPU core (see the module docstring)."
+    )
+    parser.add_argument("--calls", default="20,50,100", help="comma-separated numbers of concurrent calls")
+    parser.add_argument("--delta-ms", type=int, default=20, help="agent audio per delta (20: worst case)")
+    parser.add_argument("--speed", type=float, help="delta pace, x real time (default: 1 at 20 ms, else 2)")
+    parser.add_argument("--response-s", type=float, default=4.0, help="agent audio per response")
+    parser.add_argument("--workers", type=int, default=1, help="passed to callbridge serve --workers")
+    parser.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True, help="also run the bare relay")
+    parser.add_argument("--ramp-s", type=float, default=3.0, help="calls start spread over this long")
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--window-s", type=float, default=10.0)
+    parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True, help="in the helpers")
+    parser.add_argument("--json", type=Path, dest="json_path", help="also write every figure as JSON here")
+    parser.add_argument("--role", choices=["fake", "generator"], help=argparse.SUPPRESS)
+    parser.add_argument("--role-config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    calls = sorted({int(part) for part in args.calls.split(",") if part.strip()})
+    if not calls or min(calls) < 1:
+        parser.error("--calls needs positive numbers")
+    if args.delta_ms < FRAME_MS or args.delta_ms % FRAME_MS:
+        parser.error("--delta-ms must be a multiple of 20")
+    if args.workers > 1 and args.role is None and not serve_supports_workers():
+        parser.error("this callbridge serve has no --workers option yet: use --workers 1")
+    speed = args.speed if args.speed is not None else (1.0 if args.delta_ms == FRAME_MS else 2.0)
+    options = Options(
+        calls=calls,
+        delta_ms=args.delta_ms,
+        speed=speed,
+        response_s=args.response_s,
+        workers=args.workers,
+        bare=args.bare,
+        ramp_s=args.ramp_s,
+        warmup_s=args.warmup_s,
+        window_s=args.window_s,
+        use_uvloop=args.uvloop,
+        json_path=args.json_path,
+    )
+    return options, args
+
+
+def main() -> None:
+    options, args = parse_options()
+    if args.role == "fake":
+        fake_config = FakeConfig(**orjson.loads(args.role_config))
+        run_loop(fake_main(fake_config), options.use_uvloop)
+        return
+    if args.role == "generator":
+        generator_config = GeneratorConfig(**orjson.loads(args.role_config))
+        run_loop(generator_main(generator_config), options.use_uvloop)
+        return
+    try:
+        asyncio.run(orchestrate(options))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: every process started was stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        _kill_leftovers()
+
+
+if __name__ == "__main__":
+    main()
