@@ -203,6 +203,23 @@ def test_agent_audio_goes_to_twilio_with_named_marks(harness: Harness) -> None:
     assert [m["mark"]["name"] for m in messages if m["event"] == "mark"] == ["item_1:800", "item_1:1600"]
 
 
+def test_small_deltas_share_a_mark_every_100_ms_and_keep_the_precision(harness: Harness) -> None:
+    harness.go_live()
+    commands = harness.speak("resp_1", "item_1", chunks=12, chunk_ms=20)  # the model's smallest deltas
+    messages = twilio_messages(commands)
+    assert [m["event"] for m in messages].count("media") == 12
+    assert [m["mark"]["name"] for m in messages if m["event"] == "mark"] == ["item_1:800", "item_1:1600"]
+    # The last 40 ms have no mark yet; the end of the response sends it.
+    done = twilio_messages(harness.handle(ev.RealtimeResponseDone("resp_1", "completed")))
+    assert [m["mark"]["name"] for m in done] == ["item_1:1920"]
+    # What was heard is still known to the 20 ms frame: the last echo plus the time the next chunk has played.
+    harness.handle(ev.TwilioMark("item_1:800"), at=harness.now + 0.1)
+    assert harness.session.played_ms("item_1", harness.now + 0.03) == 130
+    commands = harness.handle(ev.RealtimeSpeechStarted("item_c1", 900), at=harness.now + 0.03)
+    (truncate,) = of_type(commands, "conversation.item.truncate")
+    assert truncate["audio_end_ms"] == 130
+
+
 def test_b64_audio_length() -> None:
     for n in range(0, 12):
         assert b64_audio_bytes(audio(0) + __import__("base64").b64encode(b"x" * n).decode()) == n
