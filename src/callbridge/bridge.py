@@ -1,8 +1,9 @@
 """The asyncio driver of one call: two sockets around a :class:`~callbridge.core.session.CallSession`.
 
-It is deliberately small and dumb: readers turn frames into events and queue them; one loop hands each event to
-the session and performs the commands it returns, in order. Only that loop touches the session and only it sends,
-so a call's state has exactly one owner. Everything a call starts (reader tasks, tool runs, the Realtime socket)
+It is deliberately small and dumb: readers turn frames into events; each event is handed to the session and the
+commands it returns are performed, in order, one event at a time (under one lock: by the reader itself when
+nothing else is in flight, else by the run loop from a queue). So a call's state has exactly one owner at a time,
+and only the handling of an event sends. Everything a call starts (reader tasks, tool runs, the Realtime socket)
 is cancelled or closed before :meth:`CallBridge.run` returns.
 
 The Twilio side is any object with ``receive``/``send``/``close`` (:class:`TwilioTransport`), so the bridge runs
@@ -20,8 +21,8 @@ from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import structlog
-import websockets
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed  # imported once: ``websockets.X`` resolves lazily on each use
 
 from callbridge.core import events as ev
 from callbridge.core.commands import (
@@ -142,6 +143,8 @@ class CallBridge:
         self._timed_out: tuple[ev.Event, float] | None = None
         self._log = logger or structlog.stdlib.get_logger("callbridge.call")
         self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self._turn = asyncio.Lock()  # held while one event is handled and its commands performed
+        self._bound = False
         self._records: asyncio.Queue[TranscriptLine | RecordEvent | None] = asyncio.Queue()
         self._realtime: ClientConnection | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -152,18 +155,11 @@ class CallBridge:
         self._twilio = twilio
         self._spawn(self._read_twilio(twilio))
         writer = asyncio.create_task(self._write_records())
-        bound = False
         try:
             while self.session.phase != "ended":
                 event = await self._inbox.get()
-                commands = self.session.handle(event, time.monotonic())
-                if not bound and self.session.stream_sid:
-                    bound = True  # every line of the call from here on names it
-                    self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
-                for command in commands:
-                    await self._perform(command)
-                if self._metrics is not None:
-                    self._time_relay(event)
+                async with self._turn:
+                    await self._process(event)
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -172,6 +168,28 @@ class CallBridge:
             self._records.put_nowait(None)
             await writer
         return self.session
+
+    async def _deliver(self, event: ev.Event) -> None:
+        """A reader's event: handled right here when nothing else is in flight (one task switch less per audio
+        frame), else queued behind the others. Either way events are handled one at a time, in arrival order."""
+        if self._turn.locked() or not self._inbox.empty():
+            self._inbox.put_nowait(event)
+            return
+        async with self._turn:
+            await self._process(event)
+            if self.session.phase == "ended":
+                self._inbox.put_nowait(ev.EndRequested("ended"))  # wakes run(), which waits for an event
+
+    async def _process(self, event: ev.Event) -> None:
+        """Hand one event to the session and perform what it returns (only ever while holding ``_turn``)."""
+        commands = self.session.handle(event, time.monotonic())
+        if not self._bound and self.session.stream_sid:
+            self._bound = True  # every line of the call from here on names it
+            self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
+        for command in commands:
+            await self._perform(command)
+        if self._metrics is not None:
+            self._time_relay(event)
 
     def _time_relay(self, event: ev.Event) -> None:
         assert self._metrics is not None
@@ -233,7 +251,7 @@ class CallBridge:
             return
         if self._endpoint.dialect == "beta":
             event = to_beta(event)
-        with contextlib.suppress(websockets.ConnectionClosed):  # the reader reports the close
+        with contextlib.suppress(ConnectionClosed):  # the reader reports the close
             await self._realtime.send(dumps(event))
 
     async def _check(self, authorize: Authorize) -> str | None:
@@ -307,13 +325,13 @@ class CallBridge:
                 count += 1
                 if count % RELAY_SAMPLE_EVERY == 0 and self._timed_in is None:
                     self._timed_in = (event, time.perf_counter())
-            self._inbox.put_nowait(event)
+            await self._deliver(event)
 
     async def _connect_realtime(self, delay_s: float = 0.0) -> None:
         endpoint = self._endpoint
         await asyncio.sleep(delay_s)
         try:
-            connection = await websockets.connect(
+            connection = await connect(
                 endpoint.full_url,
                 additional_headers=headers_for(endpoint.dialect, endpoint.api_key),
                 open_timeout=endpoint.connect_timeout,
@@ -339,8 +357,8 @@ class CallBridge:
                     count += 1
                     if count % RELAY_SAMPLE_EVERY == 0 and self._timed_out is None:
                         self._timed_out = (event, time.perf_counter())
-                self._inbox.put_nowait(event)
-        except websockets.ConnectionClosed:
+                await self._deliver(event)
+        except ConnectionClosed:
             pass
         if self._realtime is connection:  # closed by the other side, not by us
             self._inbox.put_nowait(ev.RealtimeClosed(connection.close_code, connection.close_reason or ""))
