@@ -287,6 +287,9 @@ async def test_signatures_and_stream_parameters_guard_the_bridge(tmp_path: Path,
         with pytest.raises(websockets.InvalidStatus) as refused:
             await websockets.connect(stream_url, additional_headers={"X-Twilio-Signature": "bogus"})
         assert refused.value.response.status_code == 403
+        with pytest.raises(websockets.InvalidStatus) as unsigned:
+            await websockets.connect(stream_url)
+        assert unsigned.value.response.status_code == 403
 
         # A valid upgrade signature is the same for every call and can be replayed: the signed parameters decide.
         upgrade = {"X-Twilio-Signature": validator.compute_signature(stream_url, {})}
@@ -319,7 +322,7 @@ async def test_signatures_and_stream_parameters_guard_the_bridge(tmp_path: Path,
             "stream parameters belong to another call",
         ]
         assert len(service.logs("security.webhook_signature_invalid")) == 2
-        assert len(service.logs("security.stream_signature_invalid")) == 1
+        assert len(service.logs("security.stream_signature_invalid")) == 2
 
 
 async def test_beta_dialect_end_to_end(tmp_path: Path, behavior: FakeBehavior) -> None:
@@ -367,10 +370,12 @@ async def test_tool_call_end_to_end(tmp_path: Path) -> None:
     assert recording.received_audio_bytes == sum(size for _, size in agent_items(session))
 
 
+@pytest.mark.parametrize("death", ["closed", "killed"])
 async def test_model_connection_lost_mid_call_reconnects_with_the_conversation(
-    tmp_path: Path, behavior: FakeBehavior
+    death: str, tmp_path: Path, behavior: FakeBehavior
 ) -> None:
-    behavior.close_after_s = 6.0  # the first session dies mid-call (code 1011)
+    behavior.close_after_s = 6.0  # the first session dies mid-call: closed with 1011, or its process killed
+    behavior.close_abruptly = death == "killed"  # no close frame: the TCP connection just drops
     async with serve(tmp_path, behavior) as service:
         steps: list[Step] = [
             Pause(2500),

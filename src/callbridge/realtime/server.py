@@ -116,6 +116,8 @@ class ServerOptions:
     """Send a ``server_error`` instead of transcribing and answering caller turn N (1-based)."""
     close_after_s: float | None = None
     """Close the connection with code 1011 this long after ``session.created``."""
+    close_abruptly: bool = False
+    """Instead, drop the TCP connection then without a close frame (a killed process)."""
 
 
 @dataclass
@@ -367,7 +369,10 @@ class _Connection:
 
     async def _close_later(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        await self.ws.close(1011, "Internal server error")
+        if self.options.close_abruptly:
+            self.ws.transport.abort()
+        else:
+            await self.ws.close(1011, "Internal server error")
 
     async def _send(self, event_type: str, **fields: Any) -> None:
         name = event_type if self.ga else _BETA_NAMES.get(event_type, event_type)

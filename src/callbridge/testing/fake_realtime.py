@@ -66,6 +66,8 @@ class FakeBehavior:
     """Send a ``server_error`` instead of transcribing and answering caller turn N (1-based)."""
     close_after_s: float | None = None
     """Close the connection with code 1011 this long after ``session.created``."""
+    close_abruptly: bool = False
+    """At ``close_after_s``, drop the TCP connection without a close frame, as a killed server process does."""
 
     def transcript(self, turn: int) -> str:
         return self.transcripts[turn - 1] if turn <= len(self.transcripts) else f"(caller turn {turn})"
@@ -109,5 +111,7 @@ class FakeRealtimeServer(RealtimeServer):
     def _new_agent(self) -> ScriptedAgent:
         # Options are read per connection, so tests may change the behavior after the server started.
         behavior = self.behavior
-        self.options = ServerOptions(behavior.delta_ms, behavior.speed, behavior.error_on_turn, behavior.close_after_s)
+        self.options = ServerOptions(
+            behavior.delta_ms, behavior.speed, behavior.error_on_turn, behavior.close_after_s, behavior.close_abruptly
+        )
         return ScriptedAgent(behavior)
