@@ -80,7 +80,7 @@ class Service:
 
 
 @asynccontextmanager
-async def serve(tmp_path: Path, behavior: FakeBehavior, **env: str) -> AsyncIterator[Service]:
+async def serve(tmp_path: Path, behavior: FakeBehavior, workers: int = 1, **env: str) -> AsyncIterator[Service]:
     async with FakeRealtimeServer(behavior) as fake:
         port = _free_port()
         base_url = f"http://127.0.0.1:{port}"
@@ -99,7 +99,11 @@ async def serve(tmp_path: Path, behavior: FakeBehavior, **env: str) -> AsyncIter
         log_path = tmp_path / f"serve-{port}.log"
         with log_path.open("wb") as log:
             process = await asyncio.create_subprocess_exec(
-                str(CALLBRIDGE), "serve", "--port", str(port), env=environment, stdout=log, stderr=log, cwd=tmp_path
+                *(str(CALLBRIDGE), "serve", "--port", str(port), "--workers", str(workers)),
+                env=environment,
+                stdout=log,
+                stderr=log,
+                cwd=tmp_path,
             )
         service = Service(base_url, log_path, fake, process)
         try:

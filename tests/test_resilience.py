@@ -259,3 +259,30 @@ async def test_the_development_switch_turns_signature_checks_off_loudly(tmp_path
     (warning,) = running.logs("security.signatures_disabled")
     assert warning["level"] == "error" and "ANYONE" in warning["detail"]
     assert unsigned.status_code == 200 and "<Connect>" in unsigned.text
+
+
+async def test_workers_share_the_port_and_drain_together(tmp_path: Path) -> None:
+    db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
+    behavior = FakeBehavior(greeting=GREETING, ms_per_char=20)
+    async with service(tmp_path, behavior, db, workers=2, CALLBRIDGE_DRAIN_SECONDS="3") as (running, twilio):
+        sids = [await twilio_call(twilio) for _ in range(16)]
+        caller = running.caller()
+        calls = [
+            asyncio.create_task(caller.place_call(CallScript([Pause(60000)]), call_sid=sid, max_duration_s=70))
+            for sid in sids
+        ]
+        await until(lambda: len(running.fake.sessions) == 16 and all(s.audio for s in running.fake.sessions), 20)
+        running.process.send_signal(signal.SIGTERM)  # to the parent: it passes the signal on to every worker
+        recordings = await asyncio.gather(*calls)
+        exit_code = await asyncio.wait_for(running.process.wait(), 20)
+    assert exit_code == 0
+    assert all(r.ended_by == "server" and r.duration_s >= 2.5 for r in recordings)
+    store = await Store.open(db)
+    try:
+        records = [await store.get_call(sid) for sid in sids]
+    finally:
+        await store.close()
+    assert [record.end_reason if record else None for record in records] == ["shutdown"] * 16
+    # The kernel spread the calls over both workers (16 calls on one of two: a 1 in 30,000 chance).
+    owners = {record.owner.split(":")[1] for record in records if record and record.owner}
+    assert len(owners) == 2
