@@ -82,7 +82,7 @@ async def database(kind: str, tmp_path: Path) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def service(
-    tmp_path: Path, behavior: FakeBehavior, db: str, workers: int = 1, **env: str
+    tmp_path: Path, behavior: FakeBehavior, db: str, *, workers: str = "1", **env: str
 ) -> AsyncIterator[tuple[Service, FakeTwilio]]:
     (tmp_path / "host_app.py").write_text(RESOLVER)
     (tmp_path / "agents.toml").write_text(AGENTS)
@@ -98,7 +98,7 @@ async def service(
             "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
             **env,
         }
-        async with serve(tmp_path, behavior, workers, **environment) as running:
+        async with serve(tmp_path, behavior, workers=workers, **environment) as running:
             yield running, twilio
 
 

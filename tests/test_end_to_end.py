@@ -80,7 +80,7 @@ class Service:
 
 
 @asynccontextmanager
-async def serve(tmp_path: Path, behavior: FakeBehavior, workers: int = 1, **env: str) -> AsyncIterator[Service]:
+async def serve(tmp_path: Path, behavior: FakeBehavior, *, workers: str = "1", **env: str) -> AsyncIterator[Service]:
     async with FakeRealtimeServer(behavior) as fake:
         port = _free_port()
         base_url = f"http://127.0.0.1:{port}"
@@ -99,7 +99,7 @@ async def serve(tmp_path: Path, behavior: FakeBehavior, workers: int = 1, **env:
         log_path = tmp_path / f"serve-{port}.log"
         with log_path.open("wb") as log:
             process = await asyncio.create_subprocess_exec(
-                *(str(CALLBRIDGE), "serve", "--port", str(port), "--workers", str(workers)),
+                *(str(CALLBRIDGE), "serve", "--port", str(port), "--workers", workers),
                 env=environment,
                 stdout=log,
                 stderr=log,
@@ -157,9 +157,9 @@ def assert_conformant(session: FakeSession) -> None:
         validate_client_event(event, session.dialect)
 
 
-@pytest.fixture
-def behavior() -> Iterator[FakeBehavior]:
-    yield FakeBehavior(
+def opening_hours() -> FakeBehavior:
+    """A caller asks for the opening hours, then barges in on the long answer to ask about the weekend."""
+    return FakeBehavior(
         transcripts=["I would like to know your opening hours.", "Stop, just the weekend please."],
         reply=lambda text: (
             "We are open on Saturdays from nine until one."
@@ -170,6 +170,11 @@ def behavior() -> Iterator[FakeBehavior]:
         greeting=GREETING,
         ms_per_char=40,
     )
+
+
+@pytest.fixture
+def behavior() -> Iterator[FakeBehavior]:
+    yield opening_hours()
 
 
 async def test_a_call_end_to_end(tmp_path: Path, behavior: FakeBehavior) -> None:

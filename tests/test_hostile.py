@@ -39,8 +39,16 @@ from callbridge.realtime.protocol import parse_server_event
 from callbridge.telephony.media_streams import parse_twilio_message
 from callbridge.telephony.params import PARAMETER_NAME
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say, SayWhenHearing, Step
-from callbridge.testing.fake_realtime import FakeBehavior
-from test_end_to_end import AUTH_TOKEN, GREETING, Service, agent_items, assert_conformant, serve, wait_closed
+from test_end_to_end import (
+    AUTH_TOKEN,
+    GREETING,
+    Service,
+    agent_items,
+    assert_conformant,
+    opening_hours,
+    serve,
+    wait_closed,
+)
 
 from conftest import CALL_SID, STREAM_SID, Harness, audio
 
@@ -918,23 +926,9 @@ HEALTHY_SCRIPT: list[Step] = [
 ]
 
 
-def healthy_behavior() -> FakeBehavior:
-    return FakeBehavior(
-        transcripts=["I would like to know your opening hours.", "Stop, just the weekend please."],
-        reply=lambda text: (
-            "We are open on Saturdays from nine until one."
-            if "weekend" in text
-            else "We are open Monday to Friday from eight in the morning until six in the evening, "
-            "and on Saturdays from nine until one."
-        ),
-        greeting=GREETING,
-        ms_per_char=40,
-    )
-
-
 async def test_hostile_streams_leave_a_concurrent_healthy_call_untouched(tmp_path: Path) -> None:
     env = {"CALLBRIDGE_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES)}
-    async with serve(tmp_path, healthy_behavior(), **env) as service:
+    async with serve(tmp_path, opening_hours(), **env) as service:
         healthy = asyncio.create_task(service.caller().place_call(CallScript(list(HEALTHY_SCRIPT)), max_duration_s=30))
         await asyncio.sleep(0.3)
         before, after, flooding, big, forged = (HostileStream(service) for _ in range(5))
@@ -1032,7 +1026,7 @@ async def test_an_oversized_frame_is_counted_and_logged_with_the_call_id(tmp_pat
     """A frame over CALLBRIDGE_MAX_MESSAGE_BYTES (but under uvicorn's hard ceiling, four times that) is dropped
     unparsed, counted and logged with the call's ids; the call goes on."""
     env = {"CALLBRIDGE_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES)}
-    async with serve(tmp_path, healthy_behavior(), **env) as service:
+    async with serve(tmp_path, opening_hours(), **env) as service:
         stream = HostileStream(service)
         async with stream.connect() as ws:
             await ws.send(stream.start(await stream.admit()))

@@ -264,7 +264,7 @@ async def test_the_development_switch_turns_signature_checks_off_loudly(tmp_path
 async def test_workers_share_the_port_and_drain_together(tmp_path: Path) -> None:
     db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
     behavior = FakeBehavior(greeting=GREETING, ms_per_char=20)
-    async with service(tmp_path, behavior, db, workers=2, CALLBRIDGE_DRAIN_SECONDS="3") as (running, twilio):
+    async with service(tmp_path, behavior, db, workers="2", CALLBRIDGE_DRAIN_SECONDS="3") as (running, twilio):
         sids = [await twilio_call(twilio) for _ in range(16)]
         caller = running.caller()
         calls = [

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from callbridge.core import events as ev
 from callbridge.core.commands import EndCall, SendRealtime, SendTwilio
 from callbridge.core.context import AgentConfig
+from callbridge.core.session import b64_audio_bytes
 from callbridge.telephony.media_streams import parse_twilio_message
 
 from conftest import Harness, audio
@@ -50,22 +51,26 @@ def test_any_event_sequence_keeps_the_session_sound(steps: list[tuple[ev.Event, 
     harness = Harness(agent)
     harness.go_live()
     truncated: dict[str, int] = {}
-    sent_bytes: dict[str, int] = {}  # per item, from the marks that follow each chunk
+    sent_bytes: dict[str, int] = {}  # per item, the agent audio relayed to Twilio
     for event, pause in steps:
         for command in harness.handle(event, at=harness.now + pause):  # Harness validates every wire message
             if isinstance(command, SendRealtime) and command.event["type"] == "conversation.item.truncate":
                 item = command.event["item_id"]
                 assert item not in truncated, "an item is truncated at most once"
                 truncated[item] = command.event["audio_end_ms"]
-                assert 0 < command.event["audio_end_ms"] * 8 <= sent_bytes[item], "never beyond what was sent"
+                assert 0 < command.event["audio_end_ms"] * 8 <= sent_bytes.get(item, 0), "never beyond what was sent"
             if isinstance(command, SendRealtime) and command.event["type"] == "response.cancel":
                 assert not server_cancels
             assert not isinstance(command, EndCall), "peer events alone never end a live call"
             if isinstance(command, SendTwilio):
                 assert command.message["streamSid"] == harness.session.stream_sid
-                if command.message["event"] == "mark":
+                if command.message["event"] == "media":
+                    assert isinstance(event, ev.RealtimeAudioDelta)
+                    payload = command.message["media"]["payload"]
+                    sent_bytes[event.item_id] = sent_bytes.get(event.item_id, 0) + b64_audio_bytes(payload)
+                if command.message["event"] == "mark":  # a mark never names more than was sent
                     item, end = command.message["mark"]["name"].rsplit(":", 1)
-                    sent_bytes[item] = int(end)
+                    assert int(end) == sent_bytes[item]
     assert harness.session.phase == "live"
 
 

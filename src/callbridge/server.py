@@ -17,8 +17,8 @@ import os
 import signal
 import socket
 import time
+from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Any
 
 import structlog
 import uvicorn
@@ -28,6 +28,8 @@ from callbridge.config import Settings
 from callbridge.logs import configure_logging
 
 log = structlog.stdlib.get_logger("callbridge.server")
+STARTUP_FAILURE = 3
+"""Exit code of a process whose application could not start (as uvicorn's own)."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -82,24 +84,28 @@ def run_worker(host: str, port: int, reuse_port: bool = False) -> None:
     configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)
     server = DrainingServer(_config(app, settings, host, port), app)
-    if not reuse_port:
+    if reuse_port:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        server.run(sockets=[sock])
+    else:
         server.run()
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    server.run(sockets=[sock])
+    if not server.started:  # the application could not start (database, configuration): say so by the exit code
+        raise SystemExit(STARTUP_FAILURE)
 
 
 def run_workers(host: str, port: int, workers: int) -> None:
-    """``workers`` serving processes on one port; signals go to all of them, a dead one is replaced."""
+    """``workers`` serving processes on one port; signals go to all of them, a dead one is replaced (one that
+    cannot start stops them all: it would fail the same way again)."""
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
     context = multiprocessing.get_context("spawn")
     stopping = False
 
-    def start() -> Any:
+    def start() -> BaseProcess:
         process = context.Process(target=run_worker, args=(host, port, True), daemon=False)
         process.start()
         return process
@@ -120,6 +126,9 @@ def run_workers(host: str, port: int, workers: int) -> None:
             process.join(timeout=0.2)
             if process.exitcode is not None and not stopping:
                 log.error("worker.died", pid=process.pid, exitcode=process.exitcode)
+                if process.exitcode == STARTUP_FAILURE:
+                    forward(signal.SIGTERM, None)
+                    raise SystemExit(STARTUP_FAILURE)
                 time.sleep(1)
                 processes[index] = start()
         if stopping and all(process.exitcode is not None for process in processes):
