@@ -80,6 +80,11 @@ def run_worker(host: str, port: int, reuse_port: bool = False) -> None:
     """One serving process: builds the app from the environment and serves until drained."""
     from callbridge.api.app import create_app
 
+    if reuse_port:
+        # A worker of ``run_workers``: out of the terminal's process group, so a Ctrl-C reaches only the parent,
+        # which passes it on once (a worker that got it twice would stop at once instead of draining).
+        os.setpgrp()
+
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
@@ -426,8 +427,19 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    """WAL lets readers work while a call writes its transcript; SQLite enforces foreign keys only when asked."""
+    """WAL lets readers work while a call writes its transcript; SQLite enforces foreign keys only when asked.
+
+    Switching a new file to WAL fails at once, busy timeout or not, while another process does the same (workers
+    starting together): the switch is retried for a few seconds. Once a file is in WAL mode it stays so.
+    """
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    for attempt in range(50):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except Exception as exc:
+            if "locked" not in str(exc) or attempt == 49:
+                raise
+            time.sleep(0.1)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
