@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -63,8 +65,9 @@ async def main(port: int, realtime_url: str) -> None:
         await server.serve_forever()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def run_relay(relay_main: Callable[[int, str], Coroutine[Any, Any, None]], description: str | None) -> None:
+    """The command line of a bare relay: ``--port``, ``--realtime-url``, ``--uvloop`` (on by default)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--realtime-url", required=True)
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
@@ -77,4 +80,8 @@ if __name__ == "__main__":
     except ImportError:
         runner = asyncio.Runner()
     with runner, contextlib.suppress(KeyboardInterrupt):
-        runner.run(main(arguments.port, arguments.realtime_url))
+        runner.run(relay_main(arguments.port, arguments.realtime_url))
+
+
+if __name__ == "__main__":
+    run_relay(main, __doc__.splitlines()[0] if __doc__ else None)

@@ -17,7 +17,8 @@ What runs. Each round starts three kinds of OS process, each pinned with ``os.sc
   and ignores every other client event beyond its ``type``.
 - the system under test: ``callbridge serve`` (the real service, signatures checked, on CPU 1, or on both CPUs
   with ``--workers 2``), then, right after it at the same N, the bare relay of ``benchmarks/bare_relay.py``
-  (a ~60-line pass-through with no checks, marks or state; ``--no-bare`` skips it).
+  (a ~60-line pass-through with no checks, marks or state, on the same websockets library; ``--no-bare`` skips
+  it; ``--bare-stack picows`` runs the same relay on picows, to show what a compiled WebSocket stack saves).
 - the load generator (this file, ``--role generator``; CPU 0), one asyncio loop placing N calls the way Twilio
   does: the signed ``/twilio/voice`` webhook, the ``<Stream>`` of the TwiML it answers, a signed WebSocket,
   ``connected`` and ``start``, then one 160-byte ``media`` frame every 20 ms per call on an absolute schedule.
@@ -834,6 +835,7 @@ class Options:
     response_s: float
     workers: int
     bare: bool
+    bare_stack: str
     ramp_s: float
     warmup_s: float
     window_s: float
@@ -953,7 +955,8 @@ async def start_target(
     base_url = f"http://127.0.0.1:{port}"
     ready_timeout = 30 + options.calls[-1] / 20
     if target == "bare":
-        argv = [sys.executable, str(HERE / "bare_relay.py"), "--port", str(port), "--realtime-url", realtime_url]
+        script = "bare_relay_picows.py" if options.bare_stack == "picows" else "bare_relay.py"
+        argv = [sys.executable, str(HERE / script), "--port", str(port), "--realtime-url", realtime_url]
         argv.append("--uvloop" if options.use_uvloop else "--no-uvloop")
         child = await processes.start("bare", argv, {1})
         await child.expect("listening", 30)
@@ -1249,13 +1252,6 @@ async def orchestrate(options: Options) -> None:
         options.json_path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
 
 
-def serve_supports_workers() -> bool:
-    import subprocess
-
-    done = subprocess.run([str(CALLBRIDGE), "serve", "--help"], capture_output=True, text=True, check=False)
-    return "--workers" in done.stdout
-
-
 def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         description="How many concurrent calls callbridge carries per CPU core (see the module docstring)."
@@ -1266,6 +1262,12 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
     parser.add_argument("--response-s", type=float, default=4.0, help="agent audio per response")
     parser.add_argument("--workers", type=int, default=1, help="passed to callbridge serve --workers")
     parser.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True, help="also run the bare relay")
+    parser.add_argument(
+        "--bare-stack",
+        choices=["websockets", "picows"],
+        default="websockets",
+        help="the bare relay's WebSocket stack: websockets (callbridge's own) or picows (pip install '.[bench]')",
+    )
     parser.add_argument("--ramp-s", type=float, default=3.0, help="calls start spread over this long")
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--window-s", type=float, default=10.0)
@@ -1279,8 +1281,6 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
         parser.error("--calls needs positive numbers")
     if args.delta_ms < FRAME_MS or args.delta_ms % FRAME_MS:
         parser.error("--delta-ms must be a multiple of 20")
-    if args.workers > 1 and args.role is None and not serve_supports_workers():
-        parser.error("this callbridge serve has no --workers option yet: use --workers 1")
     speed = args.speed if args.speed is not None else (1.0 if args.delta_ms == FRAME_MS else 2.0)
     options = Options(
         calls=calls,
@@ -1289,6 +1289,7 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
         response_s=args.response_s,
         workers=args.workers,
         bare=args.bare,
+        bare_stack=args.bare_stack,
         ramp_s=args.ramp_s,
         warmup_s=args.warmup_s,
         window_s=args.window_s,
