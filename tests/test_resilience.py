@@ -15,11 +15,18 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from callbridge import audio
+from callbridge.agents import load_agents
+from callbridge.config import Settings
+from callbridge.core.context import AgentConfig, CallContext
+from callbridge.core.session import CallSession, SessionConfig
+from callbridge.services import CallServices
 from callbridge.store.repository import Store
+from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls
 from callbridge.testing.caller import CallRefused, CallScript, HangUp, Pause, Say, Step
 from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeTwilio
+from callbridge.tools import ToolRegistry
 from test_calls_api import ACCOUNT_SID, api, service
 from test_end_to_end import AUTH_TOKEN, GREETING, _free_port, serve, until
 
@@ -286,3 +293,28 @@ async def test_workers_share_the_port_and_drain_together(tmp_path: Path) -> None
     # The kernel spread the calls over both workers (16 calls on one of two: a 1 in 30,000 chance).
     owners = {record.owner.split(":")[1] for record in records if record and record.owner}
     assert len(owners) == 2
+
+
+async def test_a_database_outage_refuses_only_the_parameters_that_need_the_record(tmp_path: Path) -> None:
+    settings = Settings(CALLBRIDGE_SECRET="s" * 32, CALLBRIDGE_DATABASE_URL=f"sqlite:///{tmp_path / 'calls.db'}")
+    store = await Store.open(settings.database_url)
+    services = CallServices(
+        settings, store, StreamParameterSigner("s" * 32, 600), load_agents(settings, ToolRegistry(), None), None
+    )
+    session = CallSession(
+        SessionConfig(agent=AgentConfig(), verify_parameters=lambda parameters, call_sid: CallContext())
+    )
+    session.call_sid = "CA" + "1" * 32
+    try:
+        async with store.engine.begin() as connection:  # the database breaks under the running service
+            await connection.exec_driver_sql("DROP TABLE transcript_lines")
+            await connection.exec_driver_sql("DROP TABLE call_events")
+            await connection.exec_driver_sql("DROP TABLE calls")
+        session.context = CallContext(call_sid=session.call_sid)  # bound to the SID by its signature
+        assert await services.authorize(session) is None
+        session.context = CallContext(binding="one-time")  # bound only through the call record
+        with pytest.raises(Exception, match="no such table"):
+            await services.authorize(session)  # the bridge refuses the call when the check cannot run
+    finally:
+        await services.aclose()
+        await store.close()

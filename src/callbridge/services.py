@@ -197,7 +197,14 @@ class CallServices:
         call_sid, context = session.call_sid, session.context
         if not call_sid or context is None:
             return "no call"
-        record = await self.store.get_call(call_sid)
+        try:
+            record = await self.store.get_call(call_sid)
+        except Exception as exc:
+            if context.binding is not None:
+                raise  # only the record can bind these parameters: without it the call is refused
+            # Parameters bound to this call's SID need no record: a database outage must not turn callers away.
+            log.warning("call.authorize_without_record", call_sid=call_sid, error=f"{type(exc).__name__}: {exc}")
+            return None
         if context.binding is not None:
             deadline = time.monotonic() + BINDING_WAIT_S
             while record is None and time.monotonic() < deadline:  # the create request may not have returned yet
