@@ -335,6 +335,9 @@ class CallBridge:
                 endpoint.full_url,
                 additional_headers=headers_for(endpoint.dialect, endpoint.api_key),
                 open_timeout=endpoint.connect_timeout,
+                # Ending a call waits for the model's close handshake at most this long (its answer may sit behind
+                # unread audio when the reader itself is the one ending the call).
+                close_timeout=2.0,
                 max_size=endpoint.max_message_bytes,
                 compression=None,
             )

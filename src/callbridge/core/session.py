@@ -718,6 +718,7 @@ class CallSession:
 
     def _goodbye_overdue(self, now: float) -> list[Command]:
         self._closing_stage = "goodbye"
+        self._flushed_marks.update(mark.name for mark in self._pending_marks if mark.name)  # late echoes are expected
         self._pending_marks.clear()
         self._open_chunk = None
         return [Log("call.goodbye_overdue", "warning", {"waited_s": GOODBYE_LIMIT_S}), *self._close_after_goodbye(now)]
