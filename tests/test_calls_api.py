@@ -27,7 +27,7 @@ from callbridge.telephony.rest import TwilioCalls
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeTwilio
-from test_end_to_end import AUTH_TOKEN, Service, serve, wait_closed
+from test_end_to_end import AUTH_TOKEN, Service, no_live_call, serve, wait_closed
 
 from conftest import secret
 
@@ -369,7 +369,7 @@ async def test_admission_control_turns_calls_away_past_the_limit(tmp_path: Path)
             await websockets.connect(stream_url, additional_headers=upgrade)
         assert running.logs("admission.stream_refused")
         await first
-        await running.wait_for_logs("call.summary", 1)
+        await no_live_call(running)
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"{running.base_url}/readyz")).status_code == 200
         async with api(running) as client:

@@ -129,6 +129,16 @@ async def serve(tmp_path: Path, behavior: FakeBehavior, *, workers: str = "1", *
                     await process.wait()
 
 
+async def no_live_call(running: Service) -> None:
+    """Until the service carries no call (its record written): ``/readyz`` counts the live calls."""
+    async with httpx.AsyncClient() as client:
+        for _ in range(100):
+            if (await client.get(f"{running.base_url}/readyz")).json()["active_calls"] == 0:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("a call is still live")
+
+
 async def until(condition: Callable[[], object], seconds: float = 10.0) -> None:
     """Poll ``condition`` (state another task or process changes, with nothing to await on)."""
     deadline = time.monotonic() + seconds
@@ -149,6 +159,21 @@ def agent_items(session: FakeSession) -> list[tuple[str, int]]:
         if event["type"] in ("response.output_audio.delta", "response.audio.delta"):
             sizes[event["item_id"]] = sizes.get(event["item_id"], 0) + len(base64.b64decode(event["delta"]))
     return list(sizes.items())
+
+
+def assert_greeting_heard_then_cut_at_what_was_heard(recording: CallRecording, session: FakeSession) -> None:
+    """The opening-hours call: the greeting heard in full, then one barge-in that cleared Twilio's buffer and
+    truncated the answer at what the caller actually heard."""
+    _greeting_item, greeting_bytes = agent_items(session)[0]
+    assert len(recording.heard_audio) >= greeting_bytes
+    (clear,) = recording.clears
+    (truncation,) = session.truncations
+    interrupted_item, interrupted_bytes = agent_items(session)[1]
+    assert truncation["item_id"] == interrupted_item
+    heard_of_item_ms = (clear.heard_bytes_at_clear - greeting_bytes) / audio.BYTES_PER_MS
+    assert abs(truncation["audio_end_ms"] - heard_of_item_ms) <= 60, (truncation, heard_of_item_ms)
+    assert 0 < truncation["audio_end_ms"] < interrupted_bytes / audio.BYTES_PER_MS
+    assert recording.marks_flushed  # Twilio echoes pending marks on clear; they were not counted as played
 
 
 def assert_conformant(session: FakeSession) -> None:
@@ -217,19 +242,7 @@ async def test_a_call_end_to_end(tmp_path: Path, behavior: FakeBehavior) -> None
     assert bytes(session.audio) == bytes(recording.sent_audio)
     assert len(recording.sent_audio) > 0
 
-    # The greeting was heard in full before the caller spoke.
-    _greeting_item, greeting_bytes = agent_items(session)[0]
-    assert len(recording.heard_audio) >= greeting_bytes
-
-    # The barge-in cleared Twilio's buffer and truncated at what the caller actually heard.
-    (clear,) = recording.clears
-    (truncation,) = session.truncations
-    interrupted_item, interrupted_bytes = agent_items(session)[1]
-    assert truncation["item_id"] == interrupted_item
-    heard_of_item_ms = (clear.heard_bytes_at_clear - greeting_bytes) / audio.BYTES_PER_MS
-    assert abs(truncation["audio_end_ms"] - heard_of_item_ms) <= 60, (truncation, heard_of_item_ms)
-    assert 0 < truncation["audio_end_ms"] < interrupted_bytes / audio.BYTES_PER_MS
-    assert recording.marks_flushed  # Twilio echoes pending marks on clear; they were not counted as played
+    assert_greeting_heard_then_cut_at_what_was_heard(recording, session)
 
     # Transcripts of both sides completed, in spoken order, each log line bound to the call.
     lines = service.logs("transcript.line")  # logged before call.summary, which serve() waited for

@@ -45,6 +45,7 @@ from test_end_to_end import (
     Service,
     agent_items,
     assert_conformant,
+    assert_greeting_heard_then_cut_at_what_was_heard,
     opening_hours,
     serve,
     wait_closed,
@@ -499,10 +500,13 @@ def test_a_hundred_thousand_hostile_messages_crash_nothing() -> None:
 
 # --- hypothesis: where the structure matters ---------------------------------------------------------------
 
+
+def json_containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+
+
 JSON_JUNK = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
-    max_leaves=8,
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20), json_containers, max_leaves=8
 )
 
 
@@ -959,16 +963,7 @@ async def test_hostile_streams_leave_a_concurrent_healthy_call_untouched(tmp_pat
     assert_conformant(session)
     assert bytes(session.audio) == bytes(recording.sent_audio) and len(recording.sent_audio) > 0
     assert recording.received_audio_bytes == sum(size for _, size in agent_items(session))
-    _greeting_item, greeting_bytes = agent_items(session)[0]
-    assert len(recording.heard_audio) >= greeting_bytes
-    (clear,) = recording.clears
-    (truncation,) = session.truncations
-    interrupted_item, interrupted_bytes = agent_items(session)[1]
-    assert truncation["item_id"] == interrupted_item
-    heard_of_item_ms = (clear.heard_bytes_at_clear - greeting_bytes) / sound.BYTES_PER_MS
-    assert abs(truncation["audio_end_ms"] - heard_of_item_ms) <= 60, (truncation, heard_of_item_ms)
-    assert 0 < truncation["audio_end_ms"] < interrupted_bytes / sound.BYTES_PER_MS
-    assert recording.marks_flushed
+    assert_greeting_heard_then_cut_at_what_was_heard(recording, session)
     lines = [line for line in logs if line["event"] == "transcript.line" and line["call_sid"] == recording.call_sid]
     assert [(line["speaker"], line["interrupted"]) for line in lines if line["speaker"] == "agent"] == [
         ("agent", False),

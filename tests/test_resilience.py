@@ -28,7 +28,7 @@ from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeTwilio
 from callbridge.tools import ToolRegistry
 from test_calls_api import ACCOUNT_SID, api, service
-from test_end_to_end import AUTH_TOKEN, GREETING, _free_port, serve, until
+from test_end_to_end import AUTH_TOKEN, GREETING, _free_port, no_live_call, serve, until
 
 FALLBACK_SAY = "Sorry, our assistant is not available right now. Please call again later."
 
@@ -76,7 +76,7 @@ async def test_replayed_and_expired_stream_parameters_refuse_the_call(tmp_path: 
         await until(lambda: running.fake.sessions)
         twice = await caller.place_call(wait, twiml=twiml_a, call_sid=a, max_duration_s=10)
         assert (await live).ended_by == "caller"
-        await running.wait_for_logs("call.summary", 3)
+        await no_live_call(running)
         # Once the call is over, its parameters open nothing.
         after = await caller.place_call(wait, twiml=twiml_a, call_sid=a, max_duration_s=10)
         # And past their lifetime, the parameters of a call that never connected open nothing either.
@@ -129,13 +129,18 @@ async def test_model_unreachable_hands_the_caller_to_the_fallback(tmp_path: Path
     assert "fallback" in [event["kind"] for event in events]
 
 
-async def test_a_long_call_moves_to_a_fresh_model_session_with_its_conversation(tmp_path: Path) -> None:
-    behavior = FakeBehavior(
+def weekday_hours(ms_per_char: int) -> FakeBehavior:
+    """A greeting, one question about the opening hours, one short answer."""
+    return FakeBehavior(
         transcripts=["I would like to know your opening hours."],
         reply=lambda _: "We open at eight every weekday.",
         greeting=GREETING,
-        ms_per_char=40,
+        ms_per_char=ms_per_char,
     )
+
+
+async def test_a_long_call_moves_to_a_fresh_model_session_with_its_conversation(tmp_path: Path) -> None:
+    behavior = weekday_hours(ms_per_char=40)
     db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
     async with service(tmp_path, behavior, db, CALLBRIDGE_REALTIME_ROLLOVER_SECONDS="4.5") as (running, _):
         # The first model session is due at 4.5 s and moves at the first quiet moment, once its answer has been
@@ -210,12 +215,7 @@ async def test_sigterm_drains_live_calls_before_the_process_stops(tmp_path: Path
 
 
 async def test_kill_9_loses_no_completed_line_and_the_call_is_closed_as_interrupted(tmp_path: Path) -> None:
-    behavior = FakeBehavior(
-        transcripts=["I would like to know your opening hours."],
-        reply=lambda _: "We open at eight every weekday.",
-        greeting=GREETING,
-        ms_per_char=20,
-    )
+    behavior = weekday_hours(ms_per_char=20)
     db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
     script = CallScript([Pause(2500), Say(audio.tone(800, 330)), Pause(60000)])
     async with service(tmp_path, behavior, db) as (running, _):

@@ -297,16 +297,19 @@ def create_app(
             session = await bridge.run(StarletteTwilioTransport(websocket))
             if session.end_reason == "refused":
                 metrics.refusals.labels("stream_parameters").inc()
-            stats = dataclasses.asdict(session.stats)
+            if session.context is not None:
+                try:
+                    await services.call_ended(session)
+                except Exception as exc:  # the summary below is still logged
+                    log.error("call.record_failed", call_sid=session.call_sid, error=f"{type(exc).__name__}: {exc}")
+            # Last: once a call's summary is logged, its record is final.
             log.info(
                 "call.summary",
                 call_sid=session.call_sid,
                 stream_sid=session.stream_sid,
                 reason=session.end_reason,
-                **stats,
+                **dataclasses.asdict(session.stats),
             )
-            if session.context is not None:
-                await services.call_ended(session)
         finally:
             active_calls.pop(id(bridge), None)
             metrics.call_ended(bridge.session)  # with the pop, at once: a scrape counts the call exactly once
