@@ -263,18 +263,13 @@ class CallBridge:
 
     async def _end(self, command: EndCall) -> None:
         await self._close_realtime()
-        call_sid = self.session.call_sid
-        if command.fallback and self._fallback is not None and call_sid:
+        # The fallback when asked for and possible, else the hang-up when asked for: both act through Twilio's REST.
+        action = (self._fallback if command.fallback else None) or (self._hang_up if command.hang_up else None)
+        if action is not None and self.session.call_sid:
             try:
-                await self._fallback(call_sid)
+                await action(self.session.call_sid)
             except Exception as exc:
-                self._log.error("twilio.fallback_failed", error=str(exc))
-                self._error("twilio_rest")
-        elif command.hang_up and self._hang_up is not None and call_sid:
-            try:
-                await self._hang_up(call_sid)
-            except Exception as exc:
-                self._log.error("twilio.hang_up_failed", error=str(exc))
+                self._log.error("twilio.end_call_failed", fallback=action is self._fallback, error=str(exc))
                 self._error("twilio_rest")
         assert self._twilio is not None
         with contextlib.suppress(Exception):

@@ -47,8 +47,7 @@ class _CallCounters(Collector):
         live = 0
         for session in self._live_sessions():
             live += 1
-            for name, value in dataclasses.asdict(session.stats).items():
-                totals[name] = totals.get(name, 0) + value
+            _add(totals, session.stats)
         active = GaugeMetricFamily("callbridge_active_calls", "Calls this process carries now")
         active.add_metric([], live)
         yield active

@@ -27,12 +27,11 @@ def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str], say: st
 
 def fallback_twiml(message: str, transfer_to: str | None = None) -> str:
     """What a caller gets when the agent cannot take the call: the message, then a human or the hang-up."""
+    if transfer_to:
+        return dial_twiml(transfer_to, say=message)
     response = VoiceResponse()
     response.say(message)
-    if transfer_to:
-        response.dial(transfer_to)
-    else:
-        response.hangup()
+    response.hangup()
     return str(response)
 
 
