@@ -23,12 +23,12 @@ from callbridge.services import CallServices
 from callbridge.store.repository import Store
 from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls
-from callbridge.testing.caller import CallRefused, CallScript, HangUp, Pause, Say, Step
+from callbridge.testing.caller import CallRecording, CallRefused, CallScript, HangUp, Pause, Say, Step
 from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeTwilio
 from callbridge.tools import ToolRegistry
 from test_calls_api import ACCOUNT_SID, api, service
-from test_end_to_end import AUTH_TOKEN, GREETING, _free_port, no_live_call, serve, until
+from test_end_to_end import AUTH_TOKEN, GREETING, Service, _free_port, no_live_call, serve, until
 
 FALLBACK_SAY = "Sorry, our assistant is not available right now. Please call again later."
 
@@ -40,6 +40,20 @@ async def twilio_call(twilio: FakeTwilio) -> str:
     await rest.aclose()
     twilio.calls[call_sid].status = "in-progress"
     return call_sid
+
+
+async def waiting_calls(
+    running: Service, twilio: FakeTwilio, count: int
+) -> tuple[list[str], list[asyncio.Task[CallRecording]]]:
+    """``count`` callers who stay on the line (up to a minute), once each one's audio reaches the model."""
+    sids = [await twilio_call(twilio) for _ in range(count)]
+    caller = running.caller()
+    calls = [
+        asyncio.create_task(caller.place_call(CallScript([Pause(60000)]), call_sid=sid, max_duration_s=70))
+        for sid in sids
+    ]
+    await until(lambda: len(running.fake.sessions) == count and all(s.audio for s in running.fake.sessions), 20)
+    return sids, calls
 
 
 def redirects(twilio: FakeTwilio, call_sid: str) -> list[ET.Element]:
@@ -175,13 +189,8 @@ async def test_sigterm_drains_live_calls_before_the_process_stops(tmp_path: Path
     drain_s = 4.0
     behavior = FakeBehavior(greeting=GREETING, ms_per_char=20)
     async with service(tmp_path, behavior, db, CALLBRIDGE_DRAIN_SECONDS=str(drain_s)) as (running, twilio):
-        sids = [await twilio_call(twilio) for _ in range(10)]
+        sids, calls = await waiting_calls(running, twilio, 10)
         caller = running.caller()
-        calls = [
-            asyncio.create_task(caller.place_call(CallScript([Pause(60000)]), call_sid=sid, max_duration_s=70))
-            for sid in sids
-        ]
-        await until(lambda: len(running.fake.sessions) == 10 and all(s.audio for s in running.fake.sessions), 20)
         running.process.send_signal(signal.SIGTERM)
         signalled_at = time.monotonic()
         await running.wait_for_logs("drain.started", 1)
@@ -272,13 +281,7 @@ async def test_workers_share_the_port_and_drain_together(tmp_path: Path) -> None
     db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
     behavior = FakeBehavior(greeting=GREETING, ms_per_char=20)
     async with service(tmp_path, behavior, db, workers="2", CALLBRIDGE_DRAIN_SECONDS="3") as (running, twilio):
-        sids = [await twilio_call(twilio) for _ in range(16)]
-        caller = running.caller()
-        calls = [
-            asyncio.create_task(caller.place_call(CallScript([Pause(60000)]), call_sid=sid, max_duration_s=70))
-            for sid in sids
-        ]
-        await until(lambda: len(running.fake.sessions) == 16 and all(s.audio for s in running.fake.sessions), 20)
+        sids, calls = await waiting_calls(running, twilio, 16)
         running.process.send_signal(signal.SIGTERM)  # to the parent: it passes the signal on to every worker
         recordings = await asyncio.gather(*calls)
         exit_code = await asyncio.wait_for(running.process.wait(), 20)
