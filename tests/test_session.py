@@ -239,6 +239,14 @@ def test_marks_confirm_playback(harness: Harness) -> None:
 # --- barge-in --------------------------------------------------------------------------------------------
 
 
+def test_less_than_a_millisecond_heard_is_nothing_heard(harness: Harness) -> None:
+    harness.go_live()
+    harness.speak("resp_1", "item_1", chunks=1, chunk_ms=40)
+    commands = harness.handle(ev.RealtimeSpeechStarted("item_c1", 0), at=harness.now + 0.0001)  # one byte played
+    assert [m["event"] for m in twilio_messages(commands)] == ["clear"]
+    assert of_type(commands, "conversation.item.truncate") == []  # never a truncation to 0 ms
+
+
 def test_interrupt_before_any_audio_played(harness: Harness) -> None:
     harness.go_live()
     harness.speak("resp_1", "item_1", chunks=3)

@@ -557,8 +557,8 @@ class CallSession:
     def _truncate(self, item: _AgentItem, heard: int, now: float) -> list[Command]:
         """Cut an interrupted item to what the caller heard, on the server and in the transcript.
 
-        Skipped when nothing was heard (there is nothing to keep, and an item without audio cannot be
-        truncated) and when everything was heard of a finished item. While the response still streams, the
+        Skipped when nothing was heard, not even a millisecond (there is nothing to keep, and an item cannot be
+        truncated to no audio) and when everything was heard of a finished item. While the response still streams, the
         server holds at least what we received, so ``min(heard, received)`` is always a valid end.
         """
         item.interrupted = True
@@ -566,7 +566,8 @@ class CallSession:
         self._dropped_items.add(item.item_id)
         commands: list[Command] = []
         all_heard = item.heard_bytes >= item.received_bytes
-        if item.heard_bytes > 0 and not (all_heard and item.response_done):
+        heard_ms = item.heard_bytes // BYTES_PER_MS
+        if heard_ms > 0 and not (all_heard and item.response_done):
             self.stats.truncations += 1
             commands.append(
                 SendRealtime(
@@ -575,7 +576,7 @@ class CallSession:
                         "event_id": self._event_id(),
                         "item_id": item.item_id,
                         "content_index": 0,
-                        "audio_end_ms": item.heard_bytes // BYTES_PER_MS,
+                        "audio_end_ms": heard_ms,
                     }
                 )
             )
