@@ -12,13 +12,13 @@ from twilio.request_validator import RequestValidator
 from callbridge.config import Settings
 from callbridge.core import events as ev
 from callbridge.core.context import CallContext, ContextItem, ParameterError
-from callbridge.realtime.dialect import headers_for, to_beta
-from callbridge.realtime.protocol import parse_server_event
+from callbridge.realtime.dialect import ga_event_type, headers_for, to_beta
+from callbridge.realtime.protocol import SERVER_EVENT_TYPES, parse_server_event
 from callbridge.telephony.media_streams import parse_twilio_message
 from callbridge.telephony.params import PARAMETER_NAME, StreamParameterSigner
 from callbridge.telephony.signatures import TwilioSignatures
 from callbridge.telephony.twiml import connect_stream_twiml
-from callbridge.testing.conformance import validate_client_event
+from callbridge.testing.conformance import server_event_types, validate_client_event
 from callbridge.tools import ToolContext, ToolRegistry
 
 # --- Twilio frames ----------------------------------------------------------------------------------------
@@ -112,6 +112,11 @@ def test_parse_realtime_events_in_both_dialects() -> None:
         },
     }
     assert parse_server_event(orjson.dumps(call)) == ev.RealtimeFunctionCallDone("r", "i", "c", "n", "{}", "completed")
+
+
+def test_the_known_server_events_are_the_openai_package_s() -> None:
+    beta_as_ga = {ga_event_type("beta", kind) for kind in server_event_types("beta")}
+    assert server_event_types("ga") | beta_as_ga == SERVER_EVENT_TYPES
 
 
 def test_malformed_realtime_event_is_an_error_not_an_exception() -> None:

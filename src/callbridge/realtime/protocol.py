@@ -9,29 +9,67 @@ becomes :class:`RealtimeOther`. Nothing raises.
 from __future__ import annotations
 
 import binascii
-import typing
 from typing import Any
 
 import orjson
-from openai.types.beta.realtime import realtime_server_event as beta_server
-from openai.types.realtime import realtime_server_event as ga_server
 
 from callbridge.core import events as ev
 from callbridge.realtime.dialect import Dialect, ga_event_type
 
-
-def _event_types(union: Any) -> set[str]:
-    """The ``type`` of every member of one of the ``openai`` package's server event unions."""
-    members = typing.get_args(typing.get_args(union)[0])  # Annotated[Union[...], PropertyInfo(discriminator=...)]
-    return {kind for member in members for kind in typing.get_args(member.model_fields["type"].annotation)}
-
-
 SERVER_EVENT_TYPES = frozenset(
-    _event_types(ga_server.RealtimeServerEvent)
-    | {ga_event_type("beta", kind) for kind in _event_types(beta_server.RealtimeServerEvent)}
+    {
+        "conversation.created",
+        "conversation.item.added",
+        "conversation.item.created",
+        "conversation.item.deleted",
+        "conversation.item.done",
+        "conversation.item.input_audio_transcription.completed",
+        "conversation.item.input_audio_transcription.delta",
+        "conversation.item.input_audio_transcription.failed",
+        "conversation.item.input_audio_transcription.segment",
+        "conversation.item.retrieved",
+        "conversation.item.truncated",
+        "error",
+        "input_audio_buffer.cleared",
+        "input_audio_buffer.committed",
+        "input_audio_buffer.dtmf_event_received",
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.timeout_triggered",
+        "mcp_list_tools.completed",
+        "mcp_list_tools.failed",
+        "mcp_list_tools.in_progress",
+        "output_audio_buffer.cleared",
+        "output_audio_buffer.started",
+        "output_audio_buffer.stopped",
+        "rate_limits.updated",
+        "response.content_part.added",
+        "response.content_part.done",
+        "response.created",
+        "response.done",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.mcp_call.completed",
+        "response.mcp_call.failed",
+        "response.mcp_call.in_progress",
+        "response.mcp_call_arguments.delta",
+        "response.mcp_call_arguments.done",
+        "response.output_audio.delta",
+        "response.output_audio.done",
+        "response.output_audio_transcript.delta",
+        "response.output_audio_transcript.done",
+        "response.output_item.added",
+        "response.output_item.done",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "session.created",
+        "session.updated",
+        "transcription_session.updated",
+    }
 )
-"""Every server event the ``openai`` package knows, by its GA name. ``RealtimeOther`` of any other type is an
-event the protocol does not have: a confused or hostile server, worth counting."""
+"""Every server event of the Realtime protocol, by its GA name (beta names map onto them); a test keeps it equal to
+what the ``openai`` package defines, whose models are not imported here (they would cost every process 30 MiB).
+``RealtimeOther`` of any other type is an event the protocol does not have: a confused or hostile server."""
 MALFORMED = "callbridge_malformed_event"
 """The ``code`` of the :class:`RealtimeError` a malformed server event becomes."""
 MAX_ID_CHARS = 256

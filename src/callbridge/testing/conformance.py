@@ -67,6 +67,11 @@ def _variants(kind: str, dialect: Dialect) -> dict[str, pydantic.TypeAdapter[Any
     }
 
 
+def server_event_types(dialect: Dialect = "ga") -> frozenset[str]:
+    """Every server event type the ``openai`` package defines for ``dialect``."""
+    return frozenset(_variants("server", dialect))
+
+
 def validate_client_event(event: Mapping[str, Any], dialect: Dialect = "ga") -> None:
     """Raise :class:`ConformanceError` unless ``event`` is a client event the Realtime API accepts."""
     _validate(event, "client", dialect)
