@@ -176,6 +176,18 @@ def assert_greeting_heard_then_cut_at_what_was_heard(recording: CallRecording, s
     assert recording.marks_flushed  # Twilio echoes pending marks on clear; they were not counted as played
 
 
+def assert_opening_hours_transcript(lines: list[dict[str, Any]]) -> None:
+    """The opening-hours call's logged transcript lines: both sides, the agent's answer marked interrupted."""
+    assert [(line["speaker"], line["interrupted"]) for line in lines if line["speaker"] == "agent"] == [
+        ("agent", False),
+        ("agent", True),
+        ("agent", False),
+    ]
+    texts = {line["text"] for line in lines}
+    assert GREETING in texts
+    assert {"I would like to know your opening hours.", "Stop, just the weekend please."} <= texts
+
+
 def assert_conformant(session: FakeSession) -> None:
     assert session.errors == [], session.errors
     for event in session.client_events:
@@ -246,14 +258,7 @@ async def test_a_call_end_to_end(tmp_path: Path, behavior: FakeBehavior) -> None
 
     # Transcripts of both sides completed, in spoken order, each log line bound to the call.
     lines = service.logs("transcript.line")  # logged before call.summary, which serve() waited for
-    assert [(line["speaker"], line["interrupted"]) for line in lines if line["speaker"] == "agent"] == [
-        ("agent", False),
-        ("agent", True),
-        ("agent", False),
-    ]
-    texts = {line["text"] for line in lines}
-    assert GREETING in texts
-    assert {"I would like to know your opening hours.", "Stop, just the weekend please."} <= texts
+    assert_opening_hours_transcript(lines)
     interrupted = next(line for line in lines if line["interrupted"])
     assert interrupted["text"] and "Saturdays" not in interrupted["text"]  # cut to what was heard
     call_lines = [
