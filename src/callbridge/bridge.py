@@ -1,28 +1,29 @@
 """The asyncio driver of one call: two sockets around a :class:`~callbridge.core.session.CallSession`.
 
-It is deliberately small and dumb: readers turn frames into events; each event is handed to the session and the
-commands it returns are performed, in order, one event at a time (under one lock: by the reader itself when
-nothing else is in flight, else by the run loop from a queue). So a call's state has exactly one owner at a time,
-and only the handling of an event sends. Everything a call starts (reader tasks, tool runs, the Realtime socket)
-is cancelled or closed before :meth:`CallBridge.run` returns.
+It is deliberately small and dumb: each frame read becomes an event, handed to the session right in the read
+callback, and the commands it returns are performed at once: sends are buffered writes, and whatever has to wait
+(the model's connection, a tool, a REST call, a record) runs as a task that reports back with an event. So events
+are handled one at a time, in arrival order, with no lock, no queue and no task switch per audio frame, and a
+call's state has one owner. Everything a call starts is cancelled or closed before :meth:`CallBridge.wait` returns.
 
-The Twilio side is any object with ``receive``/``send``/``close`` (:class:`TwilioTransport`), so the bridge runs
-inside any asyncio application, not only callbridge's own ASGI app.
+The Twilio side is any :class:`TwilioLink` (buffered ``send_text`` and ``close``) whose owner passes frames to
+:meth:`CallBridge.twilio_message`, so the bridge runs inside any asyncio application; callbridge's own server
+serves the media stream with picows (:mod:`callbridge.api.media_stream`). The Realtime side is a picows client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import urlencode
 
+import orjson
 import structlog
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed  # imported once: ``websockets.X`` resolves lazily on each use
+from picows import ws_connect
 
 from callbridge.core import events as ev
 from callbridge.core.commands import (
@@ -44,8 +45,9 @@ from callbridge.core.session import CallSession, SessionConfig
 from callbridge.core.transcript import TranscriptLine, TranscriptSink
 from callbridge.realtime.dialect import Dialect, headers_for, to_beta
 from callbridge.realtime.protocol import parse_server_event
-from callbridge.telephony.media_streams import dumps, parse_twilio_message
+from callbridge.telephony.media_streams import parse_twilio_message
 from callbridge.tools import ToolContext, ToolRegistry
+from callbridge.websocket_io import MessageListener
 
 HangUp = Callable[[str], Awaitable[None]]
 """Ends a call through Twilio's REST API, by call SID."""
@@ -75,14 +77,15 @@ RELAY_SAMPLE_EVERY = 16
 """One audio frame in this many has its time through the bridge measured."""
 
 
-class TwilioTransport(Protocol):
-    async def receive(self) -> str | bytes | None:
-        """The next frame, or ``None`` once the socket is closed."""
+class TwilioLink(Protocol):
+    """The media stream's sending side. Its frames come in through :meth:`CallBridge.twilio_message` and
+    :meth:`CallBridge.twilio_closed`; both directions are plain calls, so a frame is handled where it is read."""
+
+    def send_text(self, text: str | bytes) -> None:
+        """Queue one text frame; never blocks."""
         ...
 
-    async def send(self, text: str) -> None: ...
-
-    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+    def close(self, code: int = 1000, reason: str = "") -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +104,11 @@ class RealtimeEndpoint:
 
 
 class CallBridge:
-    """Runs one call from the media stream's first frame to the close of both sockets."""
+    """Runs one call from the media stream's first frame to the close of both sockets.
+
+    Start it with :meth:`start` when the media stream opens, feed it the stream's frames, and await :meth:`wait`
+    (or do both with :meth:`run`).
+    """
 
     def __init__(
         self,
@@ -141,55 +148,134 @@ class CallBridge:
         # The frame being timed through the bridge, per direction: (event, when it was read).
         self._timed_in: tuple[ev.Event, float] | None = None
         self._timed_out: tuple[ev.Event, float] | None = None
+        self._media_in = 0
+        self._deltas_out = 0
         self._log = logger or structlog.stdlib.get_logger("callbridge.call")
-        self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
-        self._turn = asyncio.Lock()  # held while one event is handled and its commands performed
+        self._pending: deque[ev.Event] = deque()  # events raised while another one is being handled
+        self._handling = False
         self._bound = False
         self._records: asyncio.Queue[TranscriptLine | RecordEvent | None] = asyncio.Queue()
-        self._realtime: ClientConnection | None = None
+        self._realtime: ModelConnection | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._twilio: TwilioTransport | None = None
+        self._twilio: TwilioLink | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._finished: asyncio.Future[None] | None = None
+        self._ending = False
+        self._last_action: asyncio.Task[None] | None = None
 
-    async def run(self, twilio: TwilioTransport) -> CallSession:
-        """Drive the call until it ends; returns the finished session (its stats and end reason)."""
+    def start(self, twilio: TwilioLink) -> None:
+        """Begin the call on a media stream that has just opened (from the event loop, before its first frame)."""
         self._twilio = twilio
-        self._spawn(self._read_twilio(twilio))
-        writer = asyncio.create_task(self._write_records())
+        self._finished = asyncio.get_running_loop().create_future()
+        self._writer = asyncio.create_task(self._write_records())
+
+    async def wait(self) -> CallSession:
+        """Until the call has ended and everything it started is stopped; returns the finished session."""
+        assert self._finished is not None and self._writer is not None, "start() first"
         try:
-            while self.session.phase != "ended":
-                event = await self._inbox.get()
-                async with self._turn:
-                    await self._process(event)
+            await asyncio.shield(self._finished)
         finally:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self._close_realtime()
+            self._close_realtime()
             self._records.put_nowait(None)
-            await writer
+            await self._writer
         return self.session
 
-    async def _deliver(self, event: ev.Event) -> None:
-        """A reader's event: handled right here when nothing else is in flight (one task switch less per audio
-        frame), else queued behind the others. Either way events are handled one at a time, in arrival order."""
-        if self._turn.locked() or not self._inbox.empty():
-            self._inbox.put_nowait(event)
-            return
-        async with self._turn:
-            await self._process(event)
-            if self.session.phase == "ended":
-                self._inbox.put_nowait(ev.EndRequested("ended"))  # wakes run(), which waits for an event
+    async def run(self, twilio: TwilioLink) -> CallSession:
+        """:meth:`start` and :meth:`wait`."""
+        self.start(twilio)
+        return await self.wait()
 
-    async def _process(self, event: ev.Event) -> None:
-        """Hand one event to the session and perform what it returns (only ever while holding ``_turn``)."""
+    # ------------------------------------------------------------------------------------------------ input
+
+    def twilio_message(self, payload: str | bytes | memoryview, binary: bool = False) -> None:
+        """One message of the media stream (a memoryview need only be valid during the call)."""
+        if binary:
+            event: ev.Event = ev.TwilioInvalidMessage("binary frame")
+        else:
+            event = parse_twilio_message(payload, self._max_frame_bytes)
+            if self._metrics is not None and type(event) is ev.TwilioMedia:
+                self._media_in += 1
+                if self._media_in % RELAY_SAMPLE_EVERY == 0 and self._timed_in is None:
+                    self._timed_in = (event, time.perf_counter())
+        self._dispatch(event)
+
+    def twilio_closed(self) -> None:
+        self._dispatch(ev.TwilioDisconnected())
+
+    def request_hang_up(self, reason: str = "requested") -> None:
+        """End the call from the application (hang up through Twilio); call it from the event loop."""
+        self._dispatch(ev.HangupRequested(reason))
+
+    def request_end(self, reason: str = "shutdown") -> None:
+        """Let the call go with the fallback (apology or human), e.g. when a drain deadline has passed."""
+        self._dispatch(ev.EndRequested(reason))
+
+    def _model_message(self, connection: ModelConnection, payload: bytes | memoryview) -> None:
+        if connection is not self._realtime:
+            return  # a connection already replaced or closed by us
+        event = parse_server_event(payload, self._endpoint.dialect)
+        if self._metrics is not None and type(event) is ev.RealtimeAudioDelta:
+            self._deltas_out += 1
+            if self._deltas_out % RELAY_SAMPLE_EVERY == 0 and self._timed_out is None:
+                self._timed_out = (event, time.perf_counter())
+        self._dispatch(event)
+
+    def _model_closed(self, connection: ModelConnection) -> None:
+        if connection is self._realtime:  # closed by the other side, not by us
+            self._realtime = None
+            self._dispatch(ev.RealtimeClosed(connection.close_code, connection.close_reason))
+
+    # ------------------------------------------------------------------------------------------------ handling
+
+    def _dispatch(self, event: ev.Event) -> None:
+        """Hand one event to the session and perform what it returns, right where the event arose.
+
+        Performing never waits (sends are buffered; whatever must wait runs as a task that reports back with an
+        event), so each event is handled whole before the next, in arrival order, with no lock and no queue. An
+        event raised while another is handled waits in ``_pending`` for its turn.
+        """
+        if self._handling:
+            self._pending.append(event)
+            return
+        self._handling = True
+        try:
+            while True:
+                self._process(event)
+                if not self._pending:
+                    break
+                event = self._pending.popleft()
+        except Exception as exc:  # a bug: the call goes to the fallback rather than on in an unknown state
+            self._pending.clear()
+            self._fail(exc)
+        finally:
+            self._handling = False
+
+    def _process(self, event: ev.Event) -> None:
         commands = self.session.handle(event, time.monotonic())
         if not self._bound and self.session.stream_sid:
             self._bound = True  # every line of the call from here on names it
             self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
         for command in commands:
-            await self._perform(command)
+            self._perform(command)
         if self._metrics is not None:
             self._time_relay(event)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._log.error("bridge.failed", error=f"{type(exc).__name__}: {exc}")
+        self._error("internal")
+        try:
+            for command in self.session.handle(ev.EndRequested("internal_error"), time.monotonic()):
+                self._perform(command)
+        except Exception as again:
+            self._log.error("bridge.end_failed", error=f"{type(again).__name__}: {again}")
+        if not self._ending:  # nothing is ending the call: stop it here
+            self._close_realtime()
+            if self._twilio is not None:
+                self._twilio.close(1011, "internal error")
+            self._finish()
 
     def _time_relay(self, event: ev.Event) -> None:
         assert self._metrics is not None
@@ -200,34 +286,24 @@ class CallBridge:
             self._metrics.relayed("model_to_caller", time.perf_counter() - self._timed_out[1])
             self._timed_out = None
 
-    def request_hang_up(self, reason: str = "requested") -> None:
-        """End the call from the application (hang up through Twilio); call it from the event loop."""
-        self._inbox.put_nowait(ev.HangupRequested(reason))
-
-    def request_end(self, reason: str = "shutdown") -> None:
-        """Let the call go with the fallback (apology or human), e.g. when a drain deadline has passed."""
-        self._inbox.put_nowait(ev.EndRequested(reason))
+    def _finish(self) -> None:
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
 
     # ------------------------------------------------------------------------------------------------ commands
 
-    async def _perform(self, command: Command) -> None:
+    def _perform(self, command: Command) -> None:
         match command:
             case SendTwilio(message):
                 assert self._twilio is not None
-                with contextlib.suppress(Exception):  # a closed stream surfaces as a disconnect event
-                    await self._twilio.send(dumps(message))
+                self._twilio.send_text(orjson.dumps(message))
             case SendRealtime(event):
-                await self._send_realtime(event)
+                if self._realtime is not None:
+                    if self._endpoint.dialect == "beta":
+                        event = to_beta(event)
+                    self._realtime.send_text(orjson.dumps(event))
             case OpenRealtime(delay_s):
-                if self._authorize is not None:  # once, before the model hears anything
-                    authorize, self._authorize = self._authorize, None
-                    if (refusal := await self._check(authorize)) is not None:
-                        self._inbox.put_nowait(ev.CallRefused(refusal))
-                        return
-                self._spawn(self._connect_realtime(delay_s))
-                if self._on_admitted is not None:  # once: later OpenRealtime commands are retries
-                    self._spawn(self._admitted(self._on_admitted))
-                    self._on_admitted = None
+                self._spawn(self._open_realtime(delay_s))
             case RecordTranscript(line):
                 self._records.put_nowait(line)
             case RecordEvent():
@@ -235,7 +311,7 @@ class CallBridge:
             case ResolveContext(context):
                 self._spawn(self._resolve(context))
             case TransferCall(to):
-                await self._transfer_call(to)
+                self._in_order(self._transfer_call(to))
             case RunTool(call_id, name, arguments):
                 self._spawn(self._run_tool(call_id, name, arguments))
             case Log(event, level, fields):
@@ -244,15 +320,9 @@ class CallBridge:
                 if self._metrics is not None:
                     self._metrics.observe(name, value)
             case EndCall():
-                await self._end(command)
-
-    async def _send_realtime(self, event: dict[str, Any]) -> None:
-        if self._realtime is None:
-            return
-        if self._endpoint.dialect == "beta":
-            event = to_beta(event)
-        with contextlib.suppress(ConnectionClosed):  # the reader reports the close
-            await self._realtime.send(dumps(event))
+                self._ending = True
+                self._close_realtime()
+                self._in_order(self._end(command))
 
     async def _check(self, authorize: Authorize) -> str | None:
         try:
@@ -262,24 +332,24 @@ class CallBridge:
             return "admission check failed"
 
     async def _end(self, command: EndCall) -> None:
-        await self._close_realtime()
-        # The fallback when asked for and possible, else the hang-up when asked for: both act through Twilio's REST.
-        action = (self._fallback if command.fallback else None) or (self._hang_up if command.hang_up else None)
-        if action is not None and self.session.call_sid:
-            try:
-                await action(self.session.call_sid)
-            except Exception as exc:
-                self._log.error("twilio.end_call_failed", fallback=action is self._fallback, error=str(exc))
-                self._error("twilio_rest")
-        assert self._twilio is not None
-        with contextlib.suppress(Exception):
-            await self._twilio.close(command.twilio_close_code, command.reason)
+        try:
+            # The fallback when asked for and possible, else the hang-up when asked for: both act through REST.
+            action = (self._fallback if command.fallback else None) or (self._hang_up if command.hang_up else None)
+            if action is not None and self.session.call_sid:
+                try:
+                    await action(self.session.call_sid)
+                except Exception as exc:
+                    self._log.error("twilio.end_call_failed", fallback=action is self._fallback, error=str(exc))
+                    self._error("twilio_rest")
+            if self._twilio is not None:
+                self._twilio.close(command.twilio_close_code, command.reason)
+        finally:
+            self._finish()
 
-    async def _close_realtime(self) -> None:
+    def _close_realtime(self) -> None:
         connection, self._realtime = self._realtime, None
         if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()
+            connection.close()
 
     def _error(self, kind: str) -> None:
         if self._metrics is not None:
@@ -287,79 +357,70 @@ class CallBridge:
 
     # ------------------------------------------------------------------------------------------------ tasks
 
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
+
+    def _in_order(self, action: Coroutine[Any, Any, None]) -> None:
+        """Run a REST action on the call after the ones asked for before it: a transfer is sent before the end."""
+        previous = self._last_action
+
+        async def after_previous() -> None:
+            try:
+                if previous is not None:
+                    await asyncio.wait([previous])
+            except asyncio.CancelledError:
+                action.close()  # never started
+                raise
+            await action
+
+        self._last_action = self._spawn(after_previous())
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        """A task that dies of a bug ends the call with the fallback: a call without its reader would hang."""
+        """A task that dies of a bug ends the call with the fallback rather than leave it waiting forever."""
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._log.error("bridge.task_failed", error=f"{type(exc).__name__}: {exc}")
             self._error("internal")
-            self._inbox.put_nowait(ev.EndRequested("internal_error"))
+            self._dispatch(ev.EndRequested("internal_error"))
 
-    async def _read_twilio(self, twilio: TwilioTransport) -> None:
-        count = 0
-        while True:
-            try:
-                raw = await twilio.receive()
-            except Exception as exc:
-                self._inbox.put_nowait(ev.TwilioDisconnected())
-                self._log.warning("twilio.receive_failed", error=str(exc))
+    async def _open_realtime(self, delay_s: float) -> None:
+        if self._authorize is not None:  # once, before the model hears anything
+            authorize, self._authorize = self._authorize, None
+            if (refusal := await self._check(authorize)) is not None:
+                self._dispatch(ev.CallRefused(refusal))
                 return
-            if raw is None:
-                self._inbox.put_nowait(ev.TwilioDisconnected())
-                return
-            if isinstance(raw, bytes):
-                self._inbox.put_nowait(ev.TwilioInvalidMessage("binary frame"))
-                continue
-            event = parse_twilio_message(raw, self._max_frame_bytes)
-            if self._metrics is not None and type(event) is ev.TwilioMedia:
-                count += 1
-                if count % RELAY_SAMPLE_EVERY == 0 and self._timed_in is None:
-                    self._timed_in = (event, time.perf_counter())
-            await self._deliver(event)
-
-    async def _connect_realtime(self, delay_s: float = 0.0) -> None:
-        endpoint = self._endpoint
+            if self._on_admitted is not None:
+                self._spawn(self._admitted(self._on_admitted))
+                self._on_admitted = None
+        if self._ending:
+            return
         await asyncio.sleep(delay_s)
+        endpoint = self._endpoint
         try:
-            connection = await connect(
-                endpoint.full_url,
-                additional_headers=headers_for(endpoint.dialect, endpoint.api_key),
-                open_timeout=endpoint.connect_timeout,
-                # Ending a call waits for the model's close handshake at most this long (its answer may sit behind
-                # unread audio when the reader itself is the one ending the call).
-                close_timeout=2.0,
-                max_size=endpoint.max_message_bytes,
-                compression=None,
-            )
+            async with asyncio.timeout(endpoint.connect_timeout):
+                _, listener = await ws_connect(
+                    lambda: ModelConnection(self, endpoint.max_message_bytes),
+                    endpoint.full_url,
+                    extra_headers=headers_for(endpoint.dialect, endpoint.api_key),
+                    websocket_handshake_timeout=endpoint.connect_timeout,
+                    max_frame_size=endpoint.max_message_bytes,
+                )
         except Exception as exc:
-            self._inbox.put_nowait(ev.RealtimeConnectFailed(f"{type(exc).__name__}: {exc}"))
+            self._dispatch(ev.RealtimeConnectFailed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__))
             self._error("realtime_connect")
             return
-        if self.session.phase == "ended":
-            await connection.close()
+        connection = cast(ModelConnection, listener)
+        if self._ending:
+            connection.close()
             return
-        await self._close_realtime()  # a lost connection being replaced
+        self._close_realtime()  # a lost connection being replaced
         self._realtime = connection
         self._log.info("realtime.connected", url=endpoint.url, dialect=endpoint.dialect)
-        self._inbox.put_nowait(ev.RealtimeConnected())
-        count = 0
-        try:
-            async for raw in connection:
-                event = parse_server_event(raw, endpoint.dialect)
-                if self._metrics is not None and type(event) is ev.RealtimeAudioDelta:
-                    count += 1
-                    if count % RELAY_SAMPLE_EVERY == 0 and self._timed_out is None:
-                        self._timed_out = (event, time.perf_counter())
-                await self._deliver(event)
-        except ConnectionClosed:
-            pass
-        if self._realtime is connection:  # closed by the other side, not by us
-            self._inbox.put_nowait(ev.RealtimeClosed(connection.close_code, connection.close_reason or ""))
+        self._dispatch(ev.RealtimeConnected())
+        connection.adopted()
 
     async def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
         context = ToolContext(self.session.call_sid or "", self.session.context or CallContext())
@@ -367,7 +428,7 @@ class CallBridge:
         if not ok:
             self._log.warning("tool.failed", name=name, call_id=call_id, output=output)
             self._error("tool")
-        self._inbox.put_nowait(ev.ToolFinished(call_id, output, ok))
+        self._dispatch(ev.ToolFinished(call_id, output, ok))
 
     async def _admitted(self, hook: Callable[[CallSession], Awaitable[None]]) -> None:
         try:
@@ -384,7 +445,7 @@ class CallBridge:
                     resolved = await self._resolve_context(context)
             except Exception as exc:  # the caller never waits in silence for a slow or broken resolver
                 self._log.warning("context.resolve_failed", error=f"{type(exc).__name__}: {exc}")
-        self._inbox.put_nowait(ev.ContextResolved(resolved))
+        self._dispatch(ev.ContextResolved(resolved))
 
     async def _transfer_call(self, to: str) -> None:
         if self._transfer is None or not self.session.call_sid:
@@ -411,3 +472,38 @@ class CallBridge:
             except Exception as exc:
                 self._log.error("record.write_failed", error=str(exc))
                 self._error("record_write")
+
+
+class ModelConnection(MessageListener):
+    """The call's WebSocket to the Realtime server.
+
+    Messages that arrive before the bridge has adopted the connection (the server may speak in the same packet
+    as its handshake answer) wait here, so that the session hears ``RealtimeConnected`` first.
+    """
+
+    def __init__(self, bridge: CallBridge, max_message_bytes: int) -> None:
+        super().__init__(max_message_bytes)
+        self._bridge = bridge
+        self._early: list[bytes] | None = []
+        self._closed_early = False
+
+    def adopted(self) -> None:
+        early, self._early = self._early, None
+        for payload in early or ():
+            self._bridge._model_message(self, payload)
+        if self._closed_early:
+            self._bridge._model_closed(self)
+
+    def on_message(self, payload: bytes | memoryview, binary: bool) -> None:
+        if self._early is not None:
+            self._early.append(bytes(payload))
+        elif binary:
+            self._bridge._model_message(self, b"binary message")  # parses as a malformed event
+        else:
+            self._bridge._model_message(self, payload)
+
+    def on_close(self) -> None:
+        if self._early is not None:
+            self._closed_early = True
+        else:
+            self._bridge._model_closed(self)

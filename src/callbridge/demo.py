@@ -28,6 +28,7 @@ from callbridge.api.app import create_app
 from callbridge.config import Settings
 from callbridge.core.transcript import TranscriptLine
 from callbridge.realtime.server import ServerSession
+from callbridge.server import uvicorn_config
 from callbridge.testing.caller import (
     CallRecording,
     CallScript,
@@ -124,8 +125,7 @@ def _bound_socket() -> socket.socket:
 async def running_bridge(settings: Settings, sock: socket.socket, sink: LiveTranscriptSink) -> AsyncIterator[FastAPI]:
     """callbridge's app under uvicorn, in this event loop, on an already bound socket."""
     app = create_app(settings, tools=tools, sink=sink)
-    config = uvicorn.Config(app, log_config=None, ws_max_size=settings.max_message_bytes)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():

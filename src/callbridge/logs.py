@@ -36,6 +36,8 @@ def configure_logging(log_format: str = "console", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # picows logs every connection it opens or accepts at INFO: two lines per call that say nothing of the call.
+    logging.getLogger("picows").setLevel(max(logging.WARNING, root.level))
 
 
 def get_logger(name: str = "callbridge") -> structlog.stdlib.BoundLogger:

@@ -19,11 +19,13 @@ import socket
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any, cast
 
 import structlog
 import uvicorn
 from fastapi import FastAPI
 
+from callbridge.api.media_stream import websocket_router
 from callbridge.config import Settings
 from callbridge.logs import configure_logging
 
@@ -64,15 +66,16 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def _config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
+def uvicorn_config(app: FastAPI, settings: Settings, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration for callbridge's app: the media stream on picows, everything else on ASGI."""
     return uvicorn.Config(
         app,
-        host=host,
-        port=port,
         log_config=None,
-        # A hard ceiling only: frames up to it reach the call, which counts and drops those over the real limit.
+        ws=cast(Any, websocket_router(app.state.media_stream)),  # uvicorn calls it as it would a protocol class
+        # A hard ceiling only: frames up to it reach the app, which counts and drops those over the real limit.
         ws_max_size=4 * settings.max_message_bytes,
         proxy_headers=True,
+        **options,
     )
 
 
@@ -88,7 +91,7 @@ def run_worker(host: str, port: int, reuse_port: bool = False) -> None:
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)
-    server = DrainingServer(_config(app, settings, host, port), app)
+    server = DrainingServer(uvicorn_config(app, settings, host=host, port=port), app)
     if reuse_port:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

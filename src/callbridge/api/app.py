@@ -1,4 +1,5 @@
-"""The ASGI application: Twilio's webhooks, the media-stream WebSocket, the REST API, health."""
+"""The application: Twilio's webhooks, the REST API and health as an ASGI app, and the media stream's endpoint
+(served by picows on the same port, see :mod:`callbridge.api.media_stream`)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from picows import WSUpgradeRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from callbridge.agents import load_agents
 from callbridge.api.limits import BodySizeLimit
+from callbridge.api.media_stream import MediaStreamEndpoint
 from callbridge.api.rest import router
-from callbridge.bridge import CallBridge, ContextResolver, RealtimeEndpoint
+from callbridge.bridge import CallBridge, ContextResolver, RealtimeEndpoint, TwilioLink
 from callbridge.config import Settings
 from callbridge.core.session import CallSession, SessionConfig
 from callbridge.core.transcript import TranscriptLine, TranscriptSink
@@ -36,32 +38,6 @@ from callbridge.telephony.signatures import TwilioSignatures
 from callbridge.tools import ToolRegistry, load_registry
 
 log = structlog.stdlib.get_logger("callbridge.api")
-
-
-class StarletteTwilioTransport:
-    """The media-stream WebSocket as the bridge's :class:`~callbridge.bridge.TwilioTransport`."""
-
-    def __init__(self, websocket: WebSocket) -> None:
-        self._websocket = websocket
-
-    async def receive(self) -> str | bytes | None:
-        try:
-            message = await self._websocket.receive()
-        except (WebSocketDisconnect, RuntimeError):
-            return None
-        if message["type"] == "websocket.disconnect":
-            return None
-        data: str | bytes | None = message.get("text")
-        if data is None:
-            data = message.get("bytes") or b""
-        return data
-
-    async def send(self, text: str) -> None:
-        await self._websocket.send_text(text)
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        if self._websocket.application_state != WebSocketState.DISCONNECTED:
-            await self._websocket.close(code, reason[:120])
 
 
 class _Sinks:
@@ -102,9 +78,9 @@ def create_app(
         )
     elif not signatures.configured:
         log.error("config.no_twilio_auth_token", detail="TWILIO_AUTH_TOKEN unset: every Twilio request is refused")
-    twilio = None
+    twilio_rest = None
     if settings.twilio_account_sid and auth_token:
-        twilio = TwilioCalls(settings.twilio_account_sid, auth_token, api_base_url=settings.twilio_api_base_url)
+        twilio_rest = TwilioCalls(settings.twilio_account_sid, auth_token, api_base_url=settings.twilio_api_base_url)
     resolver: ContextResolver | None = None
     if settings.context_url:
         webhook_secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else secret
@@ -163,7 +139,7 @@ def create_app(
         orphans = await store.close_orphaned_calls("interrupted", is_orphan)
         if orphans:
             log.warning("calls.orphans_closed", count=orphans, reason="interrupted")
-        services = CallServices(settings, store, signer, agents, twilio)
+        services = CallServices(settings, store, signer, agents, twilio_rest)
         app.state.services = services
         app.state.store = store
         app.state.sinks = _Sinks(store, sink)
@@ -250,18 +226,19 @@ def create_app(
         await app.state.services.status_callback(params)
         return Response(status_code=204)
 
-    @app.websocket("/twilio/media-stream")
-    async def media_stream(websocket: WebSocket) -> None:
-        if not signatures.valid(settings.stream_url, {}, websocket.headers.get("x-twilio-signature")):
-            log.warning("security.stream_signature_invalid", client=_client(websocket))
-            await websocket.close(code=1008)
-            return
+    def admit_stream(request: WSUpgradeRequest, client: str | None) -> str | None:
+        """Before the upgrade is answered: a stream needs Twilio's signature and a process that takes calls."""
+        if not signatures.valid(settings.stream_url, {}, request.headers.get("x-twilio-signature")):
+            log.warning("security.stream_signature_invalid", client=client)
+            return "invalid Twilio signature"
         if (reason := refusal()) is not None:
             log.warning("admission.stream_refused", reason=reason, active_calls=len(active_calls))
             metrics.refusals.labels(f"stream_{reason}").inc()
-            await websocket.close(code=1013)  # before accept: the handshake is refused (HTTP 403)
-            return
-        await websocket.accept()
+            return reason
+        return None
+
+    def open_call(twilio: TwilioLink) -> CallBridge:
+        """An accepted stream: its call starts now, and runs in a task of its own until it ends."""
         services: CallServices = app.state.services
 
         async def authorize(session: CallSession) -> str | None:
@@ -281,20 +258,27 @@ def create_app(
             sink=app.state.sinks,
             tools=tools,
             tool_timeout=settings.tool_timeout_seconds,
-            hang_up=twilio.hang_up if twilio else None,
-            transfer=services.transfer if twilio else None,
+            hang_up=twilio_rest.hang_up if twilio_rest else None,
+            transfer=services.transfer if twilio_rest else None,
             resolve_context=resolver,
             context_deadline=settings.context_timeout_seconds,
             events=services.record_event,
-            fallback=services.fallback if twilio else None,
+            fallback=services.fallback if twilio_rest else None,
             authorize=authorize,
             on_admitted=admitted,
             metrics=metrics,
             max_frame_bytes=settings.max_message_bytes,
         )
         active_calls[id(bridge)] = bridge
+        bridge.start(twilio)
+        task = asyncio.create_task(run_call(bridge, services))
+        running_calls.add(task)
+        task.add_done_callback(running_calls.discard)
+        return bridge
+
+    async def run_call(bridge: CallBridge, services: CallServices) -> None:
         try:
-            session = await bridge.run(StarletteTwilioTransport(websocket))
+            session = await bridge.wait()
             if session.end_reason == "refused":
                 metrics.refusals.labels("stream_parameters").inc()
             if session.context is not None:
@@ -313,6 +297,11 @@ def create_app(
         finally:
             active_calls.pop(id(bridge), None)
             metrics.call_ended(bridge.session)  # with the pop, at once: a scrape counts the call exactly once
+
+    running_calls: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak references to tasks
+    app.state.media_stream = MediaStreamEndpoint(
+        "/twilio/media-stream", admit_stream, open_call, max_message_bytes=settings.max_message_bytes
+    )
 
     @app.get("/metrics", tags=["health"])
     async def prometheus_metrics() -> Response:
@@ -336,5 +325,5 @@ def create_app(
     return app
 
 
-def _client(connection: Request | WebSocket) -> str | None:
+def _client(connection: Request) -> str | None:
     return connection.client.host if connection.client else None

@@ -87,7 +87,7 @@ class _Invalid(ValueError):
     """A server event that breaks the protocol (internal: it becomes a malformed-event error)."""
 
 
-def parse_server_event(raw: str | bytes, dialect: Dialect = "ga") -> ev.RealtimeEvent:
+def parse_server_event(raw: str | bytes | memoryview, dialect: Dialect = "ga") -> ev.RealtimeEvent:
     """Parse one server event; anything unexpected becomes an error or :class:`RealtimeOther`, never raises.
 
     (Its size is capped by the connection: ``RealtimeEndpoint.max_message_bytes``.)

@@ -32,7 +32,7 @@ class _Invalid(ValueError):
     """A frame that breaks the Media Streams schema (internal: it becomes a TwilioInvalidMessage)."""
 
 
-def parse_twilio_message(raw: str | bytes, max_bytes: int | None = None) -> ev.TwilioEvent:
+def parse_twilio_message(raw: str | bytes | memoryview, max_bytes: int | None = None) -> ev.TwilioEvent:
     """Parse one Media Streams frame. Malformed frames become :class:`TwilioInvalidMessage`, never exceptions.
 
     ``max_bytes`` caps the frame's size (characters for text) before it is parsed at all.
