@@ -26,7 +26,17 @@ What runs. Each round starts three kinds of OS process, each pinned with ``os.sc
   the agent audio it receives like a phone: each ``mark`` is echoed when the audio sent before it would have
   finished playing (at the next 20 ms tick after that), and a ``clear`` flushes (echoes) every pending mark.
 
-The fake server and the generator use uvloop when it is installed (so does ``callbridge serve``: uvicorn picks it).
+The fake server and the generator run on picows (a compiled WebSocket stack: ``pip install '.[bench]'``) and on
+uvloop when it is installed (so does ``callbridge serve``: uvicorn picks it), with everything per frame done in
+callbacks, so that they cost far less per call than the system under test: each helper has one timer for all its
+calls (a heap of due times: each call's next 20 ms tick, each session's next delta; it wakes at the earliest and
+runs everything due), and each message is handled as soon as it is read; tasks are only for placing calls (the
+webhook and the WebSocket handshake). The two messages sent per frame (``media``, ``response.output_audio.delta``)
+are written from byte templates identical to what orjson makes of the same dicts. Flow control is websockets':
+a helper whose 32 KiB write buffer to the system under test is full sends nothing more on that connection until
+it has drained (counted as a slow send). Both helpers share CPU 0, so the loopback TCP they do (each message's
+send also runs the receiving side of the kernel's stack) bounds how many calls they carry: about 200 on the
+2-core machine this was written on, where a round with more is flagged SATURATED.
 
 Latency. Every 160-byte audio frame starts with ``time.monotonic_ns()`` at sending, as 8 little-endian bytes
 (CLOCK_MONOTONIC is system-wide on Linux, so processes can compare them); the rest is μ-law silence (0xFF). The
@@ -60,10 +70,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
+import binascii
 import contextlib
 import ctypes
 import dataclasses
+import heapq
 import itertools
 import math
 import os
@@ -79,7 +90,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -87,11 +98,17 @@ from urllib.parse import urlsplit
 
 import httpx
 import orjson
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSInvalidStatusError,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    ws_connect,
+    ws_create_server,
+)
 from twilio.request_validator import RequestValidator
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.protocol import State
 
 FRAME_MS = 20
 FRAME_BYTES = 160  # 20 ms of 8 kHz μ-law
@@ -105,6 +122,9 @@ STALL_NS = 2_000_000  # a send slower than this waited for the peer (flow contro
 SATURATED_CORE_USE = 0.85
 SATURATED_LAG_MS = 5.0
 HEADLINE_P99_MS = 10.0
+WRITE_LIMIT = 2**15  # a helper's write buffer high-water mark (websockets' default): over it, its sender waits
+TIMER_SLACK_NS = 500_000  # half the event loop's 1 ms timer resolution
+OPEN_TIMEOUT_S = 30.0
 HERE = Path(__file__).resolve().parent
 CALLBRIDGE = Path(sys.executable).with_name("callbridge")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -118,10 +138,28 @@ def stamped_frame(now_ns: int) -> bytes:
     return now_ns.to_bytes(STAMP_BYTES, "little") + FILLER
 
 
-def frame_stamps(audio: bytes) -> Iterator[int]:
-    """The timestamp at the start of each 160-byte frame."""
+# base64 turns each 3 bytes into 4 characters on its own, so a frame's base64 is that of its first 9 bytes (the
+# stamp and one filler byte) followed by that of the constant rest: only 9 bytes need encoding per frame.
+FILLER_TAIL_B64 = binascii.b2a_base64(FILLER[1:], newline=False)
+
+
+def stamped_frame_b64(now_ns: int) -> bytes:
+    """``base64(stamped_frame(now_ns))``, computed cheaply."""
+    return binascii.b2a_base64(now_ns.to_bytes(STAMP_BYTES, "little") + FILLER[:1], newline=False) + FILLER_TAIL_B64
+
+
+def record_stamps(audio: bytes, now: int, window: Window, latency: list[int]) -> int:
+    """Read the timestamp at the start of each 160-byte frame of audio received at ``now``: the added latency of
+    each frame sent in the window goes to ``latency``; returns how many frames carried no plausible timestamp."""
+    malformed = 0
+    start, end = window.start_ns, window.end_ns
     for offset in range(0, len(audio) - STAMP_BYTES + 1, FRAME_BYTES):
-        yield int.from_bytes(audio[offset : offset + STAMP_BYTES], "little")
+        stamp = int.from_bytes(audio[offset : offset + STAMP_BYTES], "little")
+        if not 0 <= now - stamp < PLAUSIBLE_NS:
+            malformed += 1
+        elif start <= stamp <= end:
+            latency.append(now - stamp)
+    return malformed
 
 
 async def sleep_until(due_ns: int) -> int:
@@ -218,7 +256,8 @@ class TickClock:
 
     def woke(self, due: int, free_at: int, now: int) -> bool:
         """Record a tick; True when it falls in the window."""
-        if now in self.window:
+        window = self.window
+        if window.start_ns <= now <= window.end_ns:
             self.lag.append(now - max(due, free_at))
             return True
         return False
@@ -226,7 +265,8 @@ class TickClock:
     def sent(self, began: int) -> int:
         """Record the end of a tick's sends; returns when the sender is free again."""
         ended = time.monotonic_ns()
-        if ended - began > STALL_NS and began in self.window:
+        window = self.window
+        if ended - began > STALL_NS and window.start_ns <= began <= window.end_ns:
             self.stalls += 1
             self.stalled_ns += ended - began
         return ended
@@ -252,9 +292,158 @@ def say(kind: str, data: object = None) -> None:
     print(f"{kind}{payload}", flush=True)
 
 
-async def send_event(ws: ServerConnection | ClientConnection, event: dict[str, Any]) -> None:
-    """One JSON text frame (orjson gives bytes; WebSocket peers expect text)."""
-    await ws.send(orjson.dumps(event), text=True)
+# The two messages sent once per frame per call, written the way orjson writes them (compact, keys in this order)
+# but without building a dict per frame; every other message is a dict given to orjson.
+MEDIA = (
+    b'{"event":"media","sequenceNumber":"%d","streamSid":"%b",'
+    b'"media":{"track":"inbound","chunk":"%d","timestamp":"%d","payload":"%b"}}'
+)
+DELTA = (
+    b'{"type":"response.output_audio.delta","event_id":"event_%d","response_id":"%b","item_id":"%b",'
+    b'"output_index":0,"content_index":0,"delta":"%b"}'
+)
+
+
+def send_event(transport: WSTransport, event: dict[str, Any]) -> None:
+    """One JSON text frame, written at once (orjson gives bytes; WebSocket peers expect text)."""
+    transport.send(WSMsgType.TEXT, orjson.dumps(event))
+
+
+def close_code(transport: WSTransport) -> int:
+    """The close code the peer sent, 1006 when it sent none (as websockets' ``close_code``)."""
+    handshake = transport.close_handshake
+    if handshake is None or handshake.recv is None:
+        return 1006
+    code: int = handshake.recv.code.value
+    return code
+
+
+Job = Callable[[int, int], "int | None"]
+
+
+class Ticker:
+    """Every scheduled send of a helper process on one timer, rather than a task per call sleeping per frame.
+
+    A job is called as ``job(due, now)`` once its due time has come, ``now`` being the monotonic clock read just
+    before that call (a job run after others in the same wake-up sees the time they took as lateness), and returns
+    when it is due next (None: never). The timer wakes at the earliest due time and runs every job due by then,
+    or due within half the event loop's 1 ms timer resolution, as ``asyncio.sleep`` would have.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.heap: list[tuple[int, int, Job]] = []
+        self.order = itertools.count()  # jobs due at the same time run in the order they were scheduled
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_due = 0
+        self.running = False
+
+    def at(self, due: int, job: Job) -> None:
+        heapq.heappush(self.heap, (due, next(self.order), job))
+        if not self.running and (self.timer is None or due < self.timer_due):
+            self.arm(due)
+
+    def arm(self, due: int) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_due = due
+        self.timer = self.loop.call_later(max(0, due - time.monotonic_ns()) / 1e9, self.run)
+
+    def run(self) -> None:
+        self.timer = None
+        self.running = True
+        heap = self.heap
+        try:
+            while heap and heap[0][0] <= (now := time.monotonic_ns()) + TIMER_SLACK_NS:
+                due, _, job = heapq.heappop(heap)
+                following = job(due, now)
+                if following is not None:
+                    heapq.heappush(heap, (following, next(self.order), job))
+        finally:
+            self.running = False
+            if heap:
+                self.arm(heap[0][0])
+
+
+class Peer(WSListener):
+    """One WebSocket (picows) of a helper, with the manners websockets had here.
+
+    Whole messages (fragments are joined) go to ``message`` with the time they were read; a CLOSE is answered with
+    the same code and the connection dropped. Flow control is websockets' too: over a 32 KiB write buffer the
+    sender waits. Sends are synchronous, so a step (``step``, run by the ``Ticker``) makes all its sends, and,
+    when the write buffer is then over its high-water mark, the next step waits until it has drained, the wait
+    counting as a slow send (as time blocked in websockets' ``send`` did).
+    """
+
+    clock: TickClock
+    ticker: Ticker
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport: WSTransport | None = None
+        self.closed = False
+        self.paused = False
+        self.blocked: tuple[int, int] | None = None  # (when the blocked step began, when the next one is due)
+        self.free_at = 0
+        self.fragments: list[bytes] = []
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        transport.underlying_transport.set_write_buffer_limits(high=WRITE_LIMIT)
+        self.transport = transport
+        self.opened(transport)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        now = time.monotonic_ns()
+        kind = frame.msg_type
+        if kind == WSMsgType.TEXT or kind == WSMsgType.BINARY:
+            if frame.fin:
+                self.message(frame.get_payload_as_bytes(), now)
+            else:
+                self.fragments = [frame.get_payload_as_bytes()]
+        elif kind == WSMsgType.CONTINUATION:
+            self.fragments.append(frame.get_payload_as_bytes())
+            if frame.fin:
+                whole, self.fragments = b"".join(self.fragments), []
+                self.message(whole, now)
+        elif kind == WSMsgType.CLOSE:
+            if not transport.is_close_frame_sent:
+                transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closed = True
+        self.ended(close_code(transport))
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.blocked is not None and not self.closed:
+            began, due = self.blocked
+            self.blocked = None
+            self.free_at = self.clock.sent(began)
+            self.ticker.at(due, self.step)
+
+    def sent(self, began: int, due: int) -> int | None:
+        """End of a step that began at ``began``: the next is due at ``due``, or once the write buffer drained."""
+        if self.paused:
+            self.blocked = (began, due)
+            return None
+        self.free_at = self.clock.sent(began)
+        return due
+
+    def opened(self, transport: WSTransport) -> None:
+        raise NotImplementedError
+
+    def message(self, data: bytes, now: int) -> None:
+        raise NotImplementedError
+
+    def step(self, due: int, now: int) -> int | None:
+        raise NotImplementedError
+
+    def ended(self, code: int) -> None:
+        raise NotImplementedError
 
 
 # --- The fake Realtime server ---------------------------------------------------------------------------------
@@ -283,100 +472,31 @@ class FakeReport:
 
 
 class FakeServer:
-    def __init__(self, config: FakeConfig) -> None:
+    def __init__(self, config: FakeConfig, ticker: Ticker) -> None:
         self.config = config
+        self.ticker = ticker
         self.window = Window()
         self.ids = itertools.count(1)
         self.sessions = 0
         self.sessions_open = 0
-        self.caller_frames = 0
-        self.caller_latency: list[int] = []
+        self.caller_latency: list[int] = []  # one per caller frame sent in the window and received
         self.agent_frames = 0
         self.clock = TickClock()
         self.malformed = 0
+        # Responses back to back, each ``response_s`` of audio long, deltas paced at ``speed`` x real time.
+        self.frames_per_delta = max(1, config.delta_ms // FRAME_MS)
+        self.deltas = max(1, round(config.response_s * 1000 / (self.frames_per_delta * FRAME_MS)))
+        self.delta_period_ns = self.frames_per_delta * FRAME_NS / config.speed
+        self.response_ns = self.deltas * self.frames_per_delta * FRAME_NS  # the next starts once this one has played
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self.ids)}"
-
-    async def session(self, ws: ServerConnection) -> None:
-        self.sessions += 1
-        self.sessions_open += 1
-        session_id = self.new_id("sess")
-        created = {"object": "realtime.session", "id": session_id, "type": "realtime", "model": "gpt-realtime"}
-        streaming: asyncio.Task[None] | None = None
-        try:
-            created_event = {"type": "session.created", "event_id": self.new_id("event"), "session": created}
-            await send_event(ws, created_event)
-            async for raw in ws:
-                event = orjson.loads(raw)
-                kind = event.get("type")
-                if kind == "input_audio_buffer.append":
-                    self.caller_audio(base64.b64decode(event["audio"]), time.monotonic_ns())
-                elif kind == "session.update":
-                    session = {**event.get("session", {}), "object": "realtime.session", "id": session_id}
-                    updated = {"type": "session.updated", "event_id": self.new_id("event"), "session": session}
-                    await send_event(ws, updated)
-                    if streaming is None:
-                        streaming = asyncio.create_task(self.stream_agent(ws))
-                # Any other client event (conversation.item.create, response.create...) is not needed here.
-        except ConnectionClosed:
-            pass
-        finally:
-            self.sessions_open -= 1
-            if streaming is not None:
-                streaming.cancel()
-                await asyncio.gather(streaming, return_exceptions=True)
-
-    def caller_audio(self, audio: bytes, now: int) -> None:
-        for stamp in frame_stamps(audio):
-            if not 0 <= now - stamp < PLAUSIBLE_NS:
-                self.malformed += 1
-            elif stamp in self.window:
-                self.caller_frames += 1
-                self.caller_latency.append(now - stamp)
-
-    async def stream_agent(self, ws: ServerConnection) -> None:
-        """Responses back to back, each ``response_s`` of audio long, deltas paced at ``speed`` x real time."""
-        config = self.config
-        frames_per_delta = max(1, config.delta_ms // FRAME_MS)
-        deltas = max(1, round(config.response_s * 1000 / (frames_per_delta * FRAME_MS)))
-        delta_period_ns = frames_per_delta * FRAME_NS / config.speed
-        response_ns = deltas * frames_per_delta * FRAME_NS  # the next response starts once this one has played
-        first = time.monotonic_ns()
-        with contextlib.suppress(ConnectionClosed):
-            for number in itertools.count():
-                begin = await sleep_until(first + number * response_ns)
-                response_id, item_id = self.new_id("resp"), self.new_id("item")
-                response = {"object": "realtime.response", "id": response_id, "status": "in_progress", "output": []}
-                await send_event(
-                    ws, {"type": "response.created", "event_id": self.new_id("event"), "response": response}
-                )
-                free_at = time.monotonic_ns()
-                for index in range(deltas):
-                    due = begin + int(index * delta_period_ns)
-                    now = await sleep_until(due)
-                    if self.clock.woke(due, free_at, now):
-                        self.agent_frames += frames_per_delta
-                    audio = stamped_frame(now) * frames_per_delta
-                    delta = {
-                        "type": "response.output_audio.delta",
-                        "event_id": self.new_id("event"),
-                        "response_id": response_id,
-                        "item_id": item_id,
-                        "output_index": 0,
-                        "content_index": 0,
-                        "delta": base64.b64encode(audio).decode("ascii"),
-                    }
-                    await send_event(ws, delta)
-                    free_at = self.clock.sent(now)
-                done = {**response, "status": "completed"}
-                await send_event(ws, {"type": "response.done", "event_id": self.new_id("event"), "response": done})
 
     def report(self) -> FakeReport:
         return FakeReport(
             sessions=self.sessions,
             sessions_open=self.sessions_open,
-            caller_frames=self.caller_frames,
+            caller_frames=len(self.caller_latency),
             caller_latency=Latency.of(self.caller_latency),
             agent_frames=self.agent_frames,
             ticks=self.clock.report(),
@@ -384,10 +504,97 @@ class FakeServer:
         )
 
 
+class FakeSession(Peer):
+    """One Realtime session: ``session.created`` at once, ``session.updated`` for each ``session.update``, and from
+    the first one on, the agent's responses, one step of the fake's ticker per delta."""
+
+    def __init__(self, fake: FakeServer) -> None:
+        super().__init__()
+        self.fake = fake
+        self.clock = fake.clock
+        self.ticker = fake.ticker
+        self.session_id = ""
+        self.streaming = False
+        self.first = 0  # when the first response began: response k begins at first + k x its length
+        self.responses = 0  # responses begun
+        self.index = 0  # the current response's next delta; 0: the next step begins a response
+        self.begin = 0  # when the current response began: its delta i is due at begin + i x the delta period
+        self.response: dict[str, Any] = {}
+        self.response_id = b""
+        self.item_id = b""
+
+    def opened(self, transport: WSTransport) -> None:
+        fake = self.fake
+        fake.sessions += 1
+        fake.sessions_open += 1
+        self.session_id = fake.new_id("sess")
+        created = {"object": "realtime.session", "id": self.session_id, "type": "realtime", "model": "gpt-realtime"}
+        send_event(transport, {"type": "session.created", "event_id": fake.new_id("event"), "session": created})
+
+    def message(self, data: bytes, now: int) -> None:
+        event = orjson.loads(data)
+        kind = event.get("type")
+        if kind == "input_audio_buffer.append":
+            fake = self.fake
+            fake.malformed += record_stamps(binascii.a2b_base64(event["audio"]), now, fake.window, fake.caller_latency)
+        elif kind == "session.update":
+            assert self.transport is not None
+            session = {**event.get("session", {}), "object": "realtime.session", "id": self.session_id}
+            updated = {"type": "session.updated", "event_id": self.fake.new_id("event"), "session": session}
+            send_event(self.transport, updated)
+            if not self.streaming:
+                self.streaming = True
+                self.first = time.monotonic_ns()
+                self.ticker.at(self.first, self.step)
+        # Any other client event (conversation.item.create, response.create...) is not needed here.
+
+    def step(self, due: int, now: int) -> int | None:
+        """Send what is due: a response's start (``response.created``) and its first delta, a delta, or the last
+        delta and ``response.done``; returns when the next is due."""
+        if self.closed:
+            return None
+        fake, transport = self.fake, self.transport
+        assert transport is not None
+        if self.index == 0:
+            self.begin = due = now
+            response_id, item_id = fake.new_id("resp"), fake.new_id("item")
+            self.response_id, self.item_id = response_id.encode(), item_id.encode()
+            self.response = {"object": "realtime.response", "id": response_id, "status": "in_progress", "output": []}
+            created = {"type": "response.created", "event_id": fake.new_id("event"), "response": self.response}
+            send_event(transport, created)
+            now = self.free_at = time.monotonic_ns()
+        if fake.clock.woke(due, self.free_at, now):
+            fake.agent_frames += fake.frames_per_delta
+        if fake.frames_per_delta == 1:
+            audio = stamped_frame_b64(now)
+        else:
+            audio = binascii.b2a_base64(stamped_frame(now) * fake.frames_per_delta, newline=False)
+        transport.send(WSMsgType.TEXT, DELTA % (next(fake.ids), self.response_id, self.item_id, audio))
+        self.index += 1
+        if self.index < fake.deltas:
+            return self.sent(now, self.begin + int(self.index * fake.delta_period_ns))
+        following = self.sent(now, self.first + (self.responses + 1) * fake.response_ns)
+        done = {**self.response, "status": "completed"}
+        send_event(transport, {"type": "response.done", "event_id": fake.new_id("event"), "response": done})
+        self.index = 0
+        self.responses += 1
+        return following
+
+    def ended(self, code: int) -> None:
+        self.fake.sessions_open -= 1
+
+
 async def fake_main(config: FakeConfig) -> None:
-    fake = FakeServer(config)
-    async with serve(fake.session, "127.0.0.1", config.port, compression=None, max_size=2**24) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
+    fake = FakeServer(config, Ticker())
+    server = await ws_create_server(
+        lambda request: FakeSession(fake),
+        "127.0.0.1",
+        config.port,
+        max_frame_size=2**24,
+        websocket_handshake_timeout=10,
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
         say(f"listening {port}")
         fake.window = fake.clock.window = await read_window()
         await sleep_until(fake.window.report_ns)
@@ -429,19 +636,21 @@ class GeneratorReport:
 
 
 class Generator:
-    def __init__(self, config: GeneratorConfig, auth_token: str) -> None:
+    def __init__(self, config: GeneratorConfig, auth_token: str, ticker: Ticker) -> None:
         self.config = config
+        self.ticker = ticker
         self.validator = RequestValidator(auth_token)
         self.account_sid = "AC" + uuid.uuid4().hex
         self.window = Window()
         self.hanging_up = False
         self.settled = 0
         self.all_settled = asyncio.Event()
+        self.all_closed = asyncio.Event()
+        self.calls: list[Call] = []
         self.calls_up = 0
         self.calls_open = 0
         self.caller_frames = 0
-        self.agent_frames = 0
-        self.agent_latency: list[int] = []
+        self.agent_latency: list[int] = []  # one per agent frame sent in the window and received
         self.clock = TickClock()
         self.errors: Counter[str] = Counter()
         self.marks_received = 0
@@ -475,22 +684,21 @@ class Generator:
                 return
             headers["X-Twilio-Signature"] = self.validator.compute_signature(stream_url, {})
             url = "ws://" + urlsplit(config.base_url).netloc + urlsplit(stream_url).path
+        call = Call(self, call_sid, stream_sid, parameters)
         try:
-            ws = await connect(url, additional_headers=headers, compression=None, max_size=2**24, open_timeout=30)
-        except InvalidStatus as exc:
-            self.settle(f"stream refused: HTTP {exc.response.status_code}")
-            return
+            async with asyncio.timeout(OPEN_TIMEOUT_S):
+                await ws_connect(
+                    lambda: call,
+                    url,
+                    extra_headers=headers,
+                    max_frame_size=2**24,
+                    websocket_handshake_timeout=OPEN_TIMEOUT_S,
+                )
+        except WSInvalidStatusError as exc:
+            self.settle(f"stream refused: HTTP {int(exc.response.status) if exc.response is not None else '?'}")
         except Exception as exc:
             self.settle(f"stream failed: {type(exc).__name__}")
-            return
-        call = Call(self, ws, call_sid, stream_sid, parameters)
-        self.calls_open += 1
-        try:
-            await call.run()
-        finally:
-            self.calls_open -= 1
-            if not call.up:
-                self.settle(f"closed before agent audio: code {ws.close_code}")
+        # From here on the call runs on callbacks: Call.opened, Call.step, Call.message, Call.ended.
 
     async def webhook(self, client: httpx.AsyncClient, call_sid: str) -> str:
         params = {
@@ -509,13 +717,21 @@ class Generator:
             raise RuntimeError(f"HTTP {response.status_code}")
         return str(response.text)
 
+    def hang_up(self) -> None:
+        """Every open call sends ``stop`` and closes with 1000, as Twilio does when the caller hangs up."""
+        self.hanging_up = True
+        for call in self.calls:
+            call.hang_up()
+        if self.calls_open == 0:
+            self.all_closed.set()
+
     def report(self) -> GeneratorReport:
         return GeneratorReport(
             calls=self.config.calls,
             calls_up=self.calls_up,
             calls_open=self.calls_open,
             caller_frames=self.caller_frames,
-            agent_frames=self.agent_frames,
+            agent_frames=len(self.agent_latency),
             agent_latency=Latency.of(self.agent_latency),
             ticks=self.clock.report(),
             errors=dict(self.errors),
@@ -533,38 +749,35 @@ def parse_twiml(twiml: str) -> tuple[str, dict[str, str]]:
     return str(stream.get("url")), {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
 
 
-class Call:
-    """One media stream: a 20 ms ticker (echo marks that played, send a frame) and a reader."""
+class Call(Peer):
+    """One media stream: a step of the generator's ticker every 20 ms (echo the marks that played, send a frame),
+    and the messages the bridge sends, read as they arrive."""
 
-    def __init__(
-        self, generator: Generator, ws: ClientConnection, call_sid: str, stream_sid: str, parameters: dict[str, str]
-    ) -> None:
+    def __init__(self, generator: Generator, call_sid: str, stream_sid: str, parameters: dict[str, str]) -> None:
+        super().__init__()
         self.gen = generator
-        self.ws = ws
+        self.clock = generator.clock
+        self.ticker = generator.ticker
         self.call_sid = call_sid
         self.stream_sid = stream_sid
+        self.stream_sid_bytes = stream_sid.encode()
         self.parameters = parameters
         self.sequence = itertools.count(1)
         self.up = False
+        self.t0 = 0
+        self.ticks = 0  # frames sent
         self.played_until_ns = 0  # when the agent audio received so far will have finished playing
         self.marks: deque[tuple[int, str]] = deque()  # (when its audio has played, name)
 
-    async def run(self) -> None:
+    def opened(self, transport: WSTransport) -> None:
         gen = self.gen
-        reader = asyncio.create_task(self.read())
-        try:
-            await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
-            await self.send(self.start_message())
-            await self.tick()
-        except ConnectionClosed:
-            pass
-        finally:
-            if gen.hanging_up and self.ws.state is State.OPEN:
-                with contextlib.suppress(ConnectionClosed):
-                    stop = {"accountSid": gen.account_sid, "callSid": self.call_sid}
-                    await self.send({"event": "stop", **self.header(), "stop": stop})
-                    await self.ws.close(1000)
-            await reader
+        gen.calls_open += 1
+        gen.calls.append(self)
+        send_event(transport, {"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        send_event(transport, self.start_message())
+        self.t0 = time.monotonic_ns()
+        self.free_at = self.t0
+        self.ticker.at(self.t0, self.step)
 
     def start_message(self) -> dict[str, Any]:
         start = {
@@ -585,57 +798,47 @@ class Call:
     def header(self) -> dict[str, str]:
         return {"sequenceNumber": str(next(self.sequence)), "streamSid": self.stream_sid}
 
-    async def send(self, message: dict[str, Any]) -> None:
-        await send_event(self.ws, message)
-
-    async def tick(self) -> None:
+    def step(self, due: int, now: int) -> int | None:
         """Tick k is due at t0 + k x 20 ms: an absolute schedule, so a late tick is caught up, never drifts."""
-        gen = self.gen
-        t0 = free_at = time.monotonic_ns()
-        for tick in itertools.count():
-            due = t0 + tick * FRAME_NS
-            now = await sleep_until(due)
-            if gen.hanging_up:
-                return
-            if gen.clock.woke(due, free_at, now):
-                gen.caller_frames += 1
-            while self.marks and self.marks[0][0] <= now:
-                _, name = self.marks.popleft()
-                await self.send({"event": "mark", **self.header(), "mark": {"name": name}})
-                gen.marks_echoed += 1
-            payload = base64.b64encode(stamped_frame(now)).decode("ascii")
-            media = {"track": "inbound", "chunk": str(tick + 1), "timestamp": str(tick * FRAME_MS), "payload": payload}
-            await self.send({"event": "media", **self.header(), "media": media})
-            free_at = gen.clock.sent(now)
+        gen, transport = self.gen, self.transport
+        if gen.hanging_up or self.closed:
+            return None
+        assert transport is not None
+        if gen.clock.woke(due, self.free_at, now):
+            gen.caller_frames += 1
+        marks = self.marks
+        while marks and marks[0][0] <= now:
+            _, name = marks.popleft()
+            send_event(transport, {"event": "mark", **self.header(), "mark": {"name": name}})
+            gen.marks_echoed += 1
+        tick = self.ticks
+        payload = stamped_frame_b64(now)
+        media = MEDIA % (next(self.sequence), self.stream_sid_bytes, tick + 1, tick * FRAME_MS, payload)
+        transport.send(WSMsgType.TEXT, media)
+        self.ticks = tick + 1
+        return self.sent(now, self.t0 + self.ticks * FRAME_NS)
 
-    async def read(self) -> None:
+    def message(self, data: bytes, now: int) -> None:
         gen = self.gen
-        with contextlib.suppress(ConnectionClosed):
-            async for raw in self.ws:
-                self.receive(raw)
-        if not gen.hanging_up:
-            gen.errors[f"stream closed by the server: code {self.ws.close_code}"] += 1
-
-    def receive(self, raw: str | bytes) -> None:
-        gen = self.gen
-        now = time.monotonic_ns()
-        message = orjson.loads(raw)
-        event = message.get("event")
+        try:
+            message = orjson.loads(data)
+            event = message.get("event")
+            if event == "media":
+                audio = binascii.a2b_base64(message["media"]["payload"])
+            elif event == "mark":
+                name = message["mark"]["name"]
+        except Exception as exc:
+            gen.errors[f"unreadable message from the server: {type(exc).__name__}"] += 1
+            return
         if event == "media":
-            audio = base64.b64decode(message["media"]["payload"])
             self.played_until_ns = max(self.played_until_ns, now) + len(audio) * NS_PER_BYTE
-            for stamp in frame_stamps(audio):
-                if not 0 <= now - stamp < PLAUSIBLE_NS:
-                    gen.malformed += 1
-                elif stamp in gen.window:
-                    gen.agent_frames += 1
-                    gen.agent_latency.append(now - stamp)
+            gen.malformed += record_stamps(audio, now, gen.window, gen.agent_latency)
             if not self.up:
                 self.up = True
                 gen.settle()
         elif event == "mark":
             gen.marks_received += 1
-            self.marks.append((self.played_until_ns, message["mark"]["name"]))
+            self.marks.append((self.played_until_ns, name))
         elif event == "clear":  # flush: every pending mark is echoed at the next tick
             gen.clears += 1
             self.played_until_ns = now
@@ -643,20 +846,42 @@ class Call:
         else:
             gen.errors[f"unexpected message from the server: {event!r}"] += 1
 
+    def hang_up(self) -> None:
+        transport = self.transport
+        if self.closed or transport is None or transport.is_close_frame_sent:
+            return
+        stop = {"accountSid": self.gen.account_sid, "callSid": self.call_sid}
+        send_event(transport, {"event": "stop", **self.header(), "stop": stop})
+        transport.send_close(WSCloseCode.OK)  # the bridge answers with its CLOSE, then the connection is dropped
+
+    def ended(self, code: int) -> None:
+        gen = self.gen
+        gen.calls_open -= 1
+        if not gen.hanging_up:
+            gen.errors[f"stream closed by the server: code {code}"] += 1
+        if not self.up:
+            gen.settle(f"closed before agent audio: code {code}")
+        if gen.hanging_up and gen.calls_open == 0:
+            gen.all_closed.set()
+
 
 async def generator_main(config: GeneratorConfig) -> None:
-    generator = Generator(config, os.environ["BENCH_TWILIO_AUTH_TOKEN"])
+    generator = Generator(config, os.environ["BENCH_TWILIO_AUTH_TOKEN"], Ticker())
     limits = httpx.Limits(max_connections=32)
     async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-        calls = [asyncio.create_task(generator.place(index, client)) for index in range(config.calls)]
+        placing = [asyncio.create_task(generator.place(index, client)) for index in range(config.calls)]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(generator.all_settled.wait(), config.ramp_s + config.ready_timeout_s)
         say("ready", {"calls_up": generator.calls_up, "errors": dict(generator.errors)})
         generator.window = generator.clock.window = await read_window()
         await sleep_until(generator.window.report_ns)
         say("report", generator.report())
-        generator.hanging_up = True
-        await asyncio.wait(calls, timeout=10)
+        generator.hang_up()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(generator.all_closed.wait(), 10)
+        for task in placing:
+            task.cancel()
+        await asyncio.gather(*placing, return_exceptions=True)
 
 
 # --- The orchestrator: processes, /proc, rounds ---------------------------------------------------------------
