@@ -13,7 +13,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[offline]'
 
 install-test: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[offline,test,bench]'
+	$(BIN)/pip install --quiet -e '.[offline,test]'
 
 demo: install
 	$(BIN)/callbridge demo

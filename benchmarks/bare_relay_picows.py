@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bare_relay_picows.py --port 8090 --realtime-url ws://127.0.0.1:9001
 
 It shows how much of a relay's cost is the WebSocket stack: the relay logic is identical (parse each message,
-pass the base64 audio through in a new JSON message), only the sockets differ. Needs ``pip install '.[bench]'``.
+pass the base64 audio through in a new JSON message), only the sockets differ.
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ What runs. Each round starts three kinds of OS process, each pinned with ``os.sc
   one would have finished playing. It reads every ``input_audio_buffer.append`` (decoding its base64 audio)
   and ignores every other client event beyond its ``type``.
 - the system under test: ``callbridge serve`` (the real service, signatures checked, on CPU 1, or on both CPUs
-  with ``--workers 2``), then, right after it at the same N, the bare relay of ``benchmarks/bare_relay.py``
-  (a ~60-line pass-through with no checks, marks or state, on the same websockets library; ``--no-bare`` skips
-  it; ``--bare-stack picows`` runs the same relay on picows, to show what a compiled WebSocket stack saves).
+  with ``--workers 2``), then, right after it at the same N, a bare relay: a ~60-line pass-through with no
+  checks, marks or state, on picows as callbridge's audio path (``benchmarks/bare_relay_picows.py``), the floor
+  the bridge is compared with; ``--bare-stack websockets`` runs the same relay on the ``websockets`` library
+  (``benchmarks/bare_relay.py``), as most Python relays are built; ``--no-bare`` skips it.
 - the load generator (this file, ``--role generator``; CPU 0), one asyncio loop placing N calls the way Twilio
   does: the signed ``/twilio/voice`` webhook, the ``<Stream>`` of the TwiML it answers, a signed WebSocket,
   ``connected`` and ``start``, then one 160-byte ``media`` frame every 20 ms per call on an absolute schedule.
@@ -26,7 +27,7 @@ What runs. Each round starts three kinds of OS process, each pinned with ``os.sc
   the agent audio it receives like a phone: each ``mark`` is echoed when the audio sent before it would have
   finished playing (at the next 20 ms tick after that), and a ``clear`` flushes (echoes) every pending mark.
 
-The fake server and the generator run on picows (a compiled WebSocket stack: ``pip install '.[bench]'``) and on
+The fake server and the generator run on picows (a compiled WebSocket stack, as callbridge's audio path) and on
 uvloop when it is installed (so does ``callbridge serve``: uvicorn picks it), with everything per frame done in
 callbacks, so that they cost far less per call than the system under test: each helper has one timer for all its
 calls (a heap of due times: each call's next 20 ms tick, each session's next delta; it wakes at the earliest and
@@ -1490,8 +1491,8 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
     parser.add_argument(
         "--bare-stack",
         choices=["websockets", "picows"],
-        default="websockets",
-        help="the bare relay's WebSocket stack: websockets (callbridge's own) or picows (pip install '.[bench]')",
+        default="picows",
+        help="the bare relay's WebSocket stack: picows (callbridge's) or websockets (as most Python relays)",
     )
     parser.add_argument("--ramp-s", type=float, default=3.0, help="calls start spread over this long")
     parser.add_argument("--warmup-s", type=float, default=3.0)

@@ -9,14 +9,14 @@ from callbridge.core.context import CallContext
 from callbridge.core.transcript import TranscriptLine
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per audio frame, and freezing costs 5x; never mutated
 class SendTwilio:
     """A Media Streams message to Twilio (already in wire shape)."""
 
     message: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per audio frame, and freezing costs 5x; never mutated
 class SendRealtime:
     """A Realtime client event in GA shape; the adapter maps it to the configured dialect."""
 

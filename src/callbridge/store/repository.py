@@ -429,6 +429,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     """WAL lets readers work while a call writes its transcript; SQLite enforces foreign keys only when asked.
 
+    SQLite takes one writer at a time: when many calls start at once, their writes queue for up to 30 s (the
+    driver's default of 5 s turned callers away with the fallback at 200 calls starting within seconds).
+
     Switching a new file to WAL fails at once, busy timeout or not, while another process does the same (workers
     starting together): the switch is retried for a few seconds. Once a file is in WAL mode it stays so.
     """
@@ -442,4 +445,5 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
                 raise
             time.sleep(0.1)
     cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
