@@ -407,6 +407,7 @@ class CallBridge:
                     extra_headers=headers_for(endpoint.dialect, endpoint.api_key),
                     websocket_handshake_timeout=endpoint.connect_timeout,
                     max_frame_size=endpoint.max_message_bytes,
+                    read_buffer_init_size=4096,  # grows when a message needs more; most are under 1 KiB
                 )
         except Exception as exc:
             self._dispatch(ev.RealtimeConnectFailed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__))
