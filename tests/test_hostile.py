@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import websockets
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1044,3 +1045,37 @@ def test_an_unknown_realtime_event_is_counted_and_logged() -> None:
     commands = watched.handle(unknown)
     assert watched.session.stats.protocol_errors == 1
     assert [command.event for command in commands if isinstance(command, Log)] == ["realtime.unknown_event"]
+
+
+async def test_fragmented_messages_are_joined_and_other_websocket_paths_stay_with_the_asgi_app(tmp_path: Path) -> None:
+    """The media stream is served by picows, which hands over frames: a message in several frames is joined (up
+    to the ceiling, past which the stream is closed with 1009), and an upgrade on any other path is left to the
+    ASGI app (which has no such route)."""
+    env = {"CALLBRIDGE_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES)}
+    async with serve(tmp_path, opening_hours(), **env) as service:
+        stream = HostileStream(service)
+        async with stream.connect() as ws:
+            start = stream.start(await stream.admit())
+            await ws.send(iter([start[:10], start[10:50], start[50:]]))
+            await service.wait_for_logs("realtime.ready", 1)
+            media = stream.media()
+            await ws.send(iter([media[:7], media[7:]]))
+            await ws.send(stream.frame("stop", stop={}))
+            await ws.wait_closed()
+        (summary,) = await service.wait_for_logs("call.summary", 1)
+        assert summary["call_sid"] == stream.call_sid
+        assert (summary["frames_in"], protocol_errors(summary)) == (1, 0), summary
+
+        big = HostileStream(service)
+        async with big.connect() as ws:
+            parts = ['{"event": "media", "media": {"payload": "', *["A" * 1000] * (4 * MAX_MESSAGE_BYTES // 1000 + 2)]
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await ws.send(iter([*parts, '"}}']))
+            await ws.wait_closed()
+        assert ws.close_code == 1009
+
+        elsewhere = service.base_url.replace("http://", "ws://") + "/twilio/media-stream-not"
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(elsewhere):
+                pass
+        assert refused.value.response.status_code == 403
