@@ -1048,9 +1048,10 @@ def test_an_unknown_realtime_event_is_counted_and_logged() -> None:
 
 
 async def test_fragmented_messages_are_joined_and_other_websocket_paths_stay_with_the_asgi_app(tmp_path: Path) -> None:
-    """The media stream is served by picows, which hands over frames: a message in several frames is joined (up
-    to the ceiling, past which the stream is closed with 1009), and an upgrade on any other path is left to the
-    ASGI app (which has no such route)."""
+    """The media stream is served by picows, which hands over frames: a message in several frames is joined and
+    treated as if it came whole (over CALLBRIDGE_MAX_MESSAGE_BYTES it is counted and dropped; over four times
+    that the stream is closed with 1009), and an upgrade on any other path is left to the ASGI app (which has no
+    such route)."""
     env = {"CALLBRIDGE_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES)}
     async with serve(tmp_path, opening_hours(), **env) as service:
         stream = HostileStream(service)
@@ -1060,11 +1061,13 @@ async def test_fragmented_messages_are_joined_and_other_websocket_paths_stay_wit
             await service.wait_for_logs("realtime.ready", 1)
             media = stream.media()
             await ws.send(iter([media[:7], media[7:]]))
+            too_big = stream.frame("media", media={"payload": "A" * (MAX_MESSAGE_BYTES + 100)})
+            await ws.send(iter([too_big[:1000], too_big[1000:]]))  # under the ceiling: counted and dropped
             await ws.send(stream.frame("stop", stop={}))
             await ws.wait_closed()
         (summary,) = await service.wait_for_logs("call.summary", 1)
         assert summary["call_sid"] == stream.call_sid
-        assert (summary["frames_in"], protocol_errors(summary)) == (1, 0), summary
+        assert (summary["frames_in"], protocol_errors(summary)) == (1, 1), summary
 
         big = HostileStream(service)
         async with big.connect() as ws:

@@ -46,15 +46,19 @@ class MediaStreamEndpoint:
     open_call: Callable[[TwilioLink], CallBridge]
     """Starts the call of an accepted stream; the stream's frames then go to the bridge it returns."""
     max_message_bytes: int
-    """Frames up to this size reach the call (which counts and drops those over its own limit); larger ones end
-    the connection."""
+    """The call counts and drops messages over this size unparsed; over four times it, the stream is closed."""
+
+    @property
+    def ceiling_bytes(self) -> int:
+        """Messages up to this size reach the call; a larger one closes the stream (1009)."""
+        return 4 * self.max_message_bytes
 
 
 class TwilioStream(MessageListener):
     """One media stream: its messages go to the call's bridge, in the read callback."""
 
     def __init__(self, endpoint: MediaStreamEndpoint) -> None:
-        super().__init__(endpoint.max_message_bytes)
+        super().__init__(endpoint.ceiling_bytes)
         self._endpoint = endpoint
         self._bridge: CallBridge | None = None
 
@@ -118,7 +122,7 @@ class WebSocketRouter(asyncio.Protocol):
                 return WSUpgradeResponseWithListener(response, None)
             return TwilioStream(endpoint)
 
-        return _picows_server_protocol(listener, 4 * endpoint.max_message_bytes)
+        return _picows_server_protocol(listener, endpoint.ceiling_bytes)
 
     def _hand_over(self) -> None:
         if self._transport is not None and self._target is not None and not self._transport.is_closing():
