@@ -14,6 +14,8 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 ABNORMAL_CLOSURE = 1006
 """The close code of a connection that ended without a close frame (RFC 6455 §7.1.5)."""
+NO_STATUS_RECEIVED = 1005
+"""The close code of a close frame that carried none (RFC 6455 §7.1.5); it is never sent, so 1000 answers it."""
 
 
 class MessageListener(WSListener):
@@ -70,10 +72,14 @@ class MessageListener(WSListener):
         elif kind is WSMsgType.CONTINUATION:
             self._add_part(transport, frame)
         elif kind is WSMsgType.CLOSE:
-            self.close_code = frame.get_close_code().value
+            code = frame.get_close_code()
+            if code is WSCloseCode.NO_INFO:  # a close frame without a status (picows says 0)
+                self.close_code, code = NO_STATUS_RECEIVED, WSCloseCode.OK
+            else:
+                self.close_code = code.value
             self.close_reason = frame.get_close_reason() or ""
             if not transport.is_close_frame_sent:
-                transport.send_close(frame.get_close_code())
+                transport.send_close(code)
             transport.disconnect(graceful=True)
 
     def _add_part(self, transport: WSTransport, frame: WSFrame) -> None:

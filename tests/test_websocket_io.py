@@ -1,0 +1,108 @@
+"""The picows listener both of a call's WebSockets use: messages joined from frames, sizes capped, closes answered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from picows import WSCloseCode, WSMsgType
+from picows.picows import _make_test_ws_frame
+
+from callbridge.websocket_io import MessageListener
+
+
+class Transport:
+    """What the listener uses of picows' WSTransport, recording what it is asked to do."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[WSMsgType, bytes]] = []
+        self.closes: list[tuple[WSCloseCode, bytes | None]] = []
+        self.is_close_frame_sent = False
+        self.is_disconnected = False
+
+    def send(self, kind: WSMsgType, payload: bytes) -> None:
+        self.sent.append((kind, bytes(payload)))
+
+    def send_close(self, code: WSCloseCode = WSCloseCode.NO_INFO, message: bytes | None = None) -> None:
+        self.closes.append((code, message))
+        self.is_close_frame_sent = True
+
+    def disconnect(self, graceful: bool = True) -> None:
+        self.is_disconnected = True
+
+
+class Recorder(MessageListener):
+    def __init__(self, max_message_bytes: int = 100) -> None:
+        super().__init__(max_message_bytes)
+        self.messages: list[tuple[bytes, bool]] = []
+        self.closed = False
+
+    def on_message(self, payload: bytes | memoryview, binary: bool) -> None:
+        self.messages.append((bytes(payload), binary))
+
+    def on_close(self) -> None:
+        self.closed = True
+
+
+def connected(listener: Recorder) -> Any:
+    transport: Any = Transport()  # duck-typed for picows' WSTransport
+    listener.on_ws_connected(transport)
+    return transport
+
+
+def frame(kind: WSMsgType, payload: bytes, fin: bool = True) -> Any:
+    return _make_test_ws_frame(kind, payload, fin, False)
+
+
+def test_whole_and_fragmented_messages_arrive_whole() -> None:
+    listener = Recorder()
+    transport = connected(listener)
+    listener.on_ws_frame(transport, frame(WSMsgType.TEXT, b'{"event":"stop"}'))
+    listener.on_ws_frame(transport, frame(WSMsgType.TEXT, b'{"event":', fin=False))
+    listener.on_ws_frame(transport, frame(WSMsgType.CONTINUATION, b'"media"', fin=False))
+    listener.on_ws_frame(transport, frame(WSMsgType.CONTINUATION, b"}"))
+    listener.on_ws_frame(transport, frame(WSMsgType.BINARY, b"\x00\x01"))
+    assert listener.messages == [(b'{"event":"stop"}', False), (b'{"event":"media"}', False), (b"\x00\x01", True)]
+    assert not transport.closes
+
+
+def test_a_message_over_the_limit_closes_the_connection_with_1009() -> None:
+    listener = Recorder(max_message_bytes=10)
+    transport = connected(listener)
+    listener.on_ws_frame(transport, frame(WSMsgType.TEXT, b"x" * 6, fin=False))
+    listener.on_ws_frame(transport, frame(WSMsgType.CONTINUATION, b"x" * 6))
+    assert listener.messages == []
+    assert [code for code, _ in transport.closes] == [WSCloseCode.MESSAGE_TOO_BIG] and transport.is_disconnected
+
+
+def test_a_continuation_without_a_message_is_a_protocol_error() -> None:
+    listener = Recorder()
+    transport = connected(listener)
+    listener.on_ws_frame(transport, frame(WSMsgType.CONTINUATION, b"x"))
+    assert [code for code, _ in transport.closes] == [WSCloseCode.PROTOCOL_ERROR]
+
+
+def test_a_close_is_answered_with_its_code_and_one_without_a_code_with_1000() -> None:
+    listener = Recorder()
+    transport = connected(listener)
+    listener.on_ws_frame(transport, frame(WSMsgType.CLOSE, (1001).to_bytes(2, "big") + b"bye"))
+    listener.on_ws_disconnected(transport)
+    assert (listener.close_code, listener.close_reason, listener.closed) == (1001, "bye", True)
+    assert [code for code, _ in transport.closes] == [WSCloseCode.GOING_AWAY] and transport.is_disconnected
+
+    silent = Recorder()
+    transport = connected(silent)
+    silent.on_ws_frame(transport, frame(WSMsgType.CLOSE, b""))
+    assert silent.close_code == 1005  # "no status received": never sent on the wire
+    assert [code for code, _ in transport.closes] == [WSCloseCode.OK]
+
+
+def test_a_dropped_connection_reports_1006_and_our_close_sends_its_code() -> None:
+    dropped = Recorder()
+    dropped.on_ws_disconnected(connected(dropped))
+    assert dropped.close_code == 1006 and dropped.closed
+
+    listener = Recorder()
+    transport = connected(listener)
+    listener.close(4000, "an application's own code")
+    assert [(code.value, message) for code, message in transport.closes] == [(4000, b"an application's own code")]
+    assert transport.is_disconnected
