@@ -18,6 +18,7 @@ class Transport:
         self.closes: list[tuple[WSCloseCode, bytes | None]] = []
         self.is_close_frame_sent = False
         self.is_disconnected = False
+        self.graceful: bool | None = None
 
     def send(self, kind: WSMsgType, payload: bytes) -> None:
         self.sent.append((kind, bytes(payload)))
@@ -28,11 +29,12 @@ class Transport:
 
     def disconnect(self, graceful: bool = True) -> None:
         self.is_disconnected = True
+        self.graceful = graceful
 
 
 class Recorder(MessageListener):
-    def __init__(self, max_message_bytes: int = 100) -> None:
-        super().__init__(max_message_bytes)
+    def __init__(self, max_message_bytes: int = 100, max_backlog_bytes: int = 1000) -> None:
+        super().__init__(max_message_bytes, max_backlog_bytes)
         self.messages: list[tuple[bytes, bool]] = []
         self.closed = False
 
@@ -106,3 +108,18 @@ def test_a_dropped_connection_reports_1006_and_our_close_sends_its_code() -> Non
     listener.close(4000, "an application's own code")
     assert [(code.value, message) for code, message in transport.closes] == [(4000, b"an application's own code")]
     assert transport.is_disconnected
+
+
+def test_a_peer_that_stops_reading_is_dropped_once_its_backlog_passes_the_limit() -> None:
+    listener = Recorder(max_backlog_bytes=1000)
+    transport = connected(listener)
+    listener.pause_writing()  # picows: the send buffer is full
+    for _ in range(10):
+        listener.send_text(b"x" * 100)
+    assert not transport.is_disconnected  # 1000 bytes queued: still within the limit
+    listener.resume_writing()  # it read again: the count starts over next time
+    listener.pause_writing()
+    for _ in range(11):
+        listener.send_text(b"x" * 100)
+    assert transport.is_disconnected and transport.graceful is False
+    assert len(transport.sent) == 20

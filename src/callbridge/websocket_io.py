@@ -14,6 +14,9 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 ABNORMAL_CLOSURE = 1006
 """The close code of a connection that ended without a close frame (RFC 6455 §7.1.5)."""
+MAX_BACKLOG_BYTES = 1024 * 1024
+"""What a connection may queue for a peer that has stopped reading before it is dropped: over a minute of a call's
+audio (a stalled peer would otherwise hold its call's memory growing until the call ends)."""
 NO_STATUS_RECEIVED = 1005
 """The close code of a close frame that carried none (RFC 6455 §7.1.5); it is never sent, so 1000 answers it."""
 
@@ -21,9 +24,11 @@ NO_STATUS_RECEIVED = 1005
 class MessageListener(WSListener):
     """A picows listener that hands whole messages to :meth:`on_message` and the close to :meth:`on_close`."""
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
         super().__init__()
         self.transport: WSTransport | None = None
+        self._max_backlog_bytes = max_backlog_bytes
+        self._backlog: int | None = None  # bytes sent since the peer stopped reading (None: it reads)
         self.close_code: int | None = None
         self.close_reason = ""
         self._max_message_bytes = max_message_bytes
@@ -42,8 +47,22 @@ class MessageListener(WSListener):
     # ---------------------------------------------------------------------------------------------- sending
 
     def send_text(self, text: str | bytes) -> None:
-        if self.transport is not None and not self.transport.is_close_frame_sent:
-            self.transport.send(WSMsgType.TEXT, text.encode() if isinstance(text, str) else text)
+        transport = self.transport
+        if transport is None or transport.is_close_frame_sent or transport.is_disconnected:
+            return
+        if self._backlog is not None:
+            self._backlog += len(text)
+            if self._backlog > self._max_backlog_bytes:  # a peer that no longer reads is dropped, not buffered for
+                transport.disconnect(graceful=False)
+                return
+        transport.send(WSMsgType.TEXT, text.encode() if isinstance(text, str) else text)
+
+    def pause_writing(self) -> None:
+        """The socket's send buffer is full: the peer is not reading (picows calls this)."""
+        self._backlog = 0
+
+    def resume_writing(self) -> None:
+        self._backlog = None
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Send a close frame, then drop the connection once what is buffered has been written."""
