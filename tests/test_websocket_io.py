@@ -123,3 +123,9 @@ def test_a_peer_that_stops_reading_is_dropped_once_its_backlog_passes_the_limit(
         listener.send_text(b"x" * 100)
     assert transport.is_disconnected and transport.graceful is False
     assert len(transport.sent) == 20
+
+    stalled = Recorder()
+    transport = connected(stalled)
+    stalled.pause_writing()
+    stalled.close(1000, "bye")  # the close frame would wait behind what the peer never reads
+    assert transport.closes and transport.graceful is False

@@ -2,7 +2,8 @@
 
 A phone call is two streams of small messages, 50 a second each way. With picows each frame reaches the bridge in
 the read callback itself: no task wakes up, nothing is queued, and a send is one buffered write. Measured with
-``benchmarks/relay.py``, this halves what a relay costs per call against an asyncio-streams stack.
+``benchmarks/relay.py``, a bare relay on picows costs a third of the same relay on ``websockets``, and moving
+callbridge's audio path to it halved the bridge's CPU per call.
 
 :class:`MessageListener` adds what picows leaves to its user: messages made of several frames are joined (up to a
 size limit), pings are answered (picows' auto-pong), and a close frame is answered and ends the connection.
@@ -65,13 +66,14 @@ class MessageListener(WSListener):
         self._backlog = None
 
     def close(self, code: int = 1000, reason: str = "") -> None:
-        """Send a close frame, then drop the connection once what is buffered has been written."""
+        """Send a close frame, then drop the connection once what is buffered has been written (at once if the
+        peer has stopped reading: it would never be)."""
         transport = self.transport
         if transport is None or transport.is_disconnected:
             return
         if not transport.is_close_frame_sent:
             transport.send_close(WSCloseCode(code), reason.encode()[:120])
-        transport.disconnect(graceful=True)
+        transport.disconnect(graceful=self._backlog is None)
 
     # ---------------------------------------------------------------------------------------------- picows
 
