@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import pytest
 from picows import WSCloseCode, WSMsgType
 from picows.picows import _make_test_ws_frame
 
+from callbridge import websocket_io
 from callbridge.websocket_io import MessageListener
 
 
@@ -67,16 +70,20 @@ def test_whole_and_fragmented_messages_arrive_whole() -> None:
     assert not transport.closes
 
 
-def test_a_message_over_the_limit_closes_the_connection_with_1009() -> None:
+async def test_a_message_over_the_limit_closes_the_connection_with_1009() -> None:
     listener = Recorder(max_message_bytes=10)
     transport = connected(listener)
     listener.on_ws_frame(transport, frame(WSMsgType.TEXT, b"x" * 6, fin=False))
-    listener.on_ws_frame(transport, frame(WSMsgType.CONTINUATION, b"x" * 6))
+    listener.on_ws_frame(transport, frame(WSMsgType.CONTINUATION, b"x" * 6, fin=False))
+    listener.on_ws_frame(transport, frame(WSMsgType.CONTINUATION, b"x" * 6))  # what was in flight is ignored
     assert listener.messages == []
-    assert [code for code, _ in transport.closes] == [WSCloseCode.MESSAGE_TOO_BIG] and transport.is_disconnected
+    assert [code for code, _ in transport.closes] == [WSCloseCode.MESSAGE_TOO_BIG]
+    assert not transport.is_disconnected  # the closing handshake: the peer reads our code, then answers
+    listener.on_ws_frame(transport, frame(WSMsgType.CLOSE, (1009).to_bytes(2, "big")))
+    assert transport.is_disconnected and len(transport.closes) == 1
 
 
-def test_a_continuation_without_a_message_is_a_protocol_error() -> None:
+async def test_a_continuation_without_a_message_is_a_protocol_error() -> None:
     listener = Recorder()
     transport = connected(listener)
     listener.on_ws_frame(transport, frame(WSMsgType.CONTINUATION, b"x"))
@@ -98,19 +105,24 @@ def test_a_close_is_answered_with_its_code_and_one_without_a_code_with_1000() ->
     assert [code for code, _ in transport.closes] == [WSCloseCode.OK]
 
 
-def test_a_dropped_connection_reports_1006_and_our_close_sends_its_code() -> None:
+async def test_a_dropped_connection_reports_1006_and_a_peer_that_never_answers_our_close_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     dropped = Recorder()
     dropped.on_ws_disconnected(connected(dropped))
     assert dropped.close_code == 1006 and dropped.closed
 
+    monkeypatch.setattr(websocket_io, "CLOSE_TIMEOUT_S", 0.01)
     listener = Recorder()
     transport = connected(listener)
     listener.close(4000, "an application's own code")
     assert [(code.value, message) for code, message in transport.closes] == [(4000, b"an application's own code")]
+    assert not transport.is_disconnected
+    await asyncio.sleep(0.05)
     assert transport.is_disconnected
 
 
-def test_a_peer_that_stops_reading_is_dropped_once_its_backlog_passes_the_limit() -> None:
+async def test_a_peer_that_stops_reading_is_dropped_once_its_backlog_passes_the_limit() -> None:
     listener = Recorder(max_backlog_bytes=1000)
     transport = connected(listener)
     listener.pause_writing()  # picows: the send buffer is full
@@ -127,5 +139,5 @@ def test_a_peer_that_stops_reading_is_dropped_once_its_backlog_passes_the_limit(
     stalled = Recorder()
     transport = connected(stalled)
     stalled.pause_writing()
-    stalled.close(1000, "bye")  # the close frame would wait behind what the peer never reads
-    assert transport.closes and transport.graceful is False
+    stalled.close(1000, "bye")  # a close frame would wait behind what the peer never reads
+    assert transport.is_disconnected and transport.graceful is False

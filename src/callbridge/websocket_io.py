@@ -11,6 +11,8 @@ size limit), pings are answered (picows' auto-pong), and a close frame is answer
 
 from __future__ import annotations
 
+import asyncio
+
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 ABNORMAL_CLOSURE = 1006
@@ -18,6 +20,8 @@ ABNORMAL_CLOSURE = 1006
 MAX_BACKLOG_BYTES = 1024 * 1024
 """What a connection may queue for a peer that has stopped reading before it is dropped: over a minute of a call's
 audio (a stalled peer would otherwise hold its call's memory growing until the call ends)."""
+CLOSE_TIMEOUT_S = 2.0
+"""How long a peer has to answer our close frame before the connection is dropped."""
 NO_STATUS_RECEIVED = 1005
 """The close code of a close frame that carried none (RFC 6455 §7.1.5); it is never sent, so 1000 answers it."""
 
@@ -66,14 +70,21 @@ class MessageListener(WSListener):
         self._backlog = None
 
     def close(self, code: int = 1000, reason: str = "") -> None:
-        """Send a close frame, then drop the connection once what is buffered has been written (at once if the
-        peer has stopped reading: it would never be)."""
+        """Send a close frame; the connection ends when the peer answers it, or after ``CLOSE_TIMEOUT_S``.
+
+        Waiting for the answer is the closing handshake: a socket closed while the peer is still sending resets
+        the connection, and the peer may then never read our close frame (nor its code). A peer that has stopped
+        reading is dropped at once: it would never read it anyway.
+        """
         transport = self.transport
         if transport is None or transport.is_disconnected:
             return
+        if self._backlog is not None:
+            transport.disconnect(graceful=False)
+            return
         if not transport.is_close_frame_sent:
             transport.send_close(WSCloseCode(code), reason.encode()[:120])
-        transport.disconnect(graceful=self._backlog is None)
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, transport.disconnect)
 
     # ---------------------------------------------------------------------------------------------- picows
 
@@ -82,6 +93,8 @@ class MessageListener(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
+        if transport.is_close_frame_sent and kind is not WSMsgType.CLOSE:
+            return  # closing: only the peer's answer matters now
         if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
             if frame.fin and not self._parts:
                 self.on_message(frame.get_payload_as_memoryview(), kind is WSMsgType.BINARY)
