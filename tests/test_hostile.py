@@ -1012,7 +1012,7 @@ def test_a_second_start_never_relabels_the_call() -> None:
 
 
 async def test_an_oversized_frame_is_counted_and_logged_with_the_call_id(tmp_path: Path) -> None:
-    """A frame over CALLBRIDGE_MAX_MESSAGE_BYTES (but under uvicorn's hard ceiling, four times that) is dropped
+    """A frame over CALLBRIDGE_MAX_MESSAGE_BYTES (but under the server's hard ceiling, four times that) is dropped
     unparsed, counted and logged with the call's ids; the call goes on."""
     env = {"CALLBRIDGE_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES)}
     async with serve(tmp_path, opening_hours(), **env) as service:

@@ -148,8 +148,6 @@ class CallBridge:
         # The frame being timed through the bridge, per direction: (event, when it was read).
         self._timed_in: tuple[ev.Event, float] | None = None
         self._timed_out: tuple[ev.Event, float] | None = None
-        self._media_in = 0
-        self._deltas_out = 0
         self._log = logger or structlog.stdlib.get_logger("callbridge.call")
         self._pending: deque[ev.Event] = deque()  # events raised while another one is being handled
         self._handling = False
@@ -196,10 +194,10 @@ class CallBridge:
             event: ev.Event = ev.TwilioInvalidMessage("binary frame")
         else:
             event = parse_twilio_message(payload, self._max_frame_bytes)
-            if self._metrics is not None and type(event) is ev.TwilioMedia:
-                self._media_in += 1
-                if self._media_in % RELAY_SAMPLE_EVERY == 0 and self._timed_in is None:
-                    self._timed_in = (event, time.perf_counter())
+            # The 16th, 32nd, ... frame (the session counts it when it handles it, just below).
+            sampled = self.session.stats.frames_in % RELAY_SAMPLE_EVERY == RELAY_SAMPLE_EVERY - 1
+            if self._metrics is not None and type(event) is ev.TwilioMedia and sampled and self._timed_in is None:
+                self._timed_in = (event, time.perf_counter())
         self._dispatch(event)
 
     def twilio_closed(self) -> None:
@@ -217,10 +215,13 @@ class CallBridge:
         if connection is not self._realtime:
             return  # a connection already replaced or closed by us
         event = parse_server_event(payload, self._endpoint.dialect)
-        if self._metrics is not None and type(event) is ev.RealtimeAudioDelta:
-            self._deltas_out += 1
-            if self._deltas_out % RELAY_SAMPLE_EVERY == 0 and self._timed_out is None:
-                self._timed_out = (event, time.perf_counter())
+        if (
+            self._metrics is not None
+            and type(event) is ev.RealtimeAudioDelta
+            and self.session.stats.deltas_out % RELAY_SAMPLE_EVERY == RELAY_SAMPLE_EVERY - 1
+            and self._timed_out is None
+        ):
+            self._timed_out = (event, time.perf_counter())
         self._dispatch(event)
 
     def _model_closed(self, connection: ModelConnection) -> None:

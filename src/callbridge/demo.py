@@ -125,7 +125,7 @@ def _bound_socket() -> socket.socket:
 async def running_bridge(settings: Settings, sock: socket.socket, sink: LiveTranscriptSink) -> AsyncIterator[FastAPI]:
     """callbridge's app under uvicorn, in this event loop, on an already bound socket."""
     app = create_app(settings, tools=tools, sink=sink)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    server = uvicorn.Server(uvicorn_config(app))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():

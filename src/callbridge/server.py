@@ -66,14 +66,12 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def uvicorn_config(app: FastAPI, settings: Settings, **options: Any) -> uvicorn.Config:
+def uvicorn_config(app: FastAPI, **options: Any) -> uvicorn.Config:
     """uvicorn's configuration for callbridge's app: the media stream on picows, everything else on ASGI."""
     return uvicorn.Config(
         app,
         log_config=None,
         ws=cast(Any, websocket_router(app.state.media_stream)),  # uvicorn calls it as it would a protocol class
-        # A hard ceiling only: frames up to it reach the app, which counts and drops those over the real limit.
-        ws_max_size=4 * settings.max_message_bytes,
         proxy_headers=True,
         **options,
     )
@@ -91,7 +89,7 @@ def run_worker(host: str, port: int, reuse_port: bool = False) -> None:
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)
-    server = DrainingServer(uvicorn_config(app, settings, host=host, port=port), app)
+    server = DrainingServer(uvicorn_config(app, host=host, port=port), app)
     if reuse_port:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

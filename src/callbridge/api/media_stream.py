@@ -5,7 +5,8 @@ protocol class, which is callbridge's :class:`WebSocketRouter` (``uvicorn.Config
 :func:`callbridge.server.uvicorn_config`). Upgrades on the media stream's path go to picows, whose frames reach the
 call's :class:`~callbridge.bridge.CallBridge` in the read callback itself; any other path goes to uvicorn's own
 WebSocket implementation and the ASGI app, as usual. One port serves everything, so a tunnel or a proxy needs no
-second route; only the audio skips the ASGI layer, which is where most of a relay's cost went.
+second route; only the audio skips the ASGI layer and the ``websockets`` framing under it, which together
+were most of what a relay cost.
 """
 
 from __future__ import annotations
