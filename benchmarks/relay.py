@@ -1,7 +1,7 @@
 """Benchmark of the bridge itself: how many concurrent phone calls ``callbridge serve`` carries per CPU core.
 
-    .venv/bin/python benchmarks/relay.py [--calls 20,50,100] [--delta-ms 20] [--workers 1] [--no-bare]
-                                         [--warmup-s 3] [--window-s 10] [--json results.json]
+    .venv/bin/python benchmarks/relay.py [--calls 20,50,100] [--delta-ms 20] [--workers 1[,2]] [--repeat 1]
+                                         [--no-bare] [--warmup-s 3] [--window-s 10] [--json results.json]
 
 What runs. Each round starts three kinds of OS process, each pinned with ``os.sched_setaffinity``:
 
@@ -16,10 +16,11 @@ What runs. Each round starts three kinds of OS process, each pinned with ``os.sc
   one would have finished playing. It reads every ``input_audio_buffer.append`` (decoding its base64 audio)
   and ignores every other client event beyond its ``type``.
 - the system under test: ``callbridge serve`` (the real service, signatures checked, on CPU 1, or on both CPUs
-  with ``--workers 2``), then, right after it at the same N, a bare relay: a ~60-line pass-through with no
-  checks, marks or state, on picows as callbridge's audio path (``benchmarks/bare_relay_picows.py``), the floor
-  the bridge is compared with; ``--bare-stack websockets`` runs the same relay on the ``websockets`` library
-  (``benchmarks/bare_relay.py``), as most Python relays are built; ``--no-bare`` skips it.
+  with 2 workers; ``--workers 1,2`` runs both, one after the other), then, right after it at the same N, a bare
+  relay: a ~60-line pass-through with no checks, marks or state, on picows as callbridge's audio path
+  (``benchmarks/bare_relay_picows.py``), the floor the bridge is compared with; ``--bare-stack websockets`` runs
+  the same relay on the ``websockets`` library (``benchmarks/bare_relay.py``), as most Python relays are built;
+  ``--no-bare`` skips it.
 - the load generator (this file, ``--role generator``; CPU 0), one asyncio loop placing N calls the way Twilio
   does: the signed ``/twilio/voice`` webhook, the ``<Stream>`` of the TwiML it answers, a signed WebSocket,
   ``connected`` and ``start``, then one 160-byte ``media`` frame every 20 ms per call on an absolute schedule.
@@ -52,7 +53,9 @@ What is measured, over a steady-state window (``--window-s``) that starts ``--wa
 - bridge CPU: utime + stime from ``/proc/<pid>/stat`` of the serve process and all its descendants (workers),
   **CPU ms per call-second** = CPU ms / (N x window seconds), and **calls per core** = 1000 / that;
 - added one-way latency p50 / p99 / max, caller→model (measured in the fake) and model→caller (in the generator);
-- RSS (VmRSS, summed over the process tree) idle before the calls and at N calls → **RSS per call** in KiB;
+- RSS (VmRSS, summed over the process tree) idle and at N calls → **RSS per call** in KiB. Idle is read after a
+  warm-up (four calls per worker, carried for a second and hung up), so that what a process loads once on its first
+  call is not counted as a cost of every call; the reading before the warm-up is printed beside it;
 - frames whose send time falls inside the window, sent and received in each direction → **frames lost** (the
   receivers keep counting for a 1 s grace period after the window for frames still in flight);
 - errors: failed webhooks, refused or unexpectedly closed sockets (with close codes), protocol surprises, and the
@@ -62,8 +65,12 @@ What is measured, over a steady-state window (``--window-s``) that starts ``--wa
   than 85 % of a core or its tick lag p99 exceeds 5 ms, the round is SATURATED: the load, not the bridge, was the
   limit, and the bridge figures of that N are not reported.
 
-Each N of ``--calls`` gets a fresh serve, fake server and generator. The headline is the highest N that was not
-saturated, had every call up, and kept p99 ≤ 10 ms both ways. Text goes to stdout; ``--json PATH`` also writes
+Each N of ``--calls`` gets a fresh serve, fake server and generator per configuration (each worker count of
+``--workers``, and the bare relay). ``--repeat K`` runs every configuration K times, interleaved so that a slow spell
+of this shared machine hits all of them, and summarises each by the medians of its rounds; the scaling from one
+worker count to the next is their capacity ratio, W cores / (CPU ms per call-second) against the same for the
+first count. The headline is the highest N whose rounds of the first worker count were all measured (not
+saturated, every call up) with median p99 ≤ 10 ms both ways. Text goes to stdout; ``--json PATH`` also writes
 every number as JSON. Every process started is stopped on exit, on errors and on Ctrl-C.
 """
 
@@ -1059,7 +1066,8 @@ class Options:
     delta_ms: int
     speed: float
     response_s: float
-    workers: int
+    workers: list[int]
+    repeat: int
     bare: bool
     bare_stack: str
     ramp_s: float
@@ -1084,6 +1092,7 @@ class HelperUse:
 class RoundResult:
     target: Target
     calls: int
+    workers: int = 1
     calls_up: int = 0
     window_s: float = 0.0
     cpu_ms: float = math.nan
@@ -1092,7 +1101,10 @@ class RoundResult:
     core_use: float = math.nan
     caller_to_model: Latency = field(default_factory=lambda: Latency.of([]))
     model_to_caller: Latency = field(default_factory=lambda: Latency.of([]))
+    rss_cold_kib: int = 0
+    """Just started, before the warm-up call."""
     rss_idle_kib: int = 0
+    """After the warm-up call has come and gone: what the first call loads once is not a cost per call."""
     rss_loaded_kib: int = 0
     rss_per_call_kib: float = math.nan
     caller_frames_sent: int = 0
@@ -1175,8 +1187,9 @@ async def wait_healthy(child: Child, base_url: str, within_s: float = 60.0) -> N
 
 
 async def start_target(
-    target: Target, processes: Processes, options: Options, realtime_url: str, token: str
+    result: RoundResult, processes: Processes, options: Options, realtime_url: str, token: str
 ) -> tuple[Child, GeneratorConfig]:
+    target, workers = result.target, result.workers
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     ready_timeout = 30 + options.calls[-1] / 20
@@ -1200,16 +1213,16 @@ async def start_target(
         "CALLBRIDGE_AGENT_GREETING": "Hello, thanks for calling.",
     }
     argv = [str(CALLBRIDGE), "serve", "--port", str(port)]
-    if options.workers > 1:
-        argv += ["--workers", str(options.workers)]
-    cpus = {1} if options.workers == 1 else set(range(min(options.workers, os.cpu_count() or 2)))
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    cpus = {1} if workers == 1 else set(range(min(workers, os.cpu_count() or 2)))
     child = await processes.start("serve", argv, cpus, env)
     await wait_healthy(child, base_url)
     return child, GeneratorConfig(0, base_url, None, options.ramp_s, ready_timeout)
 
 
-async def run_round(target: Target, calls: int, options: Options) -> RoundResult:
-    result = RoundResult(target, calls)
+async def run_round(target: Target, calls: int, workers: int, options: Options) -> RoundResult:
+    result = RoundResult(target, calls, workers)
     began = time.monotonic()
     token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix=f"relay-bench-{target}-{calls}-") as tmp:
@@ -1228,10 +1241,11 @@ async def measure_round(result: RoundResult, processes: Processes, options: Opti
     fake_config = FakeConfig(options.delta_ms, options.speed, options.response_s)
     fake = await processes.start("fake", role_argv("fake", fake_config, options.use_uvloop), {0})
     fake_port = int(await fake.expect("listening", 30))
-    target, generator_config = await start_target(
-        result.target, processes, options, f"ws://127.0.0.1:{fake_port}", token
-    )
-    await asyncio.sleep(1.0)  # settle before the idle RSS
+    target, generator_config = await start_target(result, processes, options, f"ws://127.0.0.1:{fake_port}", token)
+    await asyncio.sleep(1.0)  # settle before the RSS readings
+    result.rss_cold_kib = rss_kib(process_tree(target.process.pid))
+    await warm_up(processes, generator_config, options, token, calls=4 * result.workers)
+    await asyncio.sleep(1.0)
     result.rss_idle_kib = rss_kib(process_tree(target.process.pid))
     generator_config = dataclasses.replace(generator_config, calls=result.calls)
     argv = role_argv("generator", generator_config, options.use_uvloop)
@@ -1271,6 +1285,27 @@ async def measure_round(result: RoundResult, processes: Processes, options: Opti
     await asyncio.sleep(0.5)  # let the server log the calls' ends
     result.server_log = server_log_events(processes.log_dir / "serve.log")
     fill_result(result, options, cpu, wall_ns, generator_report, fake_report)
+
+
+async def warm_up(processes: Processes, config: GeneratorConfig, options: Options, token: str, calls: int) -> None:
+    """A few calls placed, carried for a second and hung up before anything is measured.
+
+    What a process's first call loads once (modules imported on first use, code pages, the store's first writes)
+    then counts in the idle RSS rather than as a cost per call; ``rss_cold_kib`` keeps the reading from before.
+    Four calls per worker, since which worker accepts a connection is the kernel's choice.
+    """
+    argv = role_argv("generator", dataclasses.replace(config, calls=calls, ramp_s=0.5), options.use_uvloop)
+    generator = await processes.start("warmup", argv, {0}, {**os.environ, "BENCH_TWILIO_AUTH_TOKEN": token})
+    ready = orjson.loads(await generator.expect("ready", config.ready_timeout_s + 10))
+    if ready["calls_up"] < calls:
+        raise RoundFailed(f"warm-up: only {ready['calls_up']} of {calls} calls came up: {ready['errors']}")
+    now = time.monotonic_ns()
+    await generator.tell(f"window {now} {now + 1_000_000_000} {now + 1_000_000_000}")
+    await generator.expect("report", 30)
+    try:
+        await asyncio.wait_for(generator.process.wait(), 15)  # it hangs up and exits
+    except TimeoutError:
+        raise RoundFailed("warm-up: the calls did not end") from None
 
 
 def load_generator_report(data: dict[str, Any]) -> GeneratorReport:
@@ -1356,7 +1391,7 @@ def delta_mode(options: Options) -> str:
 
 
 def describe(result: RoundResult) -> list[str]:
-    head = f"N={result.calls:<5} {result.target:<6}"
+    head = f"N={result.calls:<5} {label(result.target, result.workers):<6}"
     if result.failed is not None:
         return [f"{head} FAILED: {result.failed}"]
     lines: list[str] = []
@@ -1372,7 +1407,8 @@ def describe(result: RoundResult) -> list[str]:
         f"{result.cpu_ms_per_call_second:.2f} CPU ms per call-second -> {result.calls_per_core:.0f} calls per core",
         f"{'':13}added latency caller->model p50 {c2m.p50_ms:.2f} / p99 {c2m.p99_ms:.2f} / max {c2m.max_ms:.1f} ms; "
         f"model->caller p50 {m2c.p50_ms:.2f} / p99 {m2c.p99_ms:.2f} / max {m2c.max_ms:.1f} ms",
-        f"{'':13}RSS idle {result.rss_idle_kib / 1024:.1f} MiB, at N {result.rss_loaded_kib / 1024:.1f} MiB "
+        f"{'':13}RSS idle {result.rss_idle_kib / 1024:.1f} MiB (after the warm-up call; "
+        f"{result.rss_cold_kib / 1024:.1f} MiB before it), at N {result.rss_loaded_kib / 1024:.1f} MiB "
         f"-> {result.rss_per_call_kib:.0f} KiB per call",
         f"{'':13}frames caller->model {result.caller_frames_received}/{result.caller_frames_sent} "
         f"(lost {result.caller_frames_lost}), model->caller {result.agent_frames_received}/{result.agent_frames_sent} "
@@ -1404,43 +1440,125 @@ def counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{name} x{count}" for name, count in sorted(counts.items())) or "none"
 
 
+def label(target: Target, workers: int) -> str:
+    return target if workers == 1 else f"{target} ({workers} workers)"
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The medians of one configuration's measured rounds at one N."""
+
+    target: Target
+    workers: int
+    calls: int
+    rounds: int
+    """Rounds measured (not saturated or failed), of ``--repeat``."""
+    cpu_ms_per_call_second: float
+    calls_per_core: float
+    caller_to_model_p99_ms: float
+    model_to_caller_p99_ms: float
+    rss_per_call_kib: float
+    headline_ok: bool
+    """Every round measured, and the median p99 within 10 ms each way."""
+
+    @classmethod
+    def of(cls, results: list[RoundResult], repeat: int) -> Summary | None:
+        measured = [result for result in results if result.measured]
+        if not measured:
+            return None
+        first = measured[0]
+        cpu = median([result.cpu_ms_per_call_second for result in measured])
+        p99s = (
+            median([result.caller_to_model.p99_ms for result in measured]),
+            median([result.model_to_caller.p99_ms for result in measured]),
+        )
+        return cls(
+            first.target,
+            first.workers,
+            first.calls,
+            len(measured),
+            cpu,
+            1000 / cpu if cpu else math.inf,
+            *p99s,
+            median([result.rss_per_call_kib for result in measured]),
+            len(measured) == repeat and all(p99 <= HEADLINE_P99_MS for p99 in p99s),
+        )
+
+    def text(self) -> str:
+        name = label(self.target, self.workers)
+        return (
+            f"{name}: {self.cpu_ms_per_call_second:.2f} CPU ms per call-second -> {self.calls_per_core:.0f} calls "
+            f"per core; p99 {self.caller_to_model_p99_ms:.2f} / {self.model_to_caller_p99_ms:.2f} ms; "
+            f"{self.rss_per_call_kib:.0f} KiB per call ({self.rounds} round{'s' if self.rounds != 1 else ''})"
+        )
+
+
 def report(options: Options, results: list[RoundResult], elapsed_s: float) -> dict[str, Any]:
     info = machine()
     print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}, Linux {info['kernel']}")
     print(f"mode: {delta_mode(options)}; caller audio 20 ms frames at real-time pace")
+    pinning = ", ".join(f"{workers} worker(s) on CPU {'1' if workers == 1 else '0-1'}" for workers in options.workers)
     print(
-        f"bridge: callbridge serve, {options.workers} worker(s), pinned to CPU(s) "
-        f"{'1' if options.workers == 1 else '0-1'}; load generator and fake server on CPU 0; "
-        f"window {options.window_s:g} s after {options.warmup_s:g} s of warm-up; marks echoed when played"
+        f"bridge: callbridge serve, {pinning}; load generator and fake server on CPU 0; "
+        f"window {options.window_s:g} s after {options.warmup_s:g} s of warm-up; marks echoed when played; "
+        f"each configuration {options.repeat} time(s), interleaved"
     )
-    ratios: dict[str, float | None] = {}
+    summaries: list[Summary] = []
+    derived: dict[str, dict[str, float | None]] = {}
     for calls in options.calls:
         print()
-        pair = [result for result in results if result.calls == calls]
-        for result in pair:
+        at_n = [result for result in results if result.calls == calls]
+        for result in at_n:
             for line in describe(result):
                 print(line)
-        bridge = next((r for r in pair if r.target == "bridge" and r.measured), None)
-        bare = next((r for r in pair if r.target == "bare" and r.measured), None)
-        ratio = bridge.cpu_ms / bare.cpu_ms if bridge and bare and bare.cpu_ms > 0 else None
-        ratios[str(calls)] = ratio
-        if ratio is not None:
+        by_config: dict[tuple[Target, int], list[RoundResult]] = {}
+        for result in at_n:
+            by_config.setdefault((result.target, result.workers), []).append(result)
+        found = {key: Summary.of(group, options.repeat) for key, group in by_config.items()}
+        medians = {key: summary for key, summary in found.items() if summary is not None}
+        summaries += medians.values()
+        kind = "median of measured rounds" if options.repeat > 1 else "summary"
+        for summary in medians.values():
+            print(f"{'':13}{kind}, {summary.text()}")
+        one = medians.get(("bridge", options.workers[0]))
+        bare = medians.get(("bare", 1))
+        figures: dict[str, float | None] = {"bridge_to_bare_cpu_ratio": None}
+        if one is not None and bare is not None and bare.cpu_ms_per_call_second > 0:
+            ratio = one.cpu_ms_per_call_second / bare.cpu_ms_per_call_second
+            figures["bridge_to_bare_cpu_ratio"] = ratio
             print(f"{'':13}bridge/bare CPU ratio at N={calls}: {ratio:.2f}x")
+        for workers in options.workers[1:]:
+            more = medians.get(("bridge", workers))
+            key = f"capacity_{workers}_workers_over_{options.workers[0]}"
+            figures[key] = None
+            if one is not None and more is not None:
+                # Capacity on W cores is W / (CPU per call-second): the ratio of the two.
+                scaling = (workers * one.cpu_ms_per_call_second) / (options.workers[0] * more.cpu_ms_per_call_second)
+                figures[key] = scaling
+                print(
+                    f"{'':13}{workers} workers carry {scaling:.2f}x what {options.workers[0]} carries at N={calls} "
+                    f"({workers} cores / {more.cpu_ms_per_call_second:.2f} ms against {options.workers[0]} / "
+                    f"{one.cpu_ms_per_call_second:.2f} ms per call-second)"
+                )
+        derived[str(calls)] = figures
     print()
-    best = max((r for r in results if r.target == "bridge" and r.headline_ok), key=lambda r: r.calls, default=None)
+    headline_workers = options.workers[0]
+    candidates = [s for s in summaries if s.target == "bridge" and s.workers == headline_workers and s.headline_ok]
+    best = max(candidates, key=lambda summary: summary.calls, default=None)
     headline: dict[str, Any] | None = None
     if best is None:
-        print("no round of the bridge qualifies for a headline (saturated, failed, or p99 > 10 ms)")
+        print("no N qualifies for a headline (a round saturated or failed, or the median p99 > 10 ms)")
     else:
-        headline = {
-            "calls": best.calls,
-            "cpu_ms_per_call_second": best.cpu_ms_per_call_second,
-            "calls_per_core": best.calls_per_core,
-            "rss_per_call_kib": best.rss_per_call_kib,
-        }
+        headline = dataclasses.asdict(best)
         print(
             f"HEADLINE: {best.calls_per_core:.0f} calls per core ({best.cpu_ms_per_call_second:.2f} CPU ms per "
-            f"call-second, {best.rss_per_call_kib:.0f} KiB RSS per call)"
+            f"call-second, {best.rss_per_call_kib:.0f} KiB RSS per call, {label('bridge', headline_workers)})"
         )
         print(
             f"calls per core = 1000 / CPU ms per call-second, measured at N={best.calls} (the highest N the load "
@@ -1452,7 +1570,8 @@ def report(options: Options, results: list[RoundResult], elapsed_s: float) -> di
         "mode": delta_mode(options),
         "options": dataclasses.asdict(options) | {"json_path": str(options.json_path) if options.json_path else None},
         "rounds": [result.as_json() for result in results],
-        "bridge_to_bare_cpu_ratio": ratios,
+        "summaries": [dataclasses.asdict(summary) for summary in summaries],
+        "figures_by_calls": derived,
         "headline": headline,
         "elapsed_s": elapsed_s,
     }
@@ -1466,13 +1585,17 @@ async def orchestrate(options: Options) -> None:
     loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     began = time.monotonic()
     results: list[RoundResult] = []
-    targets: list[Target] = ["bridge", "bare"] if options.bare else ["bridge"]
+    configurations: list[tuple[Target, int]] = [("bridge", workers) for workers in options.workers]
+    if options.bare:
+        configurations.append(("bare", 1))
     for calls in options.calls:
-        for target in targets:
-            print(f"[round] N={calls} {target} ...", file=sys.stderr, flush=True)
-            result = await run_round(target, calls, options)
-            results.append(result)
-            print(f"[round] N={calls} {target} took {result.duration_s:.0f} s", file=sys.stderr, flush=True)
+        for _ in range(options.repeat):  # interleaved, so that a slow spell of the machine hits every configuration
+            for target, workers in configurations:
+                name = label(target, workers)
+                print(f"[round] N={calls} {name} ...", file=sys.stderr, flush=True)
+                result = await run_round(target, calls, workers, options)
+                results.append(result)
+                print(f"[round] N={calls} {name} took {result.duration_s:.0f} s", file=sys.stderr, flush=True)
     data = report(options, results, time.monotonic() - began)
     if options.json_path is not None:
         options.json_path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
@@ -1486,7 +1609,12 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
     parser.add_argument("--delta-ms", type=int, default=20, help="agent audio per delta (20: worst case)")
     parser.add_argument("--speed", type=float, help="delta pace, x real time (default: 1 at 20 ms, else 2)")
     parser.add_argument("--response-s", type=float, default=4.0, help="agent audio per response")
-    parser.add_argument("--workers", type=int, default=1, help="passed to callbridge serve --workers")
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="comma-separated worker counts (callbridge serve --workers), each run at every N: 1,2 shows the scaling",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds per configuration and N, interleaved (medians)")
     parser.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True, help="also run the bare relay")
     parser.add_argument(
         "--bare-stack",
@@ -1505,6 +1633,11 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
     calls = sorted({int(part) for part in args.calls.split(",") if part.strip()})
     if not calls or min(calls) < 1:
         parser.error("--calls needs positive numbers")
+    workers = [int(part) for part in args.workers.split(",") if part.strip()]
+    if not workers or min(workers) < 1 or len(set(workers)) != len(workers):
+        parser.error("--workers needs distinct positive numbers")
+    if args.repeat < 1:
+        parser.error("--repeat needs a positive number")
     if args.delta_ms < FRAME_MS or args.delta_ms % FRAME_MS:
         parser.error("--delta-ms must be a multiple of 20")
     speed = args.speed if args.speed is not None else (1.0 if args.delta_ms == FRAME_MS else 2.0)
@@ -1513,7 +1646,8 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
         delta_ms=args.delta_ms,
         speed=speed,
         response_s=args.response_s,
-        workers=args.workers,
+        workers=workers,
+        repeat=args.repeat,
         bare=args.bare,
         bare_stack=args.bare_stack,
         ramp_s=args.ramp_s,
