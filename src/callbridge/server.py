@@ -12,6 +12,7 @@ spreads new connections across them); the parent passes signals on and replaces 
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import signal
@@ -46,6 +47,14 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # What startup made (modules, the app, the store) lives as long as the process. Frozen, it is out of the
+        # cyclic collector's sight: a full collection then scans only what calls have made since, instead of
+        # stopping every call's audio for the ~70 ms it took to scan the whole heap at 100 calls.
+        gc.collect()
+        gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain is not None or self._loop is None or not self.started:
