@@ -1102,9 +1102,9 @@ class RoundResult:
     caller_to_model: Latency = field(default_factory=lambda: Latency.of([]))
     model_to_caller: Latency = field(default_factory=lambda: Latency.of([]))
     rss_cold_kib: int = 0
-    """Just started, before the warm-up call."""
+    """Just started, before the warm-up calls."""
     rss_idle_kib: int = 0
-    """After the warm-up call has come and gone: what the first call loads once is not a cost per call."""
+    """After the warm-up calls have come and gone: what a first call loads once is not a cost per call."""
     rss_loaded_kib: int = 0
     rss_per_call_kib: float = math.nan
     caller_frames_sent: int = 0
@@ -1407,7 +1407,7 @@ def describe(result: RoundResult) -> list[str]:
         f"{result.cpu_ms_per_call_second:.2f} CPU ms per call-second -> {result.calls_per_core:.0f} calls per core",
         f"{'':13}added latency caller->model p50 {c2m.p50_ms:.2f} / p99 {c2m.p99_ms:.2f} / max {c2m.max_ms:.1f} ms; "
         f"model->caller p50 {m2c.p50_ms:.2f} / p99 {m2c.p99_ms:.2f} / max {m2c.max_ms:.1f} ms",
-        f"{'':13}RSS idle {result.rss_idle_kib / 1024:.1f} MiB (after the warm-up call; "
+        f"{'':13}RSS idle {result.rss_idle_kib / 1024:.1f} MiB (after the warm-up calls; "
         f"{result.rss_cold_kib / 1024:.1f} MiB before it), at N {result.rss_loaded_kib / 1024:.1f} MiB "
         f"-> {result.rss_per_call_kib:.0f} KiB per call",
         f"{'':13}frames caller->model {result.caller_frames_received}/{result.caller_frames_sent} "
