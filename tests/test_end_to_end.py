@@ -68,10 +68,15 @@ class Service:
         lines = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
         return [line for line in lines if event is None or line.get("event") == event]
 
-    async def wait_for_logs(self, event: str, count: int, seconds: float = 5.0) -> list[dict[str, Any]]:
-        """The log lines of ``event`` once there are ``count`` of them (calls finish asynchronously)."""
+    async def wait_for_logs(self, event: str, count: int, seconds: float = 5.0, **fields: Any) -> list[dict[str, Any]]:
+        """The log lines of ``event`` (with these ``fields``, if given) once there are ``count`` of them (calls
+        finish asynchronously)."""
+
+        def matching() -> list[dict[str, Any]]:
+            return [line for line in self.logs(event) if all(line.get(k) == v for k, v in fields.items())]
+
         deadline = time.monotonic() + seconds
-        while len(lines := self.logs(event)) < count and time.monotonic() < deadline:  # noqa: ASYNC110 - a file
+        while len(lines := matching()) < count and time.monotonic() < deadline:  # noqa: ASYNC110 - a file
             await asyncio.sleep(0.05)
         return lines
 

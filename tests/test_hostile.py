@@ -945,6 +945,9 @@ async def test_hostile_streams_leave_a_concurrent_healthy_call_untouched(tmp_pat
             forged_start(forged),
         )
         recording = await healthy
+        # Wait for the healthy call's own summary (logged after its last record), not only for a count of summaries
+        # that the hostile streams make too, before reading the log: its end follows the caller's hang-up.
+        await service.wait_for_logs("call.summary", 1, seconds=20, call_sid=recording.call_sid)
         summaries = await service.wait_for_logs("call.summary", 6)
         async with httpx.AsyncClient() as client:
             health = await client.get(f"{service.base_url}/healthz")
