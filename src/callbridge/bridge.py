@@ -47,7 +47,7 @@ from callbridge.realtime.dialect import Dialect, headers_for, to_beta
 from callbridge.realtime.protocol import parse_server_event
 from callbridge.telephony.media_streams import parse_twilio_message
 from callbridge.tools import ToolContext, ToolRegistry
-from callbridge.websocket_io import MessageListener
+from callbridge.websocket_io import READ_BUFFER_BYTES, MessageListener
 
 HangUp = Callable[[str], Awaitable[None]]
 """Ends a call through Twilio's REST API, by call SID."""
@@ -408,7 +408,7 @@ class CallBridge:
                     extra_headers=headers_for(endpoint.dialect, endpoint.api_key),
                     websocket_handshake_timeout=endpoint.connect_timeout,
                     max_frame_size=endpoint.max_message_bytes,
-                    read_buffer_init_size=4096,  # grows when a message needs more; most are under 1 KiB
+                    read_buffer_init_size=READ_BUFFER_BYTES,
                 )
         except Exception as exc:
             self._dispatch(ev.RealtimeConnectFailed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__))

@@ -22,6 +22,9 @@ MAX_BACKLOG_BYTES = 1024 * 1024
 audio (a stalled peer would otherwise hold its call's memory growing until the call ends)."""
 CLOSE_TIMEOUT_S = 2.0
 """How long a peer has to answer our close frame before the connection is dropped."""
+READ_BUFFER_BYTES = 4096
+"""Each connection's read buffer to start with (picows grows it when a message needs more): most messages are under
+1 KiB, and picows' default of 16 KiB per connection was a sixth of a call's memory."""
 NO_STATUS_RECEIVED = 1005
 """The close code of a close frame that carried none (RFC 6455 §7.1.5); it is never sent, so 1000 answers it."""
 

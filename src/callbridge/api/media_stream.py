@@ -29,12 +29,9 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from callbridge.bridge import CallBridge, TwilioLink
-from callbridge.websocket_io import MessageListener
+from callbridge.websocket_io import READ_BUFFER_BYTES, MessageListener
 
 HANDSHAKE_TIMEOUT_S = 5.0
-READ_BUFFER_BYTES = 4096
-"""Each connection's read buffer to start with (picows grows it when a message needs more): a Twilio frame is
-about 400 bytes, and picows' default of 16 KiB per connection was a sixth of a call's memory."""
 
 
 @dataclass(frozen=True, slots=True)
