@@ -194,9 +194,13 @@ class CallBridge:
             event: ev.Event = ev.TwilioInvalidMessage("binary frame")
         else:
             event = parse_twilio_message(payload, self._max_frame_bytes)
-            # The 16th, 32nd, ... frame (the session counts it when it handles it, just below).
-            sampled = self.session.stats.frames_in % RELAY_SAMPLE_EVERY == RELAY_SAMPLE_EVERY - 1
-            if self._metrics is not None and type(event) is ev.TwilioMedia and sampled and self._timed_in is None:
+            if (
+                self._metrics is not None
+                and type(event) is ev.TwilioMedia
+                # The 16th, 32nd, ... frame (the session counts it when it handles it, just below).
+                and self.session.stats.frames_in % RELAY_SAMPLE_EVERY == RELAY_SAMPLE_EVERY - 1
+                and self._timed_in is None
+            ):
                 self._timed_in = (event, time.perf_counter())
         self._dispatch(event)
 
@@ -261,7 +265,7 @@ class CallBridge:
             self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
         for command in commands:
             self._perform(command)
-        if self._metrics is not None:
+        if self._timed_in is not None or self._timed_out is not None:  # one frame in 16 is being timed
             self._time_relay(event)
 
     def _fail(self, exc: BaseException) -> None:

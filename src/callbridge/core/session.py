@@ -205,8 +205,6 @@ class CallSession:
                 return []
             case ev.TwilioStart():
                 return self._on_start(event, now)
-            case ev.TwilioMedia():
-                return self._on_media(event, now)
             case ev.TwilioMark():
                 return self._on_mark(event, now)
             case ev.TwilioDtmf():
@@ -242,8 +240,6 @@ class CallSession:
                 return []
             case ev.RealtimeResponseDone():
                 return self._on_response_done(event, now)
-            case ev.RealtimeAudioDelta():
-                return self._on_audio_delta(event, now)
             case ev.RealtimeAudioTranscriptDone():
                 return self._on_agent_transcript(event, now)
             case ev.RealtimeInputTranscriptionCompleted():
