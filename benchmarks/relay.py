@@ -92,6 +92,7 @@ import resource
 import secrets
 import signal
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -1444,12 +1445,6 @@ def label(target: Target, workers: int) -> str:
     return target if workers == 1 else f"{target} ({workers} workers)"
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 @dataclass(frozen=True, slots=True)
 class Summary:
     """The medians of one configuration's measured rounds at one N."""
@@ -1473,10 +1468,10 @@ class Summary:
         if not measured:
             return None
         first = measured[0]
-        cpu = median([result.cpu_ms_per_call_second for result in measured])
+        cpu = statistics.median([result.cpu_ms_per_call_second for result in measured])
         p99s = (
-            median([result.caller_to_model.p99_ms for result in measured]),
-            median([result.model_to_caller.p99_ms for result in measured]),
+            statistics.median([result.caller_to_model.p99_ms for result in measured]),
+            statistics.median([result.model_to_caller.p99_ms for result in measured]),
         )
         return cls(
             first.target,
@@ -1486,7 +1481,7 @@ class Summary:
             cpu,
             1000 / cpu if cpu else math.inf,
             *p99s,
-            median([result.rss_per_call_kib for result in measured]),
+            statistics.median([result.rss_per_call_kib for result in measured]),
             len(measured) == repeat and all(p99 <= HEADLINE_P99_MS for p99 in p99s),
         )
 
