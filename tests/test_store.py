@@ -17,14 +17,17 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from callbridge.core.transcript import Speaker, TranscriptLine, TranscriptSink
+from callbridge.core.usage import TokenUsage
 from callbridge.store import DatabaseTranscriptSink, Store, async_database_url
 from callbridge.store.models import Base, CallRow, OutboxRow
+from callbridge.store.repository import alembic_config
 
 POSTGRES_URL = os.environ.get("CALLBRIDGE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -107,8 +110,26 @@ async def test_migrations_apply_from_zero_and_again(database: Database) -> None:
         # The migrations build exactly what the models describe.
         diff = await connection.run_sync(lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata))
     assert set(tables) >= TABLES
-    assert version == ["0002"]
+    assert version == ["0003"]
     assert diff == []
+
+
+async def test_usage_migration_keeps_the_calls_on_record(database: Database) -> None:
+    """0003 adds ``calls.usage`` to a database already in use: the calls there keep their fields, with no usage."""
+    store = await database.open(migrate=False)
+    async with store.engine.begin() as connection:
+        await connection.run_sync(lambda sync: command.upgrade(alembic_config(sync), "0002"))
+        await connection.execute(
+            sa.text(
+                "INSERT INTO calls (call_sid, direction, agent, status, metrics, owner, created_at, updated_at)"
+                " VALUES (:sid, 'inbound', 'default', 'completed', :metrics, 'host:1:0', :at, :at)"
+            ),
+            {"sid": sid(1), "metrics": '{"barge_ins": 1}', "at": T0},
+        )
+    await store.upgrade()
+    record = await store.get_call(sid(1))
+    assert record is not None and record.usage is None
+    assert (record.status, record.metrics, record.owner) == ("completed", {"barge_ins": 1}, "host:1:0")
 
 
 async def test_stores_opening_together_take_turns_to_migrate(database: Database) -> None:
@@ -174,6 +195,13 @@ async def test_record_update_and_get(store: Store) -> None:
         "caller_hung_up",
         {"barge_ins": 2},
     )
+    assert ended.usage is None
+
+    usage = TokenUsage(input_text=120, input_audio=900, input_cached=64, output_text=40, output_audio=700, responses=3)
+    with_usage = await store.update_call(sid(1), usage=usage.as_record())
+    assert with_usage is not None and with_usage.usage == usage.as_record()
+    assert await store.get_call(sid(1)) == with_usage
+    assert (await store.list_calls()).calls[0].usage == usage.as_record()
 
     inbound = await store.record_call(call_sid=sid(2), direction="inbound")
     assert (inbound.agent, inbound.status, inbound.from_number, inbound.context) == ("default", "queued", None, None)

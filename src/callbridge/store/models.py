@@ -100,6 +100,7 @@ class CallRow(Base):
     ended_at: Mapped[datetime | None]
     end_reason: Mapped[str | None]
     metrics: Mapped[dict[str, Any] | None] = mapped_column(Json)  # the session's stats, once the call has ended
+    usage: Mapped[dict[str, int] | None] = mapped_column(Json)  # the model's token counts, once the call has ended
     owner: Mapped[str | None]  # the process carrying the stream ("host:pid:start"), to tell orphans after a crash
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -75,6 +75,8 @@ class CallRecord:
     ended_at: datetime | None
     end_reason: str | None
     metrics: dict[str, Any] | None
+    usage: dict[str, int] | None
+    """Tokens the model billed for the call (``TokenUsage.as_record()``), once it has ended."""
     owner: str | None
     """The process that carries (or carried) the call's media stream: ``host:pid:start time``."""
     updated_at: datetime
@@ -123,6 +125,7 @@ class CallChanges(TypedDict, total=False):
     ended_at: datetime | None
     end_reason: str | None
     metrics: dict[str, Any] | None
+    usage: dict[str, int] | None
     owner: str | None
 
 
