@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/relay.py [--calls 20,50,100] [--delta-ms 20] [--workers 1[,2]] [--repeat 1]
                                          [--no-bare] [--warmup-s 3] [--window-s 10] [--json results.json]
+    .venv/bin/python benchmarks/relay.py --soak 600 --calls 150 [--delta-ms 20] [--response-s 4] [--json soak.json]
 
 What runs. Each round starts three kinds of OS process, each pinned with ``os.sched_setaffinity``:
 
@@ -71,7 +72,25 @@ of this shared machine hits all of them, and summarises each by the medians of i
 worker count to the next is their capacity ratio, W cores / (CPU ms per call-second) against the same for the
 first count. The headline is the highest N whose rounds of the first worker count were all measured (not
 saturated, every call up) with median p99 ≤ 10 ms both ways. Text goes to stdout; ``--json PATH`` also writes
-every number as JSON. Every process started is stopped on exit, on errors and on Ctrl-C.
+every number as JSON (``--json -``: to stdout, after the text). Every process started is stopped on exit, on errors
+and on Ctrl-C.
+
+Soak mode: ``--soak SECONDS`` asks whether a call's cost grows with its length. One round, one N (``--calls``), one
+worker, no bare relay: the fake server, ``callbridge serve``, the four warm-up calls, then the N calls placed over
+``--ramp-s`` as above and carried for SECONDS (at least 80, rounded up to whole 10 s intervals) from the moment
+every call is up: no hang-ups, no new calls. The load is the usual one, stationary: per call, caller audio every 20
+ms throughout (the fake has no voice detection, so there are no turns as such, no barge-ins and no ``clear``), and
+the fake's responses back to back, each ``--response-s`` (4 s) of agent audio, the next starting once the previous
+one has played: a ``response.created`` ... ``response.done`` every 4 s per call, with its marks echoed as they play.
+Every 10 s the serve process tree's VmRSS (and RssAnon, its heap part) and utime + stime are read from /proc. The
+report gives both series (seconds since every call was up; RSS MiB; CPU ms per call-second over the 10 s before),
+the least-squares slope of each after the first minute (MiB per minute; CPU ms per call-second per minute), the RSS
+growth after the first minute (the last sample minus the one at 60 s), and the CPU per call-second of the last
+minute against the second (60-120 s), as a ratio and in percent (with ``--soak`` of 120 s or more; the two minutes
+overlap below 180 s). The last 10 s interval is also measured as a round's window (latency, frames, marks, errors,
+the helpers' load), and a warning says when calls or sessions were no longer all open at the end. The other load on
+the machine in each interval is printed beside it: on a shared machine a CPU step that coincides with it is noise.
+The run ends by itself after the soak, ``--json`` as above.
 """
 
 from __future__ import annotations
@@ -1076,6 +1095,8 @@ class Options:
     window_s: float
     use_uvloop: bool
     json_path: Path | None
+    soak_s: float | None = None
+    """``--soak``: one N, one worker, every call carried this long, the serve tree sampled every 10 s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1364,6 +1385,242 @@ def fill_result(
             )
 
 
+# --- Soak: does a call's cost grow with its length? -----------------------------------------------------------
+
+SOAK_SAMPLE_S = 10  # the serve process tree is read this often
+SOAK_SETTLE_S = 60  # the first minute after every call is up: trends are read after it
+MINUTE_S = 60
+SOAK_MIN_S = SOAK_SETTLE_S + 2 * SOAK_SAMPLE_S  # two CPU intervals after the first minute: a slope
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """The cumulative counters of one sample: CPU ns per process group, /proc/stat, the serve tree's memory."""
+
+    at_ns: int
+    cpu: dict[str, int]
+    stat: dict[int, tuple[int, int]]
+    rss_kib: int
+    anon_kib: int
+
+
+@dataclass(frozen=True, slots=True)
+class SoakSample:
+    """One reading of the serve process tree, ``t_s`` after every call was up."""
+
+    t_s: float
+    rss_mib: float
+    """VmRSS, summed over the tree."""
+    anon_mib: float
+    """RssAnon, the part of VmRSS that is heap and stacks rather than mapped files (code pages loaded late)."""
+    cpu_ms: float
+    """The tree's utime + stime since every call was up."""
+    cpu_ms_per_call_second: float | None
+    """Over the interval since the previous sample; None for the first."""
+    core_use: float | None
+    other_load_cores: float | None
+    """CPU time of processes not started here during that interval (a noisy machine shows here), in cores."""
+
+
+@dataclass(frozen=True, slots=True)
+class SoakFigures:
+    rss_slope_mib_per_minute: float | None
+    """Least squares over the samples from 60 s on."""
+    cpu_slope_per_minute: float | None
+    """Least squares over the 10 s intervals after 60 s, in CPU ms per call-second per minute."""
+    rss_at_settle_mib: float | None
+    rss_at_end_mib: float | None
+    rss_growth_mib: float | None
+    """The last sample minus the one at 60 s."""
+    cpu_second_minute: float | None
+    """CPU ms per call-second from 60 to 120 s."""
+    cpu_last_minute: float | None
+    """CPU ms per call-second over the last 60 s."""
+    cpu_last_over_second: float | None
+    cpu_change_percent: float | None
+    minutes_overlap: bool
+    """The soak was shorter than 180 s: its second and last minutes overlap."""
+
+
+@dataclass(slots=True)
+class SoakResult:
+    calls: int
+    duration_s: float
+    """How long every call was carried once all were up (``--soak`` rounded up to whole 10 s intervals)."""
+    end: RoundResult
+    """The last 10 s interval, measured as a round's window: latency, frames, marks, errors, the helpers' use."""
+    samples: list[SoakSample] = field(default_factory=list)
+    calls_open_at_end: int | None = None
+    sessions_open_at_end: int | None = None
+    """Realtime sessions the fake still had open at the end."""
+
+    def figures(self) -> SoakFigures:
+        return soak_figures(self.samples, self.calls)
+
+
+def memory_kib(pids: list[int]) -> tuple[int, int]:
+    """VmRSS and RssAnon, summed over ``pids``."""
+    rss = anon = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("RssAnon:"):
+                    anon += int(line.split()[1])
+    return rss, anon
+
+
+def take_reading(target: Child, helpers: dict[str, list[int]]) -> Reading:
+    if target.process.returncode is not None:
+        raise RoundFailed(f"callbridge serve exited with code {target.process.returncode} during the soak")
+    tree = process_tree(target.process.pid)
+    cpu = {"target": cpu_ns(tree)} | {name: cpu_ns(pids) for name, pids in helpers.items()}
+    rss, anon = memory_kib(tree)
+    return Reading(time.monotonic_ns(), cpu, cpu_stat(), rss, anon)
+
+
+def soak_sample(t0_ns: int, calls: int, reading: Reading, first: Reading, previous: Reading | None) -> SoakSample:
+    cpu_ms = (reading.cpu["target"] - first.cpu["target"]) / 1e6
+    per_call: float | None = None
+    core_use: float | None = None
+    other: float | None = None
+    if previous is not None:
+        wall_ns = reading.at_ns - previous.at_ns
+        used = {name: reading.cpu[name] - previous.cpu[name] for name in reading.cpu}
+        per_call = used["target"] / 1e6 / (calls * wall_ns / 1e9)
+        core_use = used["target"] / wall_ns
+        busy = sum(reading.stat[cpu][0] - previous.stat[cpu][0] for cpu in reading.stat)
+        other = max(0, busy - sum(used.values())) / wall_ns
+    return SoakSample(
+        t_s=(reading.at_ns - t0_ns) / 1e9,
+        rss_mib=reading.rss_kib / 1024,
+        anon_mib=reading.anon_kib / 1024,
+        cpu_ms=cpu_ms,
+        cpu_ms_per_call_second=per_call,
+        core_use=core_use,
+        other_load_cores=other,
+    )
+
+
+def slope_per_minute(points: list[tuple[float, float]]) -> float | None:
+    """The least-squares slope of ``(seconds, value)`` points, per minute; None with fewer than two."""
+    if len(points) < 2:
+        return None
+    return statistics.linear_regression([t for t, _ in points], [v for _, v in points]).slope * MINUTE_S
+
+
+def soak_figures(samples: list[SoakSample], calls: int) -> SoakFigures:
+    settle = SOAK_SETTLE_S // SOAK_SAMPLE_S  # the index of the sample at 60 s (samples[0] is at 0 s)
+    minute = MINUTE_S // SOAK_SAMPLE_S
+    after = samples[settle:]
+    rss_slope = slope_per_minute([(s.t_s, s.rss_mib) for s in after])
+    cpu_points = [(s.t_s, s.cpu_ms_per_call_second) for s in after[1:] if s.cpu_ms_per_call_second is not None]
+    cpu_slope = slope_per_minute(cpu_points)
+
+    def rate(first: SoakSample, last: SoakSample) -> float:
+        return (last.cpu_ms - first.cpu_ms) / (calls * (last.t_s - first.t_s))
+
+    second = last = ratio = change = None
+    if len(samples) > 2 * minute:  # a sample at 120 s: the second minute is whole
+        second = rate(samples[minute], samples[2 * minute])
+        last = rate(samples[-1 - minute], samples[-1])
+        if second > 0:
+            ratio = last / second
+            change = (ratio - 1) * 100
+    settled = samples[settle] if len(samples) > settle else None
+    return SoakFigures(
+        rss_slope_mib_per_minute=rss_slope,
+        cpu_slope_per_minute=cpu_slope,
+        rss_at_settle_mib=settled.rss_mib if settled is not None else None,
+        rss_at_end_mib=samples[-1].rss_mib if samples else None,
+        rss_growth_mib=samples[-1].rss_mib - settled.rss_mib if settled is not None else None,
+        cpu_second_minute=second,
+        cpu_last_minute=last,
+        cpu_last_over_second=ratio,
+        cpu_change_percent=change,
+        minutes_overlap=bool(samples) and samples[-1].t_s < 3 * MINUTE_S - SOAK_SAMPLE_S / 2,
+    )
+
+
+async def run_soak(options: Options) -> SoakResult:
+    assert options.soak_s is not None
+    calls = options.calls[0]
+    intervals = math.ceil(options.soak_s / SOAK_SAMPLE_S)
+    soak = SoakResult(calls, intervals * SOAK_SAMPLE_S, RoundResult("bridge", calls, 1))
+    began = time.monotonic()
+    token = secrets.token_hex(16)
+    with tempfile.TemporaryDirectory(prefix=f"relay-soak-{calls}-") as tmp:
+        log_dir = Path(tmp)
+        try:
+            async with Processes(log_dir) as processes:
+                await measure_soak(soak, intervals, processes, options, token)
+        except RoundFailed as exc:
+            soak.end.failed = str(exc)
+            soak.end.server_log = server_log_events(log_dir / "serve.log")
+    soak.end.duration_s = time.monotonic() - began
+    return soak
+
+
+async def measure_soak(soak: SoakResult, intervals: int, processes: Processes, options: Options, token: str) -> None:
+    """One round whose calls all stay up for the whole soak, the serve tree read every 10 s; the helpers' window
+    (latency, frames, their own load) is the last interval."""
+    result = soak.end
+    fake_config = FakeConfig(options.delta_ms, options.speed, options.response_s)
+    fake = await processes.start("fake", role_argv("fake", fake_config, options.use_uvloop), {0})
+    fake_port = int(await fake.expect("listening", 30))
+    target, generator_config = await start_target(result, processes, options, f"ws://127.0.0.1:{fake_port}", token)
+    await asyncio.sleep(1.0)
+    result.rss_cold_kib = rss_kib(process_tree(target.process.pid))
+    await warm_up(processes, generator_config, options, token, calls=4)
+    await asyncio.sleep(1.0)
+    result.rss_idle_kib = rss_kib(process_tree(target.process.pid))
+    generator_config = dataclasses.replace(generator_config, calls=result.calls)
+    argv = role_argv("generator", generator_config, options.use_uvloop)
+    generator = await processes.start("generator", argv, {0}, {**os.environ, "BENCH_TWILIO_AUTH_TOKEN": token})
+    ready = orjson.loads(await generator.expect("ready", options.ramp_s + generator_config.ready_timeout_s + 10))
+    if ready["calls_up"] < result.calls:
+        raise RoundFailed(f"only {ready['calls_up']} of {result.calls} calls came up: {ready['errors']}")
+
+    t0 = time.monotonic_ns()
+    end = t0 + intervals * SOAK_SAMPLE_S * 1_000_000_000
+    start = end - SOAK_SAMPLE_S * 1_000_000_000
+    for child in (fake, generator):  # they carry every call until the window's report time, then hang up
+        await child.tell(f"window {start} {end} {end + GRACE_NS}")
+    helpers = {"generator": [generator.process.pid], "fake": [fake.process.pid], "benchmark": [os.getpid()]}
+    readings = [take_reading(target, helpers)]
+    soak.samples.append(soak_sample(t0, result.calls, readings[0], readings[0], None))
+    for index in range(1, intervals + 1):
+        await sleep_until(t0 + index * SOAK_SAMPLE_S * 1_000_000_000)
+        readings.append(take_reading(target, helpers))
+        sample = soak_sample(t0, result.calls, readings[-1], readings[0], readings[-2])
+        soak.samples.append(sample)
+        print(
+            f"[soak] {sample.t_s:4.0f} s: RSS {sample.rss_mib:.1f} MiB, "
+            f"{sample.cpu_ms_per_call_second:.2f} CPU ms per call-second",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    before, after = readings[-2], readings[-1]
+    wall_ns = after.at_ns - before.at_ns
+    cpu = {name: after.cpu[name] - before.cpu[name] for name in after.cpu}
+    busy = {index: after.stat[index][0] - before.stat[index][0] for index in after.stat}
+    result.cpu_busy = {f"cpu{index}": busy[index] / wall_ns for index in sorted(busy)}
+    result.other_load_cores = max(0, sum(busy.values()) - sum(cpu.values())) / wall_ns
+    result.steal_cores = sum(after.stat[index][1] - before.stat[index][1] for index in after.stat) / wall_ns
+    result.rss_loaded_kib = after.rss_kib
+
+    generator_report = load_generator_report(orjson.loads(await generator.expect("report", 30)))
+    fake_report = load_fake_report(orjson.loads(await fake.expect("report", 30)))
+    soak.calls_open_at_end, soak.sessions_open_at_end = generator_report.calls_open, fake_report.sessions_open
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(generator.process.wait(), 15)
+    await asyncio.sleep(0.5)
+    result.server_log = server_log_events(processes.log_dir / "serve.log")
+    fill_result(result, options, cpu, wall_ns, generator_report, fake_report)
+
+
 # --- Report ---------------------------------------------------------------------------------------------------
 
 
@@ -1572,6 +1829,101 @@ def report(options: Options, results: list[RoundResult], elapsed_s: float) -> di
     }
 
 
+def optional(value: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:{spec}}{unit}"
+
+
+def soak_report(options: Options, soak: SoakResult, elapsed_s: float) -> dict[str, Any]:
+    info = machine()
+    result = soak.end
+    print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}, Linux {info['kernel']}")
+    print(
+        f"soak: N={soak.calls} calls carried for {soak.duration_s:g} s once all were up (no hang-ups, no new calls); "
+        "callbridge serve, 1 worker on CPU 1; load generator and fake server on CPU 0"
+    )
+    print(
+        f"load: {delta_mode(options)}; caller audio 20 ms frames at real-time pace throughout; marks echoed when played"
+    )
+    print(
+        f"RSS idle {result.rss_idle_kib / 1024:.1f} MiB (after the warm-up calls; {result.rss_cold_kib / 1024:.1f} "
+        "MiB before it)"
+    )
+    print()
+    print(f"{'t s':>6} {'RSS MiB':>9} {'anon MiB':>9} {'CPU ms/call-s':>14} {'core use':>9} {'other load':>11}")
+    for sample in soak.samples:
+        print(
+            f"{sample.t_s:6.0f} {sample.rss_mib:9.1f} {sample.anon_mib:9.1f} "
+            f"{optional(sample.cpu_ms_per_call_second, '.3f'):>14} {optional(sample.core_use, '.0%'):>9} "
+            f"{optional(sample.other_load_cores, '.2f'):>11}"
+        )
+    print(
+        "(t: since every call was up; CPU ms per call-second and core use over the 10 s before t; anon: RssAnon; "
+        "other load: cores used by processes not started here)"
+    )
+    print()
+    figures = soak.figures()
+    print(
+        f"RSS after the first minute: {optional(figures.rss_at_settle_mib, '.1f')} MiB at {SOAK_SETTLE_S} s -> "
+        f"{optional(figures.rss_at_end_mib, '.1f')} MiB at the end: growth {optional(figures.rss_growth_mib, '+.2f')}"
+        f" MiB; slope {optional(figures.rss_slope_mib_per_minute, '+.3f')} MiB per minute"
+    )
+    print(
+        f"CPU after the first minute: slope {optional(figures.cpu_slope_per_minute, '+.4f')} CPU ms per "
+        "call-second per minute"
+    )
+    if figures.cpu_second_minute is None:
+        print(f"CPU last minute vs second minute: n/a (needs --soak {2 * MINUTE_S} or more)")
+    else:
+        overlap = "; the soak is under 180 s, so the two minutes overlap" if figures.minutes_overlap else ""
+        print(
+            f"CPU per call-second, last minute vs second minute: {optional(figures.cpu_last_minute, '.3f')} vs "
+            f"{optional(figures.cpu_second_minute, '.3f')} ms: ratio {optional(figures.cpu_last_over_second, '.3f')}"
+            f" ({optional(figures.cpu_change_percent, '+.1f')} %){overlap}"
+        )
+    if soak.calls_open_at_end is not None and (
+        soak.calls_open_at_end != soak.calls or soak.sessions_open_at_end != soak.calls
+    ):
+        print(
+            f"WARNING: {soak.calls_open_at_end} of {soak.calls} calls and {soak.sessions_open_at_end} Realtime "
+            "sessions were still open at the end: the per-call figures divide by calls that were not all there"
+        )
+    print()
+    print(f"last {SOAK_SAMPLE_S} s of the soak:")
+    for line in describe(result):
+        print(line)
+    print(f"benchmark took {elapsed_s:.0f} s")
+    return {
+        "machine": info,
+        "mode": "soak",
+        "load": delta_mode(options),
+        "options": dataclasses.asdict(options) | {"json_path": str(options.json_path) if options.json_path else None},
+        "soak": {
+            "calls": soak.calls,
+            "duration_s": soak.duration_s,
+            "sample_s": SOAK_SAMPLE_S,
+            "settle_s": SOAK_SETTLE_S,
+            "rss_cold_kib": result.rss_cold_kib,
+            "rss_idle_kib": result.rss_idle_kib,
+            "calls_open_at_end": soak.calls_open_at_end,
+            "sessions_open_at_end": soak.sessions_open_at_end,
+            "samples": [dataclasses.asdict(sample) for sample in soak.samples],
+            "figures": dataclasses.asdict(figures),
+            "last_interval": result.as_json(),
+        },
+        "elapsed_s": elapsed_s,
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """``--json PATH``; ``-`` prints it to stdout, after the text."""
+    encoded = orjson.dumps(data, option=orjson.OPT_INDENT_2)
+    if str(path) == "-":
+        sys.stdout.write(encoded.decode() + "\n")
+        sys.stdout.flush()
+    else:
+        path.write_bytes(encoded)
+
+
 async def orchestrate(options: Options) -> None:
     os.sched_setaffinity(0, {0})  # keep CPU 1 for the system under test
     loop = asyncio.get_running_loop()
@@ -1579,6 +1931,13 @@ async def orchestrate(options: Options) -> None:
     assert main_task is not None
     loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     began = time.monotonic()
+    if options.soak_s is not None:
+        print(f"[soak] N={options.calls[0]} for {options.soak_s:g} s ...", file=sys.stderr, flush=True)
+        soak = await run_soak(options)
+        data = soak_report(options, soak, time.monotonic() - began)
+        if options.json_path is not None:
+            write_json(options.json_path, data)
+        return
     results: list[RoundResult] = []
     configurations: list[tuple[Target, int]] = [("bridge", workers) for workers in options.workers]
     if options.bare:
@@ -1593,7 +1952,7 @@ async def orchestrate(options: Options) -> None:
                 print(f"[round] N={calls} {name} took {result.duration_s:.0f} s", file=sys.stderr, flush=True)
     data = report(options, results, time.monotonic() - began)
     if options.json_path is not None:
-        options.json_path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+        write_json(options.json_path, data)
 
 
 def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
@@ -1621,7 +1980,13 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--window-s", type=float, default=10.0)
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True, help="in the helpers")
-    parser.add_argument("--json", type=Path, dest="json_path", help="also write every figure as JSON here")
+    parser.add_argument("--json", type=Path, dest="json_path", help="also write every figure as JSON here (-: stdout)")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        metavar="SECONDS",
+        help=f"soak mode: one N (--calls) carried this long on 1 worker, RSS and CPU read every {SOAK_SAMPLE_S} s",
+    )
     parser.add_argument("--role", choices=["fake", "generator"], help=argparse.SUPPRESS)
     parser.add_argument("--role-config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1636,6 +2001,13 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
     if args.delta_ms < FRAME_MS or args.delta_ms % FRAME_MS:
         parser.error("--delta-ms must be a multiple of 20")
     speed = args.speed if args.speed is not None else (1.0 if args.delta_ms == FRAME_MS else 2.0)
+    if args.soak is not None:
+        if args.soak < SOAK_MIN_S:
+            parser.error(f"--soak needs at least {SOAK_MIN_S} s: its trends are read after the first minute")
+        if len(calls) != 1:
+            parser.error("--soak takes one number of calls")
+        if workers != [1] or args.repeat != 1:
+            parser.error("--soak runs one worker, once: no --workers or --repeat")
     options = Options(
         calls=calls,
         delta_ms=args.delta_ms,
@@ -1650,6 +2022,7 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
         window_s=args.window_s,
         use_uvloop=args.uvloop,
         json_path=args.json_path,
+        soak_s=args.soak,
     )
     return options, args
 
