@@ -10,6 +10,7 @@ import secrets
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,21 @@ from fastapi import FastAPI, Request, Response
 from twilio.request_validator import RequestValidator
 
 from callbridge import audio
+from callbridge.agents import load_agents
+from callbridge.api.rest import router
+from callbridge.config import Settings
+from callbridge.core.context import AgentConfig, CallContext
+from callbridge.core.session import CallSession, SessionConfig
+from callbridge.core.usage import TokenUsage
+from callbridge.services import CallServices
 from callbridge.signing import HEADER, verify_signature
+from callbridge.store import Store
+from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeTwilio
+from callbridge.tools import ToolRegistry
 from test_end_to_end import AUTH_TOKEN, Service, no_live_call, serve, wait_closed
 
 from conftest import secret
@@ -178,6 +189,7 @@ async def test_outbound_call_with_resolved_context_on_record(kind: str, tmp_path
                 "caller_hung_up",
             )
             assert record["metrics"]["frames_in"] > 0
+            assert record["usage"] is not None  # kept when the call ended, as the metrics are
             lines = (await client.get(f"/api/calls/{call_sid}/transcript")).json()["lines"]
             assert [line["speaker"] for line in lines] == ["agent", "caller", "agent"]
             assert lines[0]["text"].startswith("Hello Ada")
@@ -199,6 +211,67 @@ async def test_outbound_call_with_resolved_context_on_record(kind: str, tmp_path
         )
         output = (await cli.communicate())[0].decode()
         assert cli.returncode == 0 and "Hello Ada" in output and "Yes, I can make it." in output, output
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_token_usage_on_record_and_in_the_post_call_webhook(kind: str, tmp_path: Path) -> None:
+    """The tokens a call used are kept when it ends: ``GET /api/calls/{sid}`` and the webhook's call carry them."""
+    async with database(kind, tmp_path) as db:
+        settings = Settings(
+            CALLBRIDGE_API_TOKEN=API_TOKEN,
+            CALLBRIDGE_DATABASE_URL=db,
+            CALLBRIDGE_WEBHOOK_URL="https://host.example/hooks/calls",
+            _env_file=None,
+        )
+        store = await Store.open(db)
+        signer = StreamParameterSigner("s" * 32, 600)
+        services = CallServices(settings, store, signer, load_agents(settings, ToolRegistry(), None), None)
+        app = FastAPI()
+        app.include_router(router())
+        app.state.services = services
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app),
+            base_url="http://callbridge",
+            headers={"Authorization": f"Bearer {API_TOKEN}"},
+        )
+        try:
+            call_sid = "CA" + "5" * 32
+            await store.record_call(call_sid=call_sid, direction="inbound", status="in-progress")
+            assert (await client.get(f"/api/calls/{call_sid}")).json()["usage"] is None  # not until the call ends
+
+            session = CallSession(SessionConfig(agent=AgentConfig(), verify_parameters=signer.verify))
+            session.call_sid, session.context, session.end_reason = call_sid, CallContext(), "caller_hung_up"
+            session.usage = TokenUsage(
+                input_text=300, input_audio=1200, input_cached=256, output_text=90, output_audio=2100, responses=4
+            )
+            await services.call_ended(session)
+
+            record = (await client.get(f"/api/calls/{call_sid}")).json()
+            assert record["end_reason"] == "caller_hung_up"
+            assert record["usage"] == {
+                "input_tokens": 1500,
+                "output_tokens": 2190,
+                "total_tokens": 3690,
+                "input_text_tokens": 300,
+                "input_audio_tokens": 1200,
+                "input_cached_tokens": 256,
+                "output_text_tokens": 90,
+                "output_audio_tokens": 2100,
+                "responses": 4,
+            }
+            (webhook,) = await store.due_webhooks(datetime.now(UTC))
+            assert webhook.payload["call"]["usage"] == record["usage"]
+
+            schema = (await client.get("/openapi.json")).json()["components"]["schemas"]["CallRecord"]
+            assert "usage" in schema["required"]
+            assert schema["properties"]["usage"]["anyOf"] == [
+                {"type": "object", "additionalProperties": {"type": "integer"}},
+                {"type": "null"},
+            ]
+        finally:
+            await client.aclose()
+            await services.aclose()
+            await store.close()
 
 
 async def test_handing_a_live_call_to_the_agent(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 The per-frame counters cost nothing on the audio path: each call already counts its frames, barge-ins and errors in
 its session's stats, and :class:`_CallCounters` adds them up only when Prometheus scrapes (the finished calls' totals
-plus the live calls' current stats). Histograms are observed where the events are rare (a turn) or sampled (the
-relay's added latency, one frame in :data:`RELAY_SAMPLE_EVERY`).
+plus the live calls' current stats); so are the tokens the model bills, from each call's usage. Histograms are
+observed where the events are rare (a turn) or sampled (the relay's added latency, one frame in
+:data:`RELAY_SAMPLE_EVERY`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from callbridge.bridge import RELAY_SAMPLE_EVERY
+from callbridge.core.usage import TokenUsage
 
 if TYPE_CHECKING:
     from callbridge.core.session import CallSession, SessionStats
@@ -38,16 +40,24 @@ _STAT_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
 class _CallCounters(Collector):
     """Counters summed over finished calls and live ones at scrape time, and the number of live calls."""
 
-    def __init__(self, live_sessions: Callable[[], Iterable[CallSession]], finished: dict[str, int]) -> None:
+    def __init__(
+        self,
+        live_sessions: Callable[[], Iterable[CallSession]],
+        finished: dict[str, int],
+        finished_tokens: dict[str, int],
+    ) -> None:
         self._live_sessions = live_sessions
         self._finished = finished
+        self._finished_tokens = finished_tokens
 
     def collect(self) -> Iterator[Metric]:
         totals = dict(self._finished)
+        tokens = dict(self._finished_tokens)
         live = 0
         for session in self._live_sessions():
             live += 1
             _add(totals, session.stats)
+            _add_tokens(tokens, session.usage)
         active = GaugeMetricFamily("callbridge_active_calls", "Calls this process carries now")
         active.add_metric([], live)
         yield active
@@ -58,6 +68,14 @@ class _CallCounters(Collector):
                 family = families[name] = CounterMetricFamily(name, documentation, labels=list(labels))
             family.add_metric(list(labels.values()), totals.get(stat, 0))
         yield from families.values()
+        billed = CounterMetricFamily(
+            "callbridge_tokens",
+            "Tokens the model billed, by kind (input_cached is the cached part of input_text and input_audio)",
+            labels=["kind"],
+        )
+        for kind in TokenUsage.KINDS:
+            billed.add_metric([kind], tokens.get(kind, 0))
+        yield billed
 
 
 class Metrics:
@@ -66,7 +84,8 @@ class Metrics:
     def __init__(self, live_sessions: Callable[[], Iterable[CallSession]]) -> None:
         self.registry = CollectorRegistry()
         self._finished: dict[str, int] = {}
-        self.registry.register(_CallCounters(live_sessions, self._finished))
+        self._finished_tokens: dict[str, int] = {}
+        self.registry.register(_CallCounters(live_sessions, self._finished, self._finished_tokens))
         self.calls = Counter(
             "callbridge_calls", "Calls ended, by outcome (the end reason)", ["outcome"], registry=self.registry
         )
@@ -93,6 +112,7 @@ class Metrics:
     def call_ended(self, session: CallSession) -> None:
         self.calls.labels(session.end_reason or "unknown").inc()
         _add(self._finished, session.stats)
+        _add_tokens(self._finished_tokens, session.usage)
 
     def observe(self, name: str, value: float) -> None:
         if name == "turn_latency_s":
@@ -108,3 +128,8 @@ class Metrics:
 def _add(totals: dict[str, int], stats: SessionStats) -> None:
     for name, value in dataclasses.asdict(stats).items():
         totals[name] = totals.get(name, 0) + value
+
+
+def _add_tokens(totals: dict[str, int], usage: TokenUsage) -> None:
+    for kind, count in usage.by_kind().items():
+        totals[kind] = totals.get(kind, 0) + count

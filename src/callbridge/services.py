@@ -277,7 +277,11 @@ class CallServices:
             return
         metrics = dataclasses.asdict(session.stats)
         record = await self.store.update_call(
-            call_sid, ended_at=datetime.now(UTC), end_reason=session.end_reason, metrics=metrics
+            call_sid,
+            ended_at=datetime.now(UTC),
+            end_reason=session.end_reason,
+            metrics=metrics,
+            usage=session.usage.as_record(),
         )
         if record is not None and self.settings.webhook_url:
             lines = await self.store.transcript(call_sid)
