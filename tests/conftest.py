@@ -54,9 +54,12 @@ class Harness:
             SessionConfig(agent=agent or AgentConfig(), verify_parameters=self._verify, **config)
         )
         self.now = 1000.0
+        self.records: dict[str, CallContext] = {}  # what the service would keep on record, by call SID
 
     def _verify(self, parameters: Mapping[str, str], call_sid: str) -> CallContext:
-        return self.signer.verify(parameters, call_sid, now=self.now)  # the harness's clock is the wall clock
+        """The parameters prove the call; its context comes from the record, as the service loads it."""
+        signed = self.signer.verify(parameters, call_sid, now=self.now)  # the harness's clock is the wall clock
+        return replace(self.records.get(call_sid, CallContext()), call_sid=signed.call_sid, binding=signed.binding)
 
     def handle(self, event: ev.Event, at: float | None = None) -> list[Command]:
         if at is not None:
@@ -72,6 +75,7 @@ class Harness:
 
     def start_event(self, context: CallContext | None = None, call_sid: str = CALL_SID) -> ev.TwilioStart:
         context = context or CallContext(call_sid=call_sid, caller="+15550100001", called="+15550100002")
+        self.records[call_sid] = context
         return ev.TwilioStart(STREAM_SID, call_sid, custom_parameters=self.signer.mint(context, self.now))
 
     def go_live(self, context: CallContext | None = None) -> list[Command]:

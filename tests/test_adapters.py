@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import asyncio
 import xml.etree.ElementTree as ET
 
@@ -15,7 +17,7 @@ from callbridge.core.context import CallContext, ContextItem, ParameterError
 from callbridge.realtime.dialect import ga_event_type, headers_for, to_beta
 from callbridge.realtime.protocol import SERVER_EVENT_TYPES, parse_server_event
 from callbridge.telephony.media_streams import parse_twilio_message
-from callbridge.telephony.params import PARAMETER_NAME, StreamParameterSigner
+from callbridge.telephony.params import MAX_PARAMETER_CHARS, PARAMETER_NAME, StreamParameterSigner
 from callbridge.telephony.signatures import TwilioSignatures
 from callbridge.telephony.twiml import connect_stream_twiml
 from callbridge.testing.conformance import server_event_types, validate_client_event
@@ -160,22 +162,31 @@ def test_beta_mapping_of_session_update() -> None:
 # --- signed parameters ------------------------------------------------------------------------------------
 
 
-def test_parameters_round_trip_with_context() -> None:
-    signer = StreamParameterSigner("s3cret", ttl_seconds=60)
+@pytest.mark.parametrize("outbound", [False, True])
+def test_parameters_carry_a_short_reference_never_the_context(outbound: bool) -> None:
+    """Whatever the context holds (here the REST API's maxima), the parameter stays within 256 characters: the
+    context lives in the call record."""
+    signer = StreamParameterSigner("s3cret" * 8, ttl_seconds=600)
     context = CallContext(
-        call_sid="CA1",
-        agent="sales",
-        reference="customer-42",
-        caller="+1",
-        called="+2",
-        name="Ada",
-        greeting="Hi Ada",
-        items=(ContextItem("user", "I called yesterday."),),
-        metadata={"customer": 42},
+        call_sid=None if outbound else "CA" + "f" * 32,
+        direction="outbound" if outbound else "inbound",
+        agent="a" * 64,
+        reference="r" * 200,
+        caller="+15550100001",
+        called="+15550100002",
+        name="n" * 100,
+        instructions="i" * 1500,
+        greeting="g" * 300,
+        items=tuple(ContextItem("user", "t" * 1000) for _ in range(10)),
+        metadata={f"key{n}": "v" * 500 for n in range(40)},
+        binding=secrets.token_urlsafe(16) if outbound else None,
     )
     parameters = signer.mint(context, now=1000)
     assert list(parameters) == [PARAMETER_NAME]
-    assert signer.verify(parameters, "CA1", now=1059) == context
+    assert len(parameters[PARAMETER_NAME]) <= MAX_PARAMETER_CHARS
+    assert "Ada" not in parameters[PARAMETER_NAME]
+    call_sid = "CA" + "f" * 32
+    assert signer.verify(parameters, call_sid, now=1599) == CallContext(call_sid=call_sid, binding=context.binding)
 
 
 def test_parameters_refused_when_expired_foreign_or_resigned() -> None:

@@ -131,15 +131,29 @@ async def test_python_resolver() -> None:
         PythonContextResolver("test_agents:registry")
 
 
-def test_agent_twiml_for_host_apps() -> None:
+async def test_agent_twiml_for_host_apps(tmp_path: Path) -> None:
+    """A Python host app gets the TwiML, and the call's context goes to the record the service reads it from."""
     from callbridge.services import agent_twiml
+    from callbridge.store.repository import Store
     from callbridge.telephony.params import StreamParameterSigner
 
-    settings = Settings(CALLBRIDGE_SECRET="shared", CALLBRIDGE_PUBLIC_URL="https://bridge.example", _env_file=None)
-    twiml = agent_twiml(settings, CallContext(call_sid="CA1", name="Ada"), say="One moment.")
+    database = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
+    settings = Settings(
+        CALLBRIDGE_SECRET="shared",
+        CALLBRIDGE_PUBLIC_URL="https://bridge.example",
+        CALLBRIDGE_DATABASE_URL=database,
+        _env_file=None,
+    )
+    twiml = await agent_twiml(settings, CallContext(call_sid="CA1", name="Ada"), say="One moment.")
     assert "<Say>One moment.</Say>" in twiml and 'url="wss://bridge.example/twilio/media-stream"' in twiml
     token = twiml.split('value="')[1].split('"')[0]
     verified = StreamParameterSigner("shared", 600).verify({"callbridge": token}, "CA1", now=__import__("time").time())
-    assert verified.name == "Ada"
+    assert verified.call_sid == "CA1" and "Ada" not in token
+    store = await Store.open(database)
+    try:
+        record = await store.get_call("CA1")
+    finally:
+        await store.close()
+    assert record is not None and record.context is not None and record.context["name"] == "Ada"
     with pytest.raises(ValueError, match="CALLBRIDGE_SECRET"):
-        agent_twiml(Settings(_env_file=None), CallContext())
+        await agent_twiml(Settings(_env_file=None), CallContext())

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from dataclasses import replace
+
+import pytest
 
 from callbridge.core import events as ev
 from callbridge.core.commands import (
@@ -111,6 +114,8 @@ def test_realtime_connected_sends_session_update_context_and_greeting() -> None:
         )
     )
     commands = harness.handle(ev.RealtimeConnected())
+    assert [e["type"] for e in realtime_events(commands)] == ["session.update"]  # alone, until it is confirmed
+    commands += harness.handle(ev.RealtimeSessionUpdated())
     kinds = [e["type"] for e in realtime_events(commands)]
     assert kinds == [
         "session.update",
@@ -121,6 +126,7 @@ def test_realtime_connected_sends_session_update_context_and_greeting() -> None:
     session = realtime_events(commands)[0]["session"]
     assert session["type"] == "realtime"
     assert session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    assert session["audio"]["input"]["noise_reduction"] == {"type": "far_field"}
     assert session["audio"]["output"] == {"format": {"type": "audio/pcmu"}, "voice": "cedar"}
     assert session["instructions"] == "Be brief."
     facts = realtime_events(commands)[1]["item"]
@@ -132,7 +138,7 @@ def test_realtime_connected_sends_session_update_context_and_greeting() -> None:
 def test_context_overrides_instructions_and_greeting(harness: Harness) -> None:
     context = CallContext(call_sid=CALL_SID, instructions="Remind about the 3 pm appointment.", greeting="Hello Sam!")
     harness.handle(harness.start_event(context))
-    commands = harness.handle(ev.RealtimeConnected())
+    commands = harness.handle(ev.RealtimeConnected()) + harness.handle(ev.RealtimeSessionUpdated())
     assert of_type(commands, "session.update")[0]["session"]["instructions"] == "Remind about the 3 pm appointment."
     assert "Hello Sam!" in of_type(commands, "response.create")[0]["response"]["instructions"]
 
@@ -140,7 +146,8 @@ def test_context_overrides_instructions_and_greeting(harness: Harness) -> None:
 def test_agent_that_waits_for_the_caller_sends_no_greeting() -> None:
     harness = Harness(AgentConfig(speaks_first=False))
     harness.handle(harness.start_event())
-    assert of_type(harness.handle(ev.RealtimeConnected()), "response.create") == []
+    harness.handle(ev.RealtimeConnected())
+    assert of_type(harness.handle(ev.RealtimeSessionUpdated()), "response.create") == []
 
 
 def test_tools_are_declared_in_the_session() -> None:
@@ -153,7 +160,10 @@ def test_tools_are_declared_in_the_session() -> None:
     harness = Harness(AgentConfig(tools=(tool,)))
     harness.handle(harness.start_event())
     session = of_type(harness.handle(ev.RealtimeConnected()), "session.update")[0]["session"]
-    assert session["tools"] == [tool] and session["tool_choice"] == "auto"
+    assert session["tools"] == [tool] and "tool_choice" not in session  # sent only when configured
+    chosen = Harness(AgentConfig(tools=(tool,), tool_choice="required"))
+    chosen.handle(chosen.start_event())
+    assert of_type(chosen.handle(ev.RealtimeConnected()), "session.update")[0]["session"]["tool_choice"] == "required"
 
 
 # --- caller audio ----------------------------------------------------------------------------------------
@@ -205,19 +215,36 @@ def test_agent_audio_goes_to_twilio_with_named_marks(harness: Harness) -> None:
 
 def test_small_deltas_share_a_mark_every_100_ms_and_keep_the_precision(harness: Harness) -> None:
     harness.go_live()
-    commands = harness.speak("resp_1", "item_1", chunks=12, chunk_ms=20)  # the model's smallest deltas
+    commands = harness.speak("resp_1", "item_1", chunks=13, chunk_ms=20)  # the model's smallest deltas
     messages = twilio_messages(commands)
-    assert [m["event"] for m in messages].count("media") == 12
-    assert [m["mark"]["name"] for m in messages if m["event"] == "mark"] == ["item_1:800", "item_1:1600"]
-    # The last 40 ms have no mark yet; the end of the response sends it.
+    media = [base64.b64decode(m["media"]["payload"]) for m in messages if m["event"] == "media"]
+    assert [len(chunk) for chunk in media] == [320] * 6  # joined in twos: 40 ms each; the 13th is held
+    assert b"".join(media) == bytes([0x7F]) * 320 * 6
+    assert [m["mark"]["name"] for m in messages if m["event"] == "mark"] == ["item_1:960", "item_1:1920"]
+    # The end of the response sends what is held, and its mark.
     done = twilio_messages(harness.handle(ev.RealtimeResponseDone("resp_1", "completed")))
-    assert [m["mark"]["name"] for m in done] == ["item_1:1920"]
+    assert [m["event"] for m in done] == ["media", "mark"] and done[1]["mark"]["name"] == "item_1:2080"
     # What was heard is still known to the 20 ms frame: the last echo plus the time the next chunk has played.
-    harness.handle(ev.TwilioMark("item_1:800"), at=harness.now + 0.1)
-    assert harness.session.played_ms("item_1", harness.now + 0.03) == 130
+    harness.handle(ev.TwilioMark("item_1:960"), at=harness.now + 0.12)
+    assert harness.session.played_ms("item_1", harness.now + 0.03) == 150
     commands = harness.handle(ev.RealtimeSpeechStarted("item_c1", 900), at=harness.now + 0.03)
     (truncate,) = of_type(commands, "conversation.item.truncate")
-    assert truncate["audio_end_ms"] == 130
+    assert truncate["audio_end_ms"] == 150
+
+
+def test_a_short_delta_is_held_one_frame_at_most(harness: Harness) -> None:
+    harness.go_live()
+    harness.handle(ev.RealtimeResponseCreated("resp_1"))
+    assert twilio_messages(harness.handle(ev.RealtimeAudioDelta("resp_1", "item_1", audio(20)))) == []
+    deadline = harness.session.next_deadline()
+    assert deadline is not None and deadline == pytest.approx(harness.now + 0.02)
+    (media,) = twilio_messages(harness.handle(ev.Tick(), at=deadline))
+    assert media["event"] == "media" and media["media"]["payload"] == audio(20)
+    assert harness.session.next_deadline() == harness.now - 0.02 + 55 * 60  # only the rollover is timed now
+    # Deltas of 40 ms or more pass at once, untouched.
+    big = audio(60)
+    (sent,) = [m for m in twilio_messages(harness.handle(ev.RealtimeAudioDelta("resp_1", "item_1", big)))]
+    assert sent["media"]["payload"] is big
 
 
 def test_b64_audio_length() -> None:
@@ -496,8 +523,8 @@ def test_connection_refused_at_start_is_retried() -> None:
     assert [c for c in harness.handle(ev.RealtimeConnectFailed("refused")) if isinstance(c, OpenRealtime)] == [
         OpenRealtime(0.0)
     ]
-    commands = harness.handle(ev.RealtimeConnected())
-    assert of_type(commands, "session.update") and of_type(commands, "response.create")  # the greeting, once
+    assert of_type(harness.handle(ev.RealtimeConnected()), "session.update")
+    assert of_type(harness.handle(ev.RealtimeSessionUpdated()), "response.create")  # the greeting, once
 
 
 def test_lost_connection_reconnects_and_replays_the_conversation(harness: Harness) -> None:
@@ -514,13 +541,14 @@ def test_lost_connection_reconnects_and_replays_the_conversation(harness: Harnes
     # While the model is away, caller audio is kept; the agent audio already at Twilio plays on.
     assert realtime_events(harness.handle(ev.TwilioMedia(audio(20, 5), timestamp_ms=9000))) == []
     assert harness.handle(ev.RealtimeAudioDelta("resp_2", "item_2", audio(100))) == []  # a stale delta
-    commands = harness.handle(ev.RealtimeConnected())
+    assert of_type(harness.handle(ev.RealtimeConnected()), "session.update")
+    commands = harness.handle(ev.RealtimeSessionUpdated())
     items = [e["item"] for e in of_type(commands, "conversation.item.create")]
     replayed = [(item["role"], item["content"][0]["text"]) for item in items[1:]]
     assert replayed == [("assistant", "Hello, how can I help?"), ("user", "I need a plumber.")]
     assert items[1]["content"][0]["type"] == "output_text"
     assert of_type(commands, "response.create") == []  # no second greeting
-    flushed = of_type(harness.handle(ev.RealtimeSessionUpdated()), "input_audio_buffer.append")
+    flushed = of_type(commands, "input_audio_buffer.append")
     assert [e["audio"] for e in flushed] == [audio(20, 5)]
     assert harness.session.phase == "live"
     # The old answer still plays at Twilio; a barge-in clears it but truncates nothing in the new session.
@@ -582,6 +610,8 @@ def test_context_is_resolved_in_parallel_with_the_model_connection() -> None:
     assert realtime_events(harness.handle(ev.RealtimeConnected())) == []  # waits for the context
     resolved = CallContext(name="Ada", greeting="Hi Ada!", items=(ContextItem("user", "Last time: a refund."),))
     commands = harness.handle(ev.ContextResolved(resolved))
+    assert [e["type"] for e in realtime_events(commands)] == ["session.update"]
+    commands += harness.handle(ev.RealtimeSessionUpdated())
     kinds = [e["type"] for e in realtime_events(commands)]
     assert kinds == ["session.update", "conversation.item.create", "conversation.item.create", "response.create"]
     assert "Ada" in realtime_events(commands)[1]["item"]["content"][0]["text"]
@@ -632,9 +662,11 @@ def test_a_goodbye_never_said_still_ends_the_call() -> None:
     harness.handle(ev.RealtimeFunctionCallDone("resp_1", "item_f", "call_1", "end_call", "{}", "completed"))
     harness.handle(ev.RealtimeResponseDone("resp_1", "completed"))
     harness.speak("resp_2", "item_bye", chunks=2)  # a goodbye whose playback Twilio never confirms
-    frame = ev.TwilioMedia(audio(20))
-    assert ends(harness.handle(frame, at=harness.now + GOODBYE_LIMIT_S - 1)) == []
-    (end,) = ends(harness.handle(frame, at=harness.now + 1))
+    # No caller audio is needed to notice the time: the session's deadline wakes it.
+    deadline = harness.session.next_deadline()
+    assert deadline is not None and deadline == pytest.approx(harness.now + GOODBYE_LIMIT_S)
+    assert ends(harness.handle(ev.Tick(), at=deadline - 1)) == []
+    (end,) = ends(harness.handle(ev.Tick(), at=deadline))
     assert end.reason == "agent_ended_call" and end.hang_up
 
 

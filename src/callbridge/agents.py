@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from callbridge.config import Settings
 from callbridge.core.context import BUILTIN_TOOLS, AgentConfig
@@ -55,6 +55,15 @@ class AgentSpec(BaseModel):
     vad_prefix_padding_ms: int | None = None
     vad_eagerness: Literal["low", "medium", "high", "auto"] | None = None
     transcription_model: str | None = None
+    transcription_language: str | None = None
+    transcription_prompt: str | None = None
+    noise_reduction: Literal["near_field", "far_field", "off"] | None = None
+    idle_timeout_ms: int | None = Field(default=None, ge=5000, le=30000)
+    idle_hangup_after: int | None = Field(default=None, ge=0)
+    voice_speed: float | None = Field(default=None, ge=0.25, le=1.5)
+    max_output_tokens: int | None = Field(default=None, ge=1, le=4096)
+    tool_choice: Literal["auto", "none", "required"] | None = None
+    tool_filler_after_ms: int | None = Field(default=None, ge=0)
 
 
 class AgentsFile(BaseModel):

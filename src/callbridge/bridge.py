@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 
 import orjson
 import structlog
-from picows import ws_connect
+from picows import WSHandshakeError, ws_connect
 
 from callbridge.core import events as ev
 from callbridge.core.commands import (
@@ -59,8 +59,10 @@ EventSink = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 """Keeps a call event: (call SID, kind, data)."""
 Fallback = Callable[[str], Awaitable[None]]
 """Redirects a live call (call SID) to the fallback: an apology and hang-up, or a human."""
-Authorize = Callable[[CallSession], Awaitable[str | None]]
-"""Checks an admitted call before the model is opened: ``None`` lets it in, a string is why it is refused."""
+Authorize = Callable[[CallSession], Awaitable[CallContext | str | None]]
+"""Checks an admitted call before the model is opened: a string is why it is refused; otherwise the call is let in,
+with its context as the service keeps it (a :class:`CallContext`) or as its stream parameters carried it
+(``None``)."""
 
 
 class BridgeMetrics(Protocol):
@@ -141,7 +143,7 @@ class CallBridge:
         self._context_deadline = context_deadline
         self._events = events
         self._fallback = fallback
-        self._authorize = authorize
+        self._authorize: Authorize | None = authorize or _admit_as_signed
         self._on_admitted = on_admitted
         self._metrics = metrics
         self._max_frame_bytes = max_frame_bytes  # larger Twilio frames are counted and dropped unparsed
@@ -160,6 +162,8 @@ class CallBridge:
         self._finished: asyncio.Future[None] | None = None
         self._ending = False
         self._last_action: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # wakes the session at its next deadline
+        self._timer_at: float | None = None
 
     def start(self, twilio: TwilioLink) -> None:
         """Begin the call on a media stream that has just opened (from the event loop, before its first frame)."""
@@ -173,6 +177,8 @@ class CallBridge:
         try:
             await asyncio.shield(self._finished)
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -257,6 +263,21 @@ class CallBridge:
             self._fail(exc)
         finally:
             self._handling = False
+        deadline = self.session.next_deadline()
+        if deadline != self._timer_at:
+            self._set_timer(deadline)
+
+    def _set_timer(self, deadline: float | None) -> None:
+        """Wake the session at ``deadline`` (the loop's clock is the monotonic clock the session is given)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._dispatch(ev.Tick())
 
     def _process(self, event: ev.Event) -> None:
         commands = self.session.handle(event, time.monotonic())
@@ -307,7 +328,9 @@ class CallBridge:
                     if self._endpoint.dialect == "beta":
                         event = to_beta(event)
                     self._realtime.send_text(orjson.dumps(event))
-            case OpenRealtime(delay_s):
+            case OpenRealtime(delay_s, replace):
+                if replace:
+                    self._close_realtime()  # done with: its closing is not a loss
                 self._spawn(self._open_realtime(delay_s))
             case RecordTranscript(line):
                 self._records.put_nowait(line)
@@ -329,7 +352,7 @@ class CallBridge:
                 self._close_realtime()
                 self._in_order(self._end(command))
 
-    async def _check(self, authorize: Authorize) -> str | None:
+    async def _check(self, authorize: Authorize) -> CallContext | str | None:
         try:
             return await authorize(self.session)
         except Exception as exc:  # fail closed: a check that cannot run admits nobody
@@ -394,9 +417,11 @@ class CallBridge:
     async def _open_realtime(self, delay_s: float) -> None:
         if self._authorize is not None:  # once, before the model hears anything
             authorize, self._authorize = self._authorize, None
-            if (refusal := await self._check(authorize)) is not None:
-                self._dispatch(ev.CallRefused(refusal))
+            verdict = await self._check(authorize)
+            if isinstance(verdict, str):
+                self._dispatch(ev.CallRefused(verdict))
                 return
+            self._dispatch(ev.ContextLoaded(verdict))
             if self._on_admitted is not None:
                 self._spawn(self._admitted(self._on_admitted))
                 self._on_admitted = None
@@ -415,7 +440,7 @@ class CallBridge:
                     read_buffer_init_size=READ_BUFFER_BYTES,
                 )
         except Exception as exc:
-            self._dispatch(ev.RealtimeConnectFailed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__))
+            self._dispatch(_connect_failed(exc))
             self._error("realtime_connect")
             return
         connection = cast(ModelConnection, listener)
@@ -478,6 +503,26 @@ class CallBridge:
             except Exception as exc:
                 self._log.error("record.write_failed", error=str(exc))
                 self._error("record_write")
+
+
+async def _admit_as_signed(session: CallSession) -> None:
+    """Without a check of its own, a call whose parameters verified is in, with the context they carried."""
+
+
+def _connect_failed(exc: Exception) -> ev.RealtimeConnectFailed:
+    """Why the model's WebSocket could not be opened; a refused handshake keeps its HTTP status and error code."""
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if not isinstance(exc, WSHandshakeError) or exc.response is None:
+        return ev.RealtimeConnectFailed(reason)
+    response, code = exc.response, ""
+    try:
+        body = orjson.loads(exc.raw_body or b"{}")
+    except orjson.JSONDecodeError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        code = str(error.get("code") or error.get("type") or "")[:100]
+    return ev.RealtimeConnectFailed(f"HTTP {response.status}", status=int(response.status), code=code)
 
 
 class ModelConnection(MessageListener):

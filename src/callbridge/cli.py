@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from pydantic import ValidationError
 
 from callbridge.config import Settings
 from callbridge.logs import configure_logging
@@ -24,10 +25,23 @@ def serve(
     """Run the service: Twilio webhook, media-stream WebSocket, REST API, health. SIGTERM drains the calls."""
     from callbridge.server import run_worker, run_workers
 
+    _check_settings()
     if workers == 1:
         run_worker(host, port)
     else:
         run_workers(host, port, workers)
+
+
+def _check_settings() -> None:
+    """Refuse to start on settings that cannot work, with what to fix, before anything listens."""
+    try:
+        Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            typer.echo(f"error: {where + ': ' if where else ''}{message}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from callbridge.core.context import AgentConfig
@@ -21,7 +22,7 @@ class Settings(BaseSettings):
     # --- the model ---
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
     realtime_url: str | None = Field(default=None, validation_alias="CALLBRIDGE_REALTIME_URL")
-    realtime_model: str = Field(default="gpt-realtime", validation_alias="CALLBRIDGE_REALTIME_MODEL")
+    realtime_model: str = Field(default="gpt-realtime-1.5", validation_alias="CALLBRIDGE_REALTIME_MODEL")
     realtime_dialect: Literal["ga", "beta"] = Field(default="ga", validation_alias="CALLBRIDGE_REALTIME_DIALECT")
     realtime_connect_timeout_seconds: float = Field(
         default=5.0, gt=0, validation_alias="CALLBRIDGE_REALTIME_CONNECT_TIMEOUT_SECONDS"
@@ -30,6 +31,10 @@ class Settings(BaseSettings):
         default=10.0, gt=0, validation_alias="CALLBRIDGE_REALTIME_RECONNECT_DEADLINE_SECONDS"
     )
     """How long a call waits for the model (at start or after losing it) before the caller gets the fallback."""
+    realtime_ready_timeout_seconds: float = Field(
+        default=8.0, gt=0, validation_alias="CALLBRIDGE_REALTIME_READY_TIMEOUT_SECONDS"
+    )
+    """From the stream's start to a model session that confirmed its configuration; past it, the fallback."""
     realtime_rollover_seconds: float = Field(
         default=55 * 60, gt=0, validation_alias="CALLBRIDGE_REALTIME_ROLLOVER_SECONDS"
     )
@@ -101,11 +106,31 @@ class Settings(BaseSettings):
         default="auto", validation_alias="CALLBRIDGE_VAD_EAGERNESS"
     )
     vad_interrupt_response: bool = Field(default=True, validation_alias="CALLBRIDGE_VAD_INTERRUPT_RESPONSE")
-    transcription_model: str | None = Field(
-        default="gpt-4o-mini-transcribe", validation_alias="CALLBRIDGE_TRANSCRIPTION_MODEL"
+    transcription_model: str | None = Field(default="gpt-transcribe", validation_alias="CALLBRIDGE_TRANSCRIPTION_MODEL")
+    transcription_language: str | None = Field(
+        default=None, max_length=16, validation_alias="CALLBRIDGE_TRANSCRIPTION_LANGUAGE"
+    )
+    """ISO-639-1 code of the callers' language (``en``): better and faster transcription."""
+    transcription_prompt: str | None = Field(
+        default=None, max_length=1000, validation_alias="CALLBRIDGE_TRANSCRIPTION_PROMPT"
+    )
+    """Words the transcription should expect: names, products, how numbers are read."""
+    noise_reduction: Literal["near_field", "far_field", "off"] = Field(
+        default="far_field", validation_alias="CALLBRIDGE_NOISE_REDUCTION"
+    )
+    idle_timeout_ms: int | None = Field(default=None, ge=5000, le=30000, validation_alias="CALLBRIDGE_IDLE_TIMEOUT_MS")
+    """Server VAD: re-prompt a caller silent this long after the agent finished."""
+    idle_hangup_after: int = Field(default=2, ge=0, validation_alias="CALLBRIDGE_IDLE_HANGUP_AFTER")
+    """Unanswered re-prompts before the agent says goodbye and ends the call."""
+    voice_speed: float | None = Field(default=None, ge=0.25, le=1.5, validation_alias="CALLBRIDGE_VOICE_SPEED")
+    max_output_tokens: int | None = Field(default=None, ge=1, le=4096, validation_alias="CALLBRIDGE_MAX_OUTPUT_TOKENS")
+    tool_choice: Literal["auto", "none", "required"] | None = Field(
+        default=None, validation_alias="CALLBRIDGE_TOOL_CHOICE"
     )
     tools: str | None = Field(default=None, validation_alias="CALLBRIDGE_TOOLS")
     tool_timeout_seconds: float = Field(default=10.0, gt=0, validation_alias="CALLBRIDGE_TOOL_TIMEOUT_SECONDS")
+    tool_filler_after_ms: int = Field(default=1500, ge=0, validation_alias="CALLBRIDGE_TOOL_FILLER_AFTER_MS")
+    """A tool still running this long: the model says a short filler once (0: never)."""
 
     # --- operations ---
     log_format: Literal["console", "json"] = Field(default="console", validation_alias="CALLBRIDGE_LOG_FORMAT")
@@ -113,6 +138,12 @@ class Settings(BaseSettings):
 
     @field_validator(
         "transcription_model",
+        "transcription_language",
+        "transcription_prompt",
+        "idle_timeout_ms",
+        "voice_speed",
+        "max_output_tokens",
+        "tool_choice",
         "say_before_connect",
         "agent_greeting",
         "tools",
@@ -135,6 +166,24 @@ class Settings(BaseSettings):
         if not value.startswith(("https://", "http://")):
             raise ValueError("CALLBRIDGE_PUBLIC_URL must start with https:// (or http:// for local use)")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.idle_timeout_ms is not None and self.turn_detection != "server_vad":
+            raise ValueError("CALLBRIDGE_IDLE_TIMEOUT_MS needs CALLBRIDGE_TURN_DETECTION=server_vad")
+        if self.realtime_dialect == "beta" and self.realtime_host_is_openai:
+            raise ValueError(
+                "CALLBRIDGE_REALTIME_DIALECT=beta: OpenAI's Realtime API refuses the beta shape "
+                "(beta_api_shape_disabled); use ga, or set CALLBRIDGE_REALTIME_URL to a server that speaks beta"
+            )
+        return self
+
+    @property
+    def realtime_host_is_openai(self) -> bool:
+        """Whether calls go to OpenAI's own endpoint (no URL set, or a URL on api.openai.com)."""
+        if self.realtime_url is None:
+            return self.openai_api_key is not None  # without a key either, calls go to the local engine
+        return urlsplit(self.realtime_url).hostname == "api.openai.com"
 
     @property
     def uses_local_engine(self) -> bool:
@@ -163,6 +212,8 @@ class Settings(BaseSettings):
                 "prefix_padding_ms": self.vad_prefix_padding_ms,
                 "silence_duration_ms": self.vad_silence_duration_ms,
             }
+            if self.idle_timeout_ms is not None:
+                turn_detection["idle_timeout_ms"] = self.idle_timeout_ms
         turn_detection["interrupt_response"] = self.vad_interrupt_response
         return AgentConfig(
             instructions=self.agent_instructions,
@@ -172,5 +223,13 @@ class Settings(BaseSettings):
             speaks_first=self.agent_speaks_first,
             turn_detection=turn_detection,
             transcription_model=self.transcription_model,
+            transcription_language=self.transcription_language,
+            transcription_prompt=self.transcription_prompt,
+            noise_reduction=None if self.noise_reduction == "off" else self.noise_reduction,
+            speed=self.voice_speed,
+            max_output_tokens=self.max_output_tokens,
             tools=tools,
+            tool_choice=self.tool_choice,
+            tool_filler_after_ms=self.tool_filler_after_ms,
+            idle_hangup_after=self.idle_hangup_after,
         )

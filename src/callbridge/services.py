@@ -18,7 +18,7 @@ from fastapi import HTTPException
 
 from callbridge.agents import AgentDirectory
 from callbridge.config import Settings
-from callbridge.core.context import CallContext
+from callbridge.core.context import CallContext, ContextItem
 from callbridge.core.session import CallSession
 from callbridge.process import process_identity
 from callbridge.signing import HEADER, sign
@@ -35,22 +35,44 @@ BINDING_WAIT_S = 2.0
 """How long an outbound call's stream may wait for its call record (Twilio answered before we stored it)."""
 
 
-def agent_twiml(settings: Settings, context: CallContext, say: str | None = None) -> str:
+async def agent_twiml(settings: Settings, context: CallContext, say: str | None = None) -> str:
     """The TwiML that hands a call to the agent, for Python host apps that build their own Twilio responses.
 
-    Answer a webhook with it, or pass it to ``calls.create(twiml=…)`` / ``calls(sid).update(twiml=…)``. The
-    parameters are signed with ``CALLBRIDGE_SECRET``, so the service that receives the stream must share it.
+    Answer a webhook with it, or pass it to ``calls(sid).update(twiml=…)``. The call's context goes to the record
+    in ``CALLBRIDGE_DATABASE_URL`` (the service that receives the stream reads it there, so both must share the
+    database) and the stream parameter, signed with ``CALLBRIDGE_SECRET`` (shared too), refers to it.
     """
     if settings.secret is None:
         raise ValueError("CALLBRIDGE_SECRET must be set: the stream parameters are signed with it")
+    if not context.call_sid:
+        raise ValueError("the context needs the call's SID: its record is where the service finds the context")
     signer = StreamParameterSigner(settings.secret.get_secret_value(), settings.stream_parameters_ttl_seconds)
+    store = await Store.open(settings.database_url)
+    try:
+        await store.record_call(
+            call_sid=context.call_sid,
+            direction=context.direction,
+            from_number=context.caller,
+            to_number=context.called,
+            agent=context.agent or "default",
+            status="in-progress",
+            context=_context_json(context),
+        )
+    finally:
+        await store.close()
     return _stream_twiml(settings, signer, context, say)
 
 
 def _stream_twiml(settings: Settings, signer: StreamParameterSigner, context: CallContext, say: str | None) -> str:
-    """``<Say>`` (optional) and ``<Connect><Stream>`` with this call's signed parameters."""
+    """``<Say>`` (optional) and ``<Connect><Stream>`` with this call's signed parameters; Twilio reports the
+    stream's start, stop and errors to ``/twilio/stream-status``."""
     parameters = signer.mint(context, time.time())
-    return connect_stream_twiml(settings.stream_url, parameters, say=say or settings.say_before_connect)
+    return connect_stream_twiml(
+        settings.stream_url,
+        parameters,
+        say=say or settings.say_before_connect,
+        status_callback=f"{settings.public_url}/twilio/stream-status",
+    )
 
 
 class CallServices:
@@ -126,6 +148,7 @@ class CallServices:
                 to_number=called,
                 agent=agent,
                 status="ringing",
+                context=_context_json(context),
             )
         return self.stream_twiml(context)
 
@@ -179,9 +202,9 @@ class CallServices:
             caller=context.caller or (existing.from_number if existing else None),
             called=context.called or (existing.to_number if existing else None),
         )
-        with self._twilio_errors():
-            await self._twilio().redirect(call_sid, self.stream_twiml(context, say))
-        return await self.store.record_call(
+        twilio = self._twilio()
+        # The context is on record before Twilio can connect the stream that will look for it.
+        record = await self.store.record_call(
             call_sid=call_sid,
             direction=existing.direction if existing else "inbound",
             from_number=context.caller,
@@ -190,10 +213,14 @@ class CallServices:
             status="in-progress",
             context=_context_json(context),
         )
+        with self._twilio_errors():
+            await twilio.redirect(call_sid, self.stream_twiml(context, say))
+        return record
 
-    async def authorize(self, session: CallSession) -> str | None:
-        """Refuse a stream whose parameters are replayed: onto a call that is over, onto another call (outbound
-        parameters are bound through the call record), or alongside a stream already live for the call."""
+    async def authorize(self, session: CallSession) -> CallContext | str | None:
+        """The call's context from its record, once the stream is known to be this call's: a stream whose
+        parameters are replayed onto a call that is over, onto another call (outbound parameters are bound
+        through the call record), or alongside a stream already live for the call is refused (a string)."""
         call_sid, context = session.call_sid, session.context
         if not call_sid or context is None:
             return "no call"
@@ -203,6 +230,7 @@ class CallServices:
             if context.binding is not None:
                 raise  # only the record can bind these parameters: without it the call is refused
             # Parameters bound to this call's SID need no record: a database outage must not turn callers away.
+            # The call goes on with the default agent.
             log.warning("call.authorize_without_record", call_sid=call_sid, error=f"{type(exc).__name__}: {exc}")
             return None
         if context.binding is not None:
@@ -214,7 +242,7 @@ class CallServices:
                 return "stream parameters belong to another call"
         if record is not None and record.ended_at is not None:
             return "the call is already over"
-        return None
+        return _context_of(record, call_sid) if record is not None else None
 
     async def fallback(self, call_sid: str) -> None:
         """The agent cannot go on: redirect the caller to the apology (and a human, when one is configured)."""
@@ -297,6 +325,40 @@ class CallServices:
     async def record_event(self, call_sid: str, kind: str, data: dict[str, Any]) -> None:
         await self.store.add_event(call_sid, kind, data)
 
+    async def stream_status(self, params: dict[str, str]) -> None:
+        """Twilio's ``<Stream statusCallback>``: ``stream-started``, ``stream-stopped`` or ``stream-error`` on the
+        call's record. An error is logged whether or not the call is known: a wrong stream URL shows up here."""
+        call_sid, stream_event = params.get("CallSid"), params.get("StreamEvent", "")
+        kind = {"stream-started": "stream_started", "stream-stopped": "stream_stopped", "stream-error": "stream_error"}
+        if stream_event not in kind:
+            log.warning("twilio.stream_status_unknown_event", call_sid=call_sid, stream_event=stream_event[:100])
+            return
+        data: dict[str, Any] = {
+            "stream_sid": params.get("StreamSid"),
+            "name": params.get("StreamName"),
+            "timestamp": params.get("Timestamp"),
+        }
+        if stream_event == "stream-error":
+            message = params.get("StreamError", "")
+            # Twilio's error codes are five digits (31920: the handshake was answered with something other than 101).
+            numbers = "".join(char if char.isdigit() else " " for char in message).split()
+            code = next((int(number) for number in numbers if len(number) == 5), None)
+            data |= {"message": message, "code": code}
+            log.error(
+                "twilio.stream_error", call_sid=call_sid, stream_sid=data["stream_sid"], code=code, message=message
+            )
+        else:
+            log.info(f"twilio.{kind[stream_event]}", call_sid=call_sid, stream_sid=data["stream_sid"])
+        if not call_sid:
+            return
+        try:
+            if await self.store.get_call(call_sid) is None:
+                log.warning("twilio.stream_status_unknown_call", call_sid=call_sid, stream_event=stream_event)
+                return
+            await self.store.add_event(call_sid, kind[stream_event], data)
+        except Exception as exc:  # an event the store cannot take is logged; Twilio has nothing to do about it
+            log.error("twilio.stream_status_failed", call_sid=call_sid, error=f"{type(exc).__name__}: {exc}")
+
     # --- post-call webhooks ------------------------------------------------------------------------------
 
     async def deliver_webhooks(self, poll_s: float = 1.0) -> None:
@@ -326,6 +388,27 @@ class CallServices:
             except Exception as exc:  # the outbox must outlive a transient database error
                 log.error("webhook.outbox_error", error=str(exc))
             await asyncio.sleep(poll_s)
+
+
+def _context_of(record: CallRecord, call_sid: str) -> CallContext:
+    """A call's context as its record keeps it (what the REST API or the webhook was given)."""
+    kept = record.context or {}
+    items = kept.get("items") or ()
+    metadata = kept.get("metadata")
+    return CallContext(
+        call_sid=call_sid,
+        direction="outbound" if record.direction == "outbound" else "inbound",
+        agent=kept.get("agent") or record.agent,
+        reference=kept.get("reference"),
+        caller=kept.get("caller") or record.from_number,
+        called=kept.get("called") or record.to_number,
+        name=kept.get("name"),
+        instructions=kept.get("instructions"),
+        greeting=kept.get("greeting"),
+        items=tuple(ContextItem(item["role"], item["text"]) for item in items if isinstance(item, dict)),
+        metadata=metadata if isinstance(metadata, dict) else {},
+        binding=kept.get("binding"),
+    )
 
 
 def _context_json(context: CallContext) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from callbridge.api.media_stream import MediaStreamEndpoint
 from callbridge.api.rest import router
 from callbridge.bridge import CallBridge, ContextResolver, RealtimeEndpoint, TwilioLink
 from callbridge.config import Settings
+from callbridge.core.context import CallContext
 from callbridge.core.session import CallSession, SessionConfig
 from callbridge.core.transcript import TranscriptLine, TranscriptSink
 from callbridge.metrics import Metrics
@@ -100,8 +101,10 @@ def create_app(
         verify_parameters=signer.verify,
         pre_ready_buffer_ms=settings.pre_ready_buffer_ms,
         hang_up_when_model_ends=settings.on_model_end == "hangup",
+        load_context=True,
         resolve_context=resolver is not None,
         reconnect_deadline_s=settings.realtime_reconnect_deadline_seconds,
+        ready_timeout_s=settings.realtime_ready_timeout_seconds,
         rollover_after_s=settings.realtime_rollover_seconds,
     )
     active_calls: dict[int, CallBridge] = {}
@@ -226,6 +229,14 @@ def create_app(
         await app.state.services.status_callback(params)
         return Response(status_code=204)
 
+    @app.post("/twilio/stream-status", include_in_schema=False)
+    async def twilio_stream_status(request: Request) -> Response:
+        params = await twilio_form(request, "/twilio/stream-status")
+        if params is None:
+            return Response("invalid Twilio signature", status_code=403, media_type="text/plain")
+        await app.state.services.stream_status(params)
+        return Response(status_code=204)
+
     def admit_stream(request: WSUpgradeRequest, client: str | None) -> str | None:
         """Before the upgrade is answered: a stream needs Twilio's signature and a process that takes calls."""
         if not signatures.valid(settings.stream_url, {}, request.headers.get("x-twilio-signature")):
@@ -241,7 +252,7 @@ def create_app(
         """An accepted stream: its call starts now, and runs in a task of its own until it ends."""
         services: CallServices = app.state.services
 
-        async def authorize(session: CallSession) -> str | None:
+        async def authorize(session: CallSession) -> CallContext | str | None:
             if any(
                 other is not bridge and other.session.call_sid == session.call_sid for other in active_calls.values()
             ):

@@ -25,9 +25,14 @@ class SendRealtime:
 
 @dataclass(frozen=True, slots=True)
 class OpenRealtime:
-    """Open the Realtime connection (after ``delay_s``): the call was admitted, or the connection is lost."""
+    """Open the Realtime connection (after ``delay_s``): the call was admitted, or the connection is lost.
+
+    ``replace``: the current connection is done with (a rollover, an expired session): close it now, so that its
+    closing is not taken for a loss.
+    """
 
     delay_s: float = 0.0
+    replace: bool = False
 
 
 @dataclass(frozen=True, slots=True)

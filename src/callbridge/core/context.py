@@ -12,14 +12,25 @@ class AgentConfig:
     """How the agent behaves on a call; mapped onto ``session.update`` by the session."""
 
     instructions: str = "You are a helpful phone agent. Keep answers short: this is a phone call."
-    model: str = "gpt-realtime"
+    model: str = "gpt-realtime-1.5"
     voice: str = "marin"
     greeting: str | None = None
     speaks_first: bool = True
     turn_detection: dict[str, Any] = field(default_factory=lambda: {"type": "server_vad"})
-    transcription_model: str | None = "gpt-4o-mini-transcribe"
+    """Server or semantic VAD as ``session.update`` takes it (``idle_timeout_ms`` included, for server VAD)."""
+    transcription_model: str | None = "gpt-transcribe"
+    transcription_language: str | None = None
+    transcription_prompt: str | None = None
+    noise_reduction: str | None = "far_field"
+    """``near_field`` or ``far_field`` input noise reduction; ``None`` leaves it off."""
+    speed: float | None = None
+    max_output_tokens: int | None = None
     tools: tuple[dict[str, Any], ...] = ()
-    tool_choice: str = "auto"
+    tool_choice: str | None = None
+    tool_filler_after_ms: int = 1500
+    """A tool still running this long: the model says a short filler once (0: never)."""
+    idle_hangup_after: int = 2
+    """Re-prompts of a silent caller (server VAD's ``idle_timeout_ms``) before the agent says goodbye."""
     builtin_tools: tuple[str, ...] = ()
     """Call-control tools the model may use: ``end_call``, ``transfer_call`` (opt-in per agent)."""
     transfer_number: str | None = None
@@ -37,6 +48,11 @@ class AgentConfig:
         (it would race the server's own cancel and earn ``response_cancel_not_active``).
         """
         return bool(self.turn_detection.get("interrupt_response", True))
+
+    @property
+    def idle_timeout_ms(self) -> int | None:
+        value = self.turn_detection.get("idle_timeout_ms")
+        return int(value) if value is not None else None
 
 
 BUILTIN_TOOLS: dict[str, dict[str, Any]] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from callbridge.core.context import CallContext
+from callbridge.core.usage import TokenUsage
 
 # --- Twilio Media Streams -------------------------------------------------------------------------------
 
@@ -78,6 +79,10 @@ class RealtimeConnected:
 @dataclass(frozen=True, slots=True)
 class RealtimeConnectFailed:
     reason: str
+    status: int | None = None
+    """The HTTP status of a refused handshake (401: the API key), if the server answered one."""
+    code: str = ""
+    """The ``error.code`` of the refusal's JSON body, if it had one (``invalid_api_key``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +92,10 @@ class RealtimeSessionCreated:
 
 @dataclass(frozen=True, slots=True)
 class RealtimeSessionUpdated:
-    pass
+    """The model confirmed the session's configuration; the formats are GA names (``audio/pcmu``)."""
+
+    input_format: str = "audio/pcmu"
+    output_format: str = "audio/pcmu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +119,12 @@ class RealtimeResponseCreated:
 class RealtimeResponseDone:
     response_id: str
     status: str
+    status_details: dict[str, str] | None = None
+    """For ``failed``, ``incomplete`` and ``cancelled``: ``type``, ``reason``, ``error_type``, ``error_code``,
+    ``error_message`` (the strings the server gave, flattened; absent ones left out)."""
+    usage: TokenUsage | None = None
+    output_item_ids: tuple[str, ...] = ()
+    """The assistant message items the response produced."""
 
 
 @dataclass(slots=True)  # not frozen: one is made per audio frame, and freezing costs 5x; never mutated
@@ -157,11 +171,20 @@ class RealtimeItemTruncated:
 
 
 @dataclass(frozen=True, slots=True)
+class RealtimeTimeoutTriggered:
+    """Server VAD's ``idle_timeout_ms`` passed with the caller silent: the model re-prompts them by itself."""
+
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class RealtimeError:
     code: str
     message: str
     event_id: str | None = None
+    """The client event the error answers, when the server names it."""
     error_type: str = ""
+    param: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +209,19 @@ class ToolFinished:
     call_id: str
     output: str
     ok: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: the driver's timer, set to :meth:`CallSession.next_deadline`, fired."""
+
+
+@dataclass(frozen=True, slots=True)
+class ContextLoaded:
+    """The call's context as the service keeps it (its record), loaded once the stream's reference was checked;
+    ``None``: the parameters' context stands."""
+
+    context: CallContext | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +277,19 @@ RealtimeEvent = (
     | RealtimeInputTranscriptionFailed
     | RealtimeFunctionCallDone
     | RealtimeItemTruncated
+    | RealtimeTimeoutTriggered
     | RealtimeError
     | RealtimeClosed
     | RealtimeOther
 )
-Event = TwilioEvent | RealtimeEvent | ToolFinished | ContextResolved | HangupRequested | EndRequested | CallRefused
+Event = (
+    TwilioEvent
+    | RealtimeEvent
+    | Tick
+    | ToolFinished
+    | ContextLoaded
+    | ContextResolved
+    | HangupRequested
+    | EndRequested
+    | CallRefused
+)

@@ -2,22 +2,34 @@
 
 ``CallSession.handle(event, now)`` takes one typed event from Twilio, the Realtime API or the driver, and returns
 the commands to perform, in order. It never touches a socket, a clock or a task: ``now`` is the driver's
-monotonic time in seconds. One session serves one call.
+monotonic time in seconds. Time itself is an event: the driver sets a timer for :meth:`CallSession.next_deadline`
+and hands the session a :class:`~callbridge.core.events.Tick` when it fires, so nothing waits for the caller's next
+audio frame to notice that time passed. One session serves one call.
 
 Phases::
 
-    awaiting_start --start ok--> connecting --session.updated--> live --stop/close--> ended
-          \\--start refused--------------------------------------------------------->/
+    awaiting_start --start ok--> connecting --session.updated (μ-law both ways)--> live --stop/close--> ended
+          \\--start refused--------------------------------------------------------------------------->/
+
+A session is live only once the model confirmed it: ``session.update`` goes out alone, and the conversation's
+seed items and the greeting follow its ``session.updated``. An error answering the update (matched by the
+``event_id`` every client event carries) ends the call with the fallback: the model would otherwise go on with
+its defaults, PCM16 at 24 kHz, which a phone plays as static. No agent audio reaches Twilio before then.
 
 Playback accounting. Every agent audio chunk sent to Twilio is followed by a mark named ``item_id:end_byte``.
 Twilio plays chunks in order and echoes each mark when its audio has played, so the head of the pending-mark
 queue is the chunk playing now; it started when the previous mark was echoed (or when it was sent, if the queue
 was empty). ``clear`` makes Twilio echo every pending mark at once: those echoes mean *flushed*, not played, so
 the session forgets the pending marks when it sends ``clear`` and ignores their echoes.
+
+Bounded state. A call may last an hour: what is settled (an agent item played or cut, recorded, its marks
+accounted; a response done) is dropped, so nothing the session scans per event grows with the call's length.
 """
 
 from __future__ import annotations
 
+import binascii
+import dataclasses
 import itertools
 import json
 from collections import deque
@@ -48,6 +60,7 @@ from callbridge.core.context import (
     merge_context,
 )
 from callbridge.core.transcript import TranscriptLine, cut_to_heard
+from callbridge.core.usage import TokenUsage
 
 BYTES_PER_MS = 8  # G.711 μ-law, 8 kHz, one byte per sample
 BYTES_PER_SECOND = 8000
@@ -56,9 +69,28 @@ MARK_EVERY_BYTES = 100 * BYTES_PER_MS
 of a response): what the caller heard is the last echoed mark plus the time the next chunk has been playing, so the
 truncation point stays as precise as one mark per 20 ms delta made it, while the model's smallest deltas cost
 Twilio one message each instead of two (and the caller's side one echo in five)."""
+COALESCE_BYTES = 40 * BYTES_PER_MS
+COALESCE_HOLD_S = 0.020
+"""Agent deltas shorter than 40 ms are joined into chunks of up to 40 ms before they go to Twilio (steady chunks
+play without stutter), but no audio is held longer than one 20 ms frame: the timer flushes what is held."""
 GOODBYE_LIMIT_S = 15.0
-"""After ``end_call`` or ``transfer_call``, the call ends or moves on by then even if the goodbye is never said
-or its playback never confirmed: a silent model must not hold a caller on the line."""
+"""After ``end_call``, ``transfer_call`` or an idle caller's last re-prompt, the call ends or moves on by then even
+if the goodbye is never said or its playback never confirmed: a silent model must not hold a caller on the line."""
+ROLLOVER_HARD_STOP_S = 240.0
+"""A rollover waits for a quiet moment; past this much longer it happens between two agent turns anyway."""
+HISTORY_CHARS = 24_000
+"""The conversation replayed into a new model session keeps its most recent lines up to this many characters."""
+TIMER_SLACK_S = 0.001
+"""A timer may fire a hair before its deadline (the event loop's clock resolution)."""
+UNTRANSCRIBED_TURN = "[The caller spoke here; what they said was not transcribed.]"
+TOOL_FILLER = "One moment while I check."
+FATAL_ERRORS = {
+    "beta_api_shape_disabled": "realtime_beta_refused",
+    "invalid_api_key": "realtime_auth_failed",
+    "insufficient_quota": "realtime_quota_exceeded",
+    "model_not_found": "realtime_model_not_found",
+}
+"""Errors a retry cannot fix, and the end reason of a call that meets one: it goes to the fallback at once."""
 
 Phase = Literal["awaiting_start", "connecting", "live", "ended"]
 
@@ -72,17 +104,21 @@ def b64_audio_bytes(b64: str) -> int:
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     agent: AgentConfig
-    """The default agent; ``agents`` holds the others, chosen by the ``agent`` of the signed parameters."""
+    """The default agent; ``agents`` holds the others, chosen by the ``agent`` of the call's context."""
     verify_parameters: ParameterVerifier
     pre_ready_buffer_ms: int = 5000
     hang_up_when_model_ends: bool = False
     agents: Mapping[str, AgentConfig] = field(default_factory=dict)
+    load_context: bool = False
+    """The stream's parameters carry only a reference: wait for the call's context (``ContextLoaded``)."""
     resolve_context: bool = False
     """Ask the host application for context (in parallel with opening the Realtime connection)."""
     reconnect_delays_s: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     """Backoff of the attempts to (re)connect when the model's connection fails or is lost; then the fallback."""
     reconnect_deadline_s: float = 10.0
     """No new attempt starts this long after the model was lost: the caller gets the fallback instead."""
+    ready_timeout_s: float = 8.0
+    """From the stream's start (or a model session's replacement) to a confirmed session; then the fallback."""
     rollover_after_s: float | None = 55 * 60
     """Replace the model's session by a fresh one (with the conversation) at the first quiet moment after this
     long, before the provider's session limit (60 minutes for OpenAI) cuts it mid-sentence."""
@@ -105,13 +141,14 @@ class _AgentItem:
     item_id: str
     response_id: str
     received_bytes: int = 0
+    forwarded_bytes: int = 0  # sent to Twilio (the rest is held for coalescing, or was never sent)
     played_bytes: int = 0
     started_at: float | None = None  # when its first audio began to play at the caller
     interrupted: bool = False
     heard_bytes: int | None = None  # fixed at interruption
     transcript: str | None = None
     response_done: bool = False
-    recorded: bool = False
+    recorded: bool = False  # its transcript line is written, or it was decided it has none
 
 
 @dataclass(slots=True)
@@ -127,10 +164,17 @@ class SessionStats:
     frames_before_start: int = 0
     deltas_out: int = 0
     deltas_dropped: int = 0
+    deltas_unconfirmed: int = 0
+    """Agent audio that arrived while the model's session was not confirmed: dropped, never played."""
+    media_out: int = 0
+    """Audio messages sent to Twilio (deltas shorter than 40 ms are joined)."""
     barge_ins: int = 0
     truncations: int = 0
+    deletions: int = 0
     cancels: int = 0
     tool_calls: int = 0
+    responses_failed: int = 0
+    responses_incomplete: int = 0
     realtime_errors: int = 0
     protocol_errors: int = 0
 
@@ -155,37 +199,59 @@ class CallSession:
         self.agent: AgentConfig = config.agent
         self.end_reason: str | None = None
         self.stats = SessionStats()
+        self.usage = TokenUsage()
 
         self._t0 = 0.0
+        self._deadline: float | None = None
         self._event_ids = itertools.count(1)
+        self._control_events: dict[str, str] = {}  # event_id → type of the recent client events other than audio
         self._buffer = _Pending()
         self._audio_offset_ms: int | None = None  # stream time of the first frame the model received
+        self._context_loaded = not config.load_context
+        self._context_ready = not config.resolve_context
         self._configured = False
+        self._session_update_id: str | None = None
+        self._ready_by: float | None = None  # the model's session must be confirmed by then
+        self._ready_reason = "realtime_not_ready"
         self._attempt = 0  # failed (re)connection attempts since the model was last ready
         self._outage_since: float | None = None  # when the model was lost (None while it is there)
         self._realtime_since = 0.0  # when the current model session was connected
-        self._history: list[tuple[str, str]] = []  # (speaker, text) of every line so far, replayed on reconnect
+        self._rollover_at: float | None = None
+        self._history: deque[tuple[str, str]] = deque()  # (speaker, text), replayed into a new model session
+        self._history_chars = 0
         self._realtime_connected = False
-        self._context_ready = not config.resolve_context
-        self._closing: tuple[str, str | None] | None = None  # (end reason, transfer number) once a tool asked
+        self._closing: tuple[str, str | None] | None = None  # (end reason, transfer number) once decided
         self._closing_response: str | None = None  # the goodbye response
         self._closing_stage: Literal["", "awaiting_goodbye", "goodbye"] = ""
         self._closing_since = 0.0
+        self._next_instructions: str | None = None  # for the next response.create the session sends
 
         self._active_response: str | None = None
         self._interrupted_responses: set[str] = set()
-        self._items: dict[str, _AgentItem] = {}
+        self._responses_with_audio: set[str] = set()
+        self._greeting_request: dict[str, Any] | None = None  # until a response with audio completes
+        self._retried_failure = False
+        self._items: dict[str, _AgentItem] = {}  # agent items not yet settled
         self._current_item: _AgentItem | None = None
-        self._dropped_items: set[str] = set()
+        self._dropped_items: dict[str, str] = {}  # item id → response id: late audio of these is dropped
+        self._deleted_items: set[str] = set()  # deleted from the model's conversation (until its response is done)
 
         self._pending_marks: deque[_PendingMark] = deque()
         self._open_chunk: _PendingMark | None = None  # the last pending chunk while its mark is not yet sent
         self._flushed_marks: set[str] = set()
         self._head_started_at = 0.0
+        self._held: list[str] = []  # agent deltas held for coalescing, all of ``_held_item``
+        self._held_item: _AgentItem | None = None
+        self._held_bytes = 0
+        self._held_since = 0.0
 
         self._caller_turns: dict[str, _CallerTurn] = {}
+        self._idle_prompts = 0  # re-prompts of a silent caller since they last spoke
+        self._idle_goodbye = False  # the next response the server starts by itself is replaced by a goodbye
 
         self._running_tools: dict[str, tuple[str, str]] = {}  # call id → (name, arguments)
+        self._tools_since: float | None = None  # when the oldest running tool started
+        self._filler_said = False
         self._turn_ended_at: float | None = None  # when the caller last stopped speaking, until the agent answers
         self._needs_response = False
 
@@ -200,7 +266,24 @@ class CallSession:
             return self._on_media(event, now)
         if type(event) is ev.RealtimeAudioDelta:
             return self._on_audio_delta(event, now)
+        commands = self._on_control(event, now)
+        if self.phase == "live" and self._rollover_at is not None and now >= self._rollover_at:
+            commands += self._maybe_rollover(now)
+        self._update_deadline(now)
+        return commands
+
+    def next_deadline(self) -> float | None:
+        """When the session next needs a :class:`~callbridge.core.events.Tick` (driver's monotonic time), if ever."""
+        return self._deadline
+
+    def played_ms(self, item_id: str, now: float) -> int:
+        """How much of an agent item the caller has heard, in ms (mark-confirmed, interpolated within a chunk)."""
+        return self._played_bytes(item_id, now) // BYTES_PER_MS
+
+    def _on_control(self, event: ev.Event, now: float) -> list[Command]:
         match event:
+            case ev.Tick():
+                return self._on_tick(now)
             case ev.TwilioConnected():
                 return []
             case ev.TwilioStart():
@@ -220,24 +303,20 @@ class CallSession:
                 self._realtime_connected = True
                 self._realtime_since = now
                 return self._maybe_configure()
+            case ev.ContextLoaded():
+                return self._on_context_loaded(event)
             case ev.ContextResolved():
                 return self._on_context_resolved(event)
             case ev.RealtimeConnectFailed():
-                log = Log("realtime.connect_failed", "warning", {"reason": event.reason, "attempt": self._attempt})
-                return [log, *self._retry("realtime_unavailable", now)]
+                return self._on_connect_failed(event, now)
             case ev.RealtimeSessionUpdated():
-                return self._on_session_updated()
+                return self._on_session_updated(event, now)
             case ev.RealtimeSpeechStarted():
                 return self._on_speech_started(event, now)
             case ev.RealtimeSpeechStopped():
-                self._caller_turns.setdefault(event.item_id, _CallerTurn()).end_ms = event.audio_end_ms
-                self._turn_ended_at = now
-                return []
+                return self._on_speech_stopped(event, now)
             case ev.RealtimeResponseCreated():
-                self._active_response = event.response_id
-                if self._closing_stage == "awaiting_goodbye" and self._closing_response is None:
-                    self._closing_response = event.response_id
-                return []
+                return self._on_response_created(event, now)
             case ev.RealtimeResponseDone():
                 return self._on_response_done(event, now)
             case ev.RealtimeAudioTranscriptDone():
@@ -246,19 +325,17 @@ class CallSession:
                 return self._caller_line(event.item_id, event.transcript, failed=False)
             case ev.RealtimeInputTranscriptionFailed():
                 return [
-                    Log(
-                        "transcription.failed",
-                        "warning",
-                        {"item_id": event.item_id, "message": event.message},
-                    ),
+                    Log("transcription.failed", "warning", {"item_id": event.item_id, "message": event.message}),
                     *self._caller_line(event.item_id, "", failed=True),
                 ]
+            case ev.RealtimeTimeoutTriggered():
+                return self._on_idle_timeout()
             case ev.RealtimeFunctionCallDone():
                 return self._on_function_call(event, now)
             case ev.ToolFinished():
                 return self._on_tool_finished(event)
             case ev.RealtimeError():
-                return self._on_realtime_error(event)
+                return self._on_realtime_error(event, now)
             case ev.RealtimeClosed():
                 log = Log("realtime.closed", "warning", {"code": event.code, "reason": event.reason})
                 if self.phase != "live":
@@ -278,9 +355,58 @@ class CallSession:
                 return []
         return []  # pragma: no cover - exhaustive match
 
-    def played_ms(self, item_id: str, now: float) -> int:
-        """How much of an agent item the caller has heard, in ms (mark-confirmed, interpolated within a chunk)."""
-        return self._played_bytes(item_id, now) // BYTES_PER_MS
+    # ------------------------------------------------------------------------------------------------ time
+
+    def _update_deadline(self, now: float) -> None:
+        """Recompute :meth:`next_deadline` from every timer the session has running."""
+        if self.phase == "ended":
+            self._deadline = None
+            return
+        deadlines: list[float] = []
+        if self.phase == "connecting" and self._ready_by is not None:
+            deadlines.append(self._ready_by)
+        if self._held:
+            deadlines.append(self._held_since + COALESCE_HOLD_S)
+        if self._closing is not None:
+            deadlines.append(self._closing_since + GOODBYE_LIMIT_S)
+        if self.phase == "live" and self._rollover_at is not None:
+            if now < self._rollover_at:
+                deadlines.append(self._rollover_at)
+            elif now < self._rollover_at + ROLLOVER_HARD_STOP_S:
+                deadlines.append(self._rollover_at + ROLLOVER_HARD_STOP_S)
+        filler_after = self.agent.tool_filler_after_ms / 1000
+        if self._tools_since is not None and filler_after > 0 and not self._filler_said:
+            deadlines.append(self._tools_since + filler_after)
+        self._deadline = min(deadlines) if deadlines else None
+
+    def _on_tick(self, now: float) -> list[Command]:
+        due = now + TIMER_SLACK_S
+        if self.phase == "connecting" and self._ready_by is not None and due >= self._ready_by:
+            return self._not_ready(now)
+        commands: list[Command] = []
+        if self._held and due >= self._held_since + COALESCE_HOLD_S:
+            commands += self._flush_held(now)
+        if self._closing is not None and due >= self._closing_since + GOODBYE_LIMIT_S:
+            return [*commands, *self._goodbye_overdue(now)]
+        filler_after = self.agent.tool_filler_after_ms / 1000
+        if (
+            self._tools_since is not None
+            and filler_after > 0
+            and not self._filler_said
+            and due >= self._tools_since + filler_after
+        ):
+            commands += self._tool_filler()
+        return commands
+
+    def _not_ready(self, now: float) -> list[Command]:
+        """The model's session was not confirmed in time: the caller gets the fallback, not more silence."""
+        waited_s = round(self.config.ready_timeout_s, 3)
+        data = {"waited_s": waited_s, "connected": self._realtime_connected, "configured": self._configured}
+        return [
+            Log("realtime.not_ready", "error", data),
+            RecordEvent("realtime_not_ready", data),
+            *self._end(self._ready_reason, now, hang_up=self.config.hang_up_when_model_ends, fallback=True),
+        ]
 
     # ------------------------------------------------------------------------------------------------ Twilio
 
@@ -301,14 +427,29 @@ class CallSession:
         except ParameterError as exc:
             return self._refuse(str(exc), now)
         self.phase = "connecting"
-        self.agent = self.config.agents.get(self.context.agent or "", self.config.agent)
-        commands: list[Command] = [
-            Log("call.admitted", "info", {"caller": self.context.caller, "agent": self.agent.name}),
-            OpenRealtime(),
-        ]
-        if self.config.resolve_context:
-            commands.append(ResolveContext(self.context))
+        self._ready_by = now + self.config.ready_timeout_s
+        commands: list[Command] = [OpenRealtime()]
+        if self._context_loaded:  # the parameters' context is the call's context
+            commands = [*self._context_known(), *commands]
         return commands
+
+    def _context_known(self) -> list[Command]:
+        """The call's context is settled: choose its agent, and ask the host application for more if configured."""
+        context = self.context or CallContext()
+        self.agent = self.config.agents.get(context.agent or "", self.config.agent)
+        commands: list[Command] = [Log("call.admitted", "info", {"caller": context.caller, "agent": self.agent.name})]
+        if self.config.resolve_context:
+            commands.append(ResolveContext(context))
+        return commands
+
+    def _on_context_loaded(self, event: ev.ContextLoaded) -> list[Command]:
+        if self._context_loaded or self.phase != "connecting":
+            return []
+        self._context_loaded = True
+        signed = self.context or CallContext()
+        if event.context is not None:  # the record's context, bound to what the parameters proved
+            self.context = dataclasses.replace(event.context, call_sid=signed.call_sid, binding=signed.binding)
+        return [*self._context_known(), *self._maybe_configure()]
 
     def _refuse(self, why: str, now: float) -> list[Command]:
         return [
@@ -328,12 +469,12 @@ class CallSession:
             return self._buffer_frame(event)
         if self._audio_offset_ms is None:
             self._audio_offset_ms = event.timestamp_ms
-        append = SendRealtime({"type": "input_audio_buffer.append", "audio": event.payload})
-        if self._closing is not None and now - self._closing_since >= GOODBYE_LIMIT_S:
-            return [append, *self._goodbye_overdue(now)]
-        if self._rollover_due(now):
-            return [append, *self._rollover(now)]
-        return [append]
+        return [self._append(event.payload)]
+
+    def _append(self, payload: str) -> SendRealtime:
+        return SendRealtime(
+            {"type": "input_audio_buffer.append", "event_id": f"cb_{next(self._event_ids)}", "audio": payload}
+        )
 
     def _buffer_frame(self, event: ev.TwilioMedia) -> list[Command]:
         buffer = self._buffer
@@ -370,25 +511,32 @@ class CallSession:
             head = self._items.get(self._pending_marks[0].item_id)
             if head is not None and head.started_at is None:
                 head.started_at = now
-        return [*self._record_settled_agent_lines(now), *self._close_after_goodbye(now)]
+        return [*self._settle_agent_items(now), *self._close_after_goodbye(now)]
 
     def _on_dtmf(self, event: ev.TwilioDtmf) -> list[Command]:
         """A key press reaches the model as a conversation item, and the application as an event."""
         if self.phase != "live":
             return [Log("twilio.dtmf_ignored", "info", {"digit": event.digit})]
         self._needs_response = True  # a caller who presses a key waits for an answer without speaking
+        self._idle_prompts = 0
         note = _message("user", f"[The caller pressed the key {event.digit} on their keypad.]")
         return [
             Log("twilio.dtmf", "info", {"digit": event.digit}),
             RecordEvent("dtmf", {"digit": event.digit}),
-            SendRealtime({"type": "conversation.item.create", "event_id": self._event_id(), "item": note}),
+            self._send("conversation.item.create", item=note),
             *self._continue_after_tools(),
         ]
 
     # ------------------------------------------------------------------------------------------------ Realtime
 
-    def _event_id(self) -> str:
-        return f"cb_{next(self._event_ids)}"
+    def _send(self, kind: str, **fields: Any) -> SendRealtime:
+        """A client event with its own ``event_id``, remembered for a while so that an error can name its cause."""
+        event_id = f"cb_{next(self._event_ids)}"
+        recent = self._control_events
+        recent[event_id] = kind
+        if len(recent) > 64:
+            del recent[next(iter(recent))]
+        return SendRealtime({"type": kind, "event_id": event_id, **fields})
 
     def _on_context_resolved(self, event: ev.ContextResolved) -> list[Command]:
         if self._context_ready:
@@ -398,43 +546,95 @@ class CallSession:
         return self._maybe_configure()
 
     def _maybe_configure(self) -> list[Command]:
-        """Configure the model once it is connected and the call's context is known (the two run in parallel)."""
-        if self.phase != "connecting" or self._configured or not (self._realtime_connected and self._context_ready):
+        """Configure the model once it is connected and the call's context is known (they are found in parallel).
+
+        Only ``session.update`` goes now: the conversation and the greeting wait for the model to confirm it.
+        """
+        if (
+            self.phase != "connecting"
+            or self._configured
+            or not (self._realtime_connected and self._context_loaded and self._context_ready)
+        ):
             return []
         self._configured = True
-        agent, context = self.agent, self.context or CallContext()
-        commands: list[Command] = [SendRealtime(self._session_update(agent, context))]
-        items = self._seed_items(context)
-        items += [_message("user" if who == "caller" else "assistant", text) for who, text in self._history]
-        for item in items:
-            commands.append(
-                SendRealtime({"type": "conversation.item.create", "event_id": self._event_id(), "item": item})
-            )
-        if agent.speaks_first and not self._history:  # after a reconnect the conversation goes on, no new greeting
-            commands.append(SendRealtime(self._greeting(agent, context)))
-        return commands
+        update = self._session_update(self.agent, self.context or CallContext())
+        self._session_update_id = update.event["event_id"]
+        return [update]
 
-    def _session_update(self, agent: AgentConfig, context: CallContext) -> dict[str, Any]:
+    def _session_update(self, agent: AgentConfig, context: CallContext) -> SendRealtime:
         audio_input: dict[str, Any] = {
             "format": {"type": "audio/pcmu"},
             "turn_detection": agent.turn_detection,
         }
+        if agent.noise_reduction:
+            audio_input["noise_reduction"] = {"type": agent.noise_reduction}
         if agent.transcription_model:
-            audio_input["transcription"] = {"model": agent.transcription_model}
+            transcription: dict[str, Any] = {"model": agent.transcription_model}
+            if agent.transcription_language:
+                transcription["language"] = agent.transcription_language
+            if agent.transcription_prompt:
+                transcription["prompt"] = agent.transcription_prompt
+            audio_input["transcription"] = transcription
+        audio_output: dict[str, Any] = {"format": {"type": "audio/pcmu"}, "voice": agent.voice}
+        if agent.speed is not None:
+            audio_output["speed"] = agent.speed
         session: dict[str, Any] = {
             "type": "realtime",
             "model": agent.model,
             "output_modalities": ["audio"],
             "instructions": context.instructions or agent.instructions,
-            "audio": {
-                "input": audio_input,
-                "output": {"format": {"type": "audio/pcmu"}, "voice": agent.voice},
-            },
+            "audio": {"input": audio_input, "output": audio_output},
         }
+        if agent.max_output_tokens is not None:
+            session["max_output_tokens"] = agent.max_output_tokens
         if agent.all_tools:
             session["tools"] = agent.all_tools
-            session["tool_choice"] = agent.tool_choice
-        return {"type": "session.update", "event_id": self._event_id(), "session": session}
+            if agent.tool_choice:
+                session["tool_choice"] = agent.tool_choice
+        return self._send("session.update", session=session)
+
+    def _on_session_updated(self, event: ev.RealtimeSessionUpdated, now: float) -> list[Command]:
+        """The model confirmed the configuration: the call goes live, if the audio is what a phone carries."""
+        if self.phase != "connecting" or not self._configured:
+            return []
+        if event.input_format != "audio/pcmu" or event.output_format != "audio/pcmu":
+            formats = f"input {event.input_format}, output {event.output_format}"
+            return self._session_rejected(
+                "unsupported_audio_format", f"the session's audio is {formats}, not audio/pcmu", "session.audio", now
+            )
+        self.phase = "live"
+        self._attempt = 0
+        self._outage_since = None
+        self._ready_by = None
+        if self.config.rollover_after_s is not None:
+            self._rollover_at = self._realtime_since + self.config.rollover_after_s
+        agent, context = self.agent, self.context or CallContext()
+        commands: list[Command] = []
+        items = self._seed_items(context)
+        items += [self._history_item(who, text) for who, text in self._history]
+        commands += [self._send("conversation.item.create", item=item) for item in items]
+        if agent.speaks_first and not self._history:  # after a reconnect the conversation goes on, no new greeting
+            self._greeting_request = self._greeting(agent, context)
+            commands.append(self._response_create(self._greeting_request))
+        frames = self._buffer.frames
+        if frames:
+            self._audio_offset_ms = frames[0].timestamp_ms
+        buffered = len(frames)
+        while frames:
+            commands.append(self._append(frames.popleft().payload))
+        self._buffer.bytes = 0
+        commands.append(Log("realtime.ready", "info", {"buffered_frames": buffered}))
+        return commands
+
+    def _session_rejected(self, code: str, message: str, param: str | None, now: float) -> list[Command]:
+        """The model refused the configuration: the same one would be refused again, so the caller gets the
+        fallback at once (the model would otherwise go on with its defaults, whose audio a phone plays as noise)."""
+        data = {"code": code, "message": message, "param": param}
+        return [
+            Log("realtime.session_rejected", "error", data),
+            RecordEvent("realtime_session_rejected", data),
+            *self._end("realtime_session_rejected", now, hang_up=self.config.hang_up_when_model_ends, fallback=True),
+        ]
 
     @staticmethod
     def _seed_items(context: CallContext) -> list[dict[str, Any]]:
@@ -448,33 +648,40 @@ class CallSession:
         items.extend(_message(item.role, item.text) for item in context.items)
         return items
 
-    def _greeting(self, agent: AgentConfig, context: CallContext) -> dict[str, Any]:
-        event: dict[str, Any] = {"type": "response.create", "event_id": self._event_id()}
-        greeting = context.greeting or agent.greeting
-        if greeting:
-            instructions = context.instructions or agent.instructions
-            event["response"] = {
-                "instructions": f"{instructions}\n\nStart the call now by saying exactly: {greeting}",
-            }
-        return event
+    @staticmethod
+    def _history_item(speaker: str, text: str) -> dict[str, Any]:
+        if speaker == "agent":
+            return _message("assistant", text)
+        return _message("user", text or UNTRANSCRIBED_TURN)
 
-    def _on_session_updated(self) -> list[Command]:
-        if self.phase != "connecting":
-            return []
-        self.phase = "live"
-        self._attempt = 0
-        self._outage_since = None
-        commands: list[Command] = []
-        frames = self._buffer.frames
-        if frames:
-            self._audio_offset_ms = frames[0].timestamp_ms
-        while frames:
-            commands.append(SendRealtime({"type": "input_audio_buffer.append", "audio": frames.popleft().payload}))
-        self._buffer.bytes = 0
-        commands.append(Log("realtime.ready", "info", {"buffered_frames": len(commands)}))
-        return commands
+    def _remember(self, speaker: str, text: str) -> None:
+        """Keep a line for the replay into a new model session, within :data:`HISTORY_CHARS`."""
+        self._history.append((speaker, text))
+        self._history_chars += len(text) or len(UNTRANSCRIBED_TURN)
+        while self._history_chars > HISTORY_CHARS and len(self._history) > 1:
+            _, old = self._history.popleft()
+            self._history_chars -= len(old) or len(UNTRANSCRIBED_TURN)
+
+    @staticmethod
+    def _greeting(agent: AgentConfig, context: CallContext) -> dict[str, Any]:
+        """The body of the greeting's ``response.create`` (empty: the model greets as its instructions say)."""
+        greeting = context.greeting or agent.greeting
+        if not greeting:
+            return {}
+        instructions = context.instructions or agent.instructions
+        return {"instructions": f"{instructions}\n\nStart the call now by saying exactly: {greeting}"}
+
+    def _response_create(self, response: dict[str, Any] | None = None) -> SendRealtime:
+        if response:
+            return self._send("response.create", response=response)
+        return self._send("response.create")
+
+    # ------------------------------------------------------------------------------------------------ agent audio
 
     def _on_audio_delta(self, event: ev.RealtimeAudioDelta, now: float) -> list[Command]:
+        if self.phase != "live":  # never play audio of a session the model has not confirmed
+            self.stats.deltas_unconfirmed += 1
+            return []
         if (
             event.item_id in self._dropped_items
             or event.response_id in self._interrupted_responses
@@ -487,25 +694,86 @@ class CallSession:
         if item is None:
             item = self._items[event.item_id] = _AgentItem(event.item_id, event.response_id)
             self._current_item = item
+            self._responses_with_audio.add(event.response_id)
             if self._turn_ended_at is not None:  # the agent's first audio after the caller's turn
                 commands.append(Measure("turn_latency_s", now - self._turn_ended_at))
                 self._turn_ended_at = None
-        start = item.received_bytes
-        item.received_bytes += b64_audio_bytes(event.delta)
+        size = b64_audio_bytes(event.delta)
+        item.received_bytes += size
+        self.stats.deltas_out += 1
+        held = self._held
+        if not held:
+            if size >= COALESCE_BYTES:
+                commands += self._forward(item, event.delta, size, now)
+                return commands
+            self._held_item = item
+            self._held_since = now
+            hold_until = now + COALESCE_HOLD_S
+            if self._deadline is None or hold_until < self._deadline:
+                self._deadline = hold_until
+        elif self._held_item is not item or size >= COALESCE_BYTES:
+            commands += self._flush_held(now)
+            return commands + self._on_more_audio(item, event.delta, size, now)
+        held.append(event.delta)
+        self._held_bytes += size
+        if self._held_bytes >= COALESCE_BYTES:
+            commands += self._flush_held(now)
+        return commands
+
+    def _on_more_audio(self, item: _AgentItem, delta: str, size: int, now: float) -> list[Command]:
+        """A delta after what was held was flushed: forward it, or start holding again."""
+        if size >= COALESCE_BYTES:
+            return self._forward(item, delta, size, now)
+        self._held.append(delta)
+        self._held_item = item
+        self._held_bytes = size
+        self._held_since = now
+        self._update_deadline(now)
+        return []
+
+    def _flush_held(self, now: float) -> list[Command]:
+        """Send the held deltas to Twilio as one chunk."""
+        item, held, size = self._held_item, self._held, self._held_bytes
+        if item is None or not held:
+            return []
+        self._held = []
+        self._held_item = None
+        self._held_bytes = 0
+        if self._deadline == self._held_since + COALESCE_HOLD_S:
+            self._update_deadline(now)
+        if len(held) == 1:
+            return self._forward(item, held[0], size, now)
+        # Base64 pieces do not concatenate unless each is a multiple of 3 bytes long: join the bytes.
+        joined = binascii.b2a_base64(b"".join(binascii.a2b_base64(piece) for piece in held), newline=False)
+        return self._forward(item, joined.decode("ascii"), size, now)
+
+    def _discard_held(self, now: float) -> None:
+        """Drop what is held (the caller interrupted): it was never sent, so it was never heard."""
+        if self._held:
+            self._held = []
+            self._held_item = None
+            self._held_bytes = 0
+            self._update_deadline(now)
+
+    def _forward(self, item: _AgentItem, payload: str, size: int, now: float) -> list[Command]:
+        """Send agent audio to Twilio, and the mark that will say when it has played."""
+        commands: list[Command] = []
         if not self._pending_marks:  # Twilio's queue is empty: this chunk starts playing now
             self._head_started_at = now
             if item.started_at is None:
                 item.started_at = now
+        start = item.forwarded_bytes
+        item.forwarded_bytes += size
         chunk = self._open_chunk
         if chunk is not None and chunk.item_id != item.item_id:
             commands.extend(self._send_mark())
             chunk = None
         if chunk is None:
-            chunk = self._open_chunk = _PendingMark("", item.item_id, start, item.received_bytes)
+            chunk = self._open_chunk = _PendingMark("", item.item_id, start, item.forwarded_bytes)
             self._pending_marks.append(chunk)
-        chunk.end_byte = item.received_bytes
-        self.stats.deltas_out += 1
-        commands.append(SendTwilio({"event": "media", "streamSid": self.stream_sid, "media": {"payload": event.delta}}))
+        chunk.end_byte = item.forwarded_bytes
+        self.stats.media_out += 1
+        commands.append(SendTwilio({"event": "media", "streamSid": self.stream_sid, "media": {"payload": payload}}))
         if chunk.end_byte - chunk.start_byte >= MARK_EVERY_BYTES:
             commands.extend(self._send_mark())
         return commands
@@ -528,90 +796,195 @@ class CallSession:
             return max(item.played_bytes, head.start_byte + min(elapsed, head.end_byte - head.start_byte))
         return item.played_bytes
 
+    # ------------------------------------------------------------------------------------------------ turns
+
     def _on_speech_started(self, event: ev.RealtimeSpeechStarted, now: float) -> list[Command]:
-        self._caller_turns[event.item_id] = _CallerTurn(start_ms=event.audio_start_ms)
+        turns = self._caller_turns
+        turns[event.item_id] = _CallerTurn(start_ms=event.audio_start_ms)
+        if len(turns) > 32:  # turns whose transcription never came
+            del turns[next(iter(turns))]
+        self._idle_prompts = 0
+        self._idle_goodbye = False
         active = self._active_response
         fresh_response = active is not None and active not in self._interrupted_responses
-        if not self._pending_marks and not fresh_response:
+        if not self._pending_marks and not self._held and not fresh_response:
             return []  # nothing is playing or being generated: an ordinary turn
         self.stats.barge_ins += 1
+        playing = self._pending_marks[0].item_id if self._pending_marks else None
+        heard = {item_id: self._played_bytes(item_id, now) for item_id in self._items}
         commands: list[Command] = []
-        item = self._current_item
-        heard = self._played_bytes(item.item_id, now) if item is not None else 0
         if self._pending_marks:
             commands.append(SendTwilio({"event": "clear", "streamSid": self.stream_sid}))
             self._flushed_marks.update(mark.name for mark in self._pending_marks if mark.name)
+            if len(self._flushed_marks) > 4096:  # echoes Twilio never sent
+                self._flushed_marks.clear()
             self._pending_marks.clear()
             self._open_chunk = None  # never marked: Twilio has nothing to echo for it
+        self._discard_held(now)
         if active is not None and fresh_response:
             self._interrupted_responses.add(active)  # its late deltas must not reach the caller
             if not self.agent.server_cancels_on_speech:
                 self.stats.cancels += 1
-                commands.append(SendRealtime({"type": "response.cancel", "event_id": self._event_id()}))
-        if item is not None and not item.interrupted and (heard < item.received_bytes or item.response_id == active):
-            commands.extend(self._truncate(item, heard, now))
-        heard_ms = heard // BYTES_PER_MS
-        data = {"heard_ms": heard_ms, "item_id": item.item_id if item else None}
-        commands += [Log("barge_in", "info", {"heard_ms": heard_ms}), RecordEvent("barge_in", data)]
+                commands.append(self._send("response.cancel"))
+        taken_back: list[dict[str, Any]] = []
+        for item in list(self._items.values()):
+            if item.interrupted:
+                continue
+            still_coming = item.response_id == active and item is self._current_item
+            if heard[item.item_id] >= item.received_bytes and not still_coming:
+                continue  # the caller heard all of it
+            commands += self._take_back(item, heard[item.item_id], now)
+            taken_back.append({"item_id": item.item_id, "heard_ms": (item.heard_bytes or 0) // BYTES_PER_MS})
+        heard_ms = heard.get(playing, 0) // BYTES_PER_MS if playing else 0
+        data = {"heard_ms": heard_ms, "item_id": playing, "items": taken_back}
+        commands += [Log("barge_in", "info", {"heard_ms": heard_ms, "items": len(taken_back)})]
+        commands.append(RecordEvent("barge_in", data))
+        commands += self._settle_agent_items(now)
         return commands
 
-    def _truncate(self, item: _AgentItem, heard: int, now: float) -> list[Command]:
-        """Cut an interrupted item to what the caller heard, on the server and in the transcript.
+    def _take_back(self, item: _AgentItem, heard: int, now: float) -> list[Command]:
+        """Leave in the model's conversation only what the caller heard of an interrupted item.
 
-        Skipped when nothing was heard, not even a millisecond (there is nothing to keep, and an item cannot be
-        truncated to no audio) and when everything was heard of a finished item. While the response still streams, the
-        server holds at least what we received, so ``min(heard, received)`` is always a valid end.
+        Cut to what was heard (``conversation.item.truncate``), or deleted when not a millisecond of it was (an
+        item cannot be truncated to no audio). Not truncated when everything was heard of a finished item. While
+        the response still streams, the server holds at least what we received, so ``min(heard, received)`` is
+        always a valid end.
         """
         item.interrupted = True
         item.heard_bytes = min(heard, item.received_bytes)
-        self._dropped_items.add(item.item_id)
-        commands: list[Command] = []
-        all_heard = item.heard_bytes >= item.received_bytes
+        self._dropped_items[item.item_id] = item.response_id
         heard_ms = item.heard_bytes // BYTES_PER_MS
-        if heard_ms > 0 and not (all_heard and item.response_done):
+        if heard_ms <= 0:
+            self.stats.deletions += 1
+            self._deleted_items.add(item.item_id)
+            item.recorded = True  # nothing of it was heard: no transcript line
+            return [self._send("conversation.item.delete", item_id=item.item_id)]
+        commands: list[Command] = []
+        if not (item.heard_bytes >= item.received_bytes and item.response_done):
             self.stats.truncations += 1
             commands.append(
-                SendRealtime(
-                    {
-                        "type": "conversation.item.truncate",
-                        "event_id": self._event_id(),
-                        "item_id": item.item_id,
-                        "content_index": 0,
-                        "audio_end_ms": heard_ms,
-                    }
-                )
+                self._send("conversation.item.truncate", item_id=item.item_id, content_index=0, audio_end_ms=heard_ms)
             )
         commands.extend(self._record_agent_line(item, now))
         return commands
 
+    def _on_speech_stopped(self, event: ev.RealtimeSpeechStopped, now: float) -> list[Command]:
+        self._turn_ended_at = now
+        if self.agent.transcription_model:
+            self._caller_turns.setdefault(event.item_id, _CallerTurn()).end_ms = event.audio_end_ms
+        else:  # no line will come: the replay after a reconnect still says the caller spoke
+            self._caller_turns.pop(event.item_id, None)
+            self._remember("caller", "")
+        return []
+
+    def _on_response_created(self, event: ev.RealtimeResponseCreated, now: float) -> list[Command]:
+        self._active_response = event.response_id
+        if self._idle_goodbye and self._closing is None:
+            # The server re-prompts a silent caller by itself; after the last re-prompt the agent says goodbye.
+            self._idle_goodbye = False
+            self._interrupted_responses.add(event.response_id)
+            self._closing = ("caller_idle", None)
+            self._closing_since = now
+            self._needs_response = True
+            self._next_instructions = "The caller has not answered. Say a short, friendly goodbye now."
+            self.stats.cancels += 1
+            return [self._send("response.cancel", response_id=event.response_id)]
+        if self._closing_stage == "awaiting_goodbye" and self._closing_response is None:
+            self._closing_response = event.response_id
+        return []
+
+    def _on_idle_timeout(self) -> list[Command]:
+        self._idle_prompts += 1
+        data = {"re_prompts": self._idle_prompts, "limit": self.agent.idle_hangup_after}
+        if self._idle_prompts > self.agent.idle_hangup_after:
+            self._idle_goodbye = True
+        return [Log("caller.idle", "info", data), RecordEvent("caller_idle", data)]
+
     def _on_response_done(self, event: ev.RealtimeResponseDone, now: float) -> list[Command]:
-        if self._active_response == event.response_id:
+        rid = event.response_id
+        if self._active_response == rid:
             self._active_response = None
+        commands: list[Command] = []
+        if self._held_item is not None and self._held_item.response_id == rid:
+            commands += self._flush_held(now)  # no more audio comes: what is held goes now
         for item in self._items.values():
-            if item.response_id == event.response_id:
+            if item.response_id == rid:
                 item.response_done = True
-        if self._closing_response == event.response_id:
+        if event.usage is not None:
+            self.usage.add(event.usage)
+        if rid in self._interrupted_responses:
+            self._interrupted_responses.discard(rid)
+            # Items of the interrupted response that never reached the caller (their audio came after the barge-in,
+            # or none came) leave the model's conversation too.
+            for item_id in event.output_item_ids:
+                if item_id not in self._items and item_id not in self._deleted_items:
+                    self.stats.deletions += 1
+                    commands.append(self._send("conversation.item.delete", item_id=item_id))
+        for item_id in [item_id for item_id, owner in self._dropped_items.items() if owner == rid]:
+            del self._dropped_items[item_id]
+        self._deleted_items.difference_update(event.output_item_ids)
+        had_audio = rid in self._responses_with_audio
+        self._responses_with_audio.discard(rid)
+        if self._closing_response == rid:
             self._closing_stage = "goodbye"
+        outcome = self._response_outcome(event, had_audio, now)
+        if self.phase == "ended":
+            return [*commands, *outcome]
         return [
+            *commands,
+            *outcome,
             *self._send_mark(),  # no more audio comes: the last chunk gets its mark now
-            *self._record_settled_agent_lines(now),
+            *self._settle_agent_items(now),
             *self._continue_after_tools(),
             *self._close_after_goodbye(now),
         ]
 
+    def _response_outcome(self, event: ev.RealtimeResponseDone, had_audio: bool, now: float) -> list[Command]:
+        """A failed or incomplete response is recorded; one that left the caller with nothing is tried again once."""
+        if event.status == "completed":
+            if had_audio:
+                self._retried_failure = False
+                self._greeting_request = None
+            return []
+        if event.status not in ("failed", "incomplete"):
+            return []
+        details = event.status_details or {}
+        kind = f"response_{event.status}"
+        data: dict[str, Any] = {"response_id": event.response_id, "status_details": details}
+        commands: list[Command] = [Log(f"realtime.{kind}", "warning", data), RecordEvent(kind, data)]
+        if event.status == "incomplete":
+            self.stats.responses_incomplete += 1
+            return commands
+        self.stats.responses_failed += 1
+        fatal = FATAL_ERRORS.get(details.get("error_code", "")) or FATAL_ERRORS.get(details.get("error_type", ""))
+        if fatal is not None:
+            return commands + self._end(fatal, now, hang_up=self.config.hang_up_when_model_ends, fallback=True)
+        if had_audio:
+            return commands  # the caller heard part of it and will answer
+        if self._retried_failure:
+            return commands + self._end(
+                "realtime_response_failed", now, hang_up=self.config.hang_up_when_model_ends, fallback=True
+            )
+        self._retried_failure = True
+        self._needs_response = False  # the retry is the response
+        commands.append(Log("realtime.response_retry", "info", {"response_id": event.response_id}))
+        commands.append(self._response_create(self._greeting_request))
+        return commands
+
     def _on_agent_transcript(self, event: ev.RealtimeAudioTranscriptDone, now: float) -> list[Command]:
         item = self._items.get(event.item_id)
-        if item is None:  # a response cancelled before any audio: nothing was said
+        if item is None:  # no audio of it reached the caller, or it is settled already
             return []
         item.transcript = event.transcript
         if item.interrupted:
-            return self._record_agent_line(item, now)
-        return self._record_settled_agent_lines(now)
+            return [*self._record_agent_line(item, now), *self._settle_agent_items(now)]
+        return self._settle_agent_items(now)
 
-    def _record_settled_agent_lines(self, now: float) -> list[Command]:
-        """Record agent lines whose audio has fully played (a line is final only once the caller heard it)."""
+    def _settle_agent_items(self, now: float) -> list[Command]:
+        """Record agent lines whose audio has fully played (a line is final only once the caller heard it), and
+        forget the items that are settled: nothing about them can change any more."""
         commands: list[Command] = []
-        for item in self._items.values():
+        for item in list(self._items.values()):
             if (
                 not item.recorded
                 and item.transcript is not None
@@ -619,6 +992,15 @@ class CallSession:
                 and item.played_bytes >= item.received_bytes
             ):
                 commands.extend(self._record_agent_line(item, now))
+            if (
+                item.recorded
+                and item.response_done
+                and (item.interrupted or item.played_bytes >= item.received_bytes)
+                and item is not self._held_item
+            ):
+                del self._items[item.item_id]
+                if self._current_item is item:
+                    self._current_item = None
         return commands
 
     def _record_agent_line(self, item: _AgentItem, now: float) -> list[Command]:
@@ -640,7 +1022,7 @@ class CallSession:
             item_id=item.item_id,
             interrupted=item.interrupted,
         )
-        self._history.append(("agent", line.text))
+        self._remember("agent", line.text)
         return [RecordTranscript(line)]
 
     def _caller_line(self, item_id: str, text: str, failed: bool) -> list[Command]:
@@ -656,8 +1038,7 @@ class CallSession:
             item_id=item_id,
             failed=failed,
         )
-        if line.text:
-            self._history.append(("caller", line.text))
+        self._remember("caller", line.text)  # an empty line still tells a new session the caller spoke
         return [RecordTranscript(line)]
 
     # ------------------------------------------------------------------------------------------------ tools
@@ -668,11 +1049,25 @@ class CallSession:
         self.stats.tool_calls += 1
         if event.name in self.agent.builtin_tools:
             return self._call_control(event, now)
+        if not self._running_tools:
+            self._tools_since = now
+            self._filler_said = False
         self._running_tools[event.call_id] = (event.name, event.arguments)
         return [
             Log("tool.call", "info", {"name": event.name, "call_id": event.call_id}),
             RunTool(event.call_id, event.name, event.arguments),
         ]
+
+    def _tool_filler(self) -> list[Command]:
+        """A tool is slow: the caller hears a short filler rather than dead air (once; the tool's answer follows)."""
+        self._filler_said = True
+        if self._active_response is not None or self._closing is not None or self.phase != "live":
+            return []  # the caller is hearing something already
+        instructions = (
+            "A tool you called is still working. Tell the caller you are checking, in a few words, by saying "
+            f"exactly: {TOOL_FILLER}"
+        )
+        return [Log("tool.filler", "info", {}), self._response_create({"instructions": instructions})]
 
     def _call_control(self, event: ev.RealtimeFunctionCallDone, now: float) -> list[Command]:
         """``end_call`` and ``transfer_call``: the model says a last sentence, then the call ends or moves on."""
@@ -692,7 +1087,7 @@ class CallSession:
         return [
             Log("tool.call", "info", {"name": event.name, "call_id": event.call_id}),
             RecordEvent("tool_call", record),
-            SendRealtime({"type": "conversation.item.create", "event_id": self._event_id(), "item": item}),
+            self._send("conversation.item.create", item=item),
             *self._continue_after_tools(),
         ]
 
@@ -700,12 +1095,14 @@ class CallSession:
         if event.call_id not in self._running_tools:
             return [Log("tool.unknown_result", "warning", {"call_id": event.call_id})]
         name, arguments = self._running_tools.pop(event.call_id)
+        if not self._running_tools:
+            self._tools_since = None
         self._needs_response = True
         output = {"type": "function_call_output", "call_id": event.call_id, "output": event.output}
         record = {"name": name, "arguments": arguments, "output": event.output, "ok": event.ok}
         return [
             RecordEvent("tool_call", record),
-            SendRealtime({"type": "conversation.item.create", "event_id": self._event_id(), "item": output}),
+            self._send("conversation.item.create", item=output),
             *self._continue_after_tools(),
         ]
 
@@ -716,7 +1113,8 @@ class CallSession:
         self._needs_response = False
         if self._closing is not None and not self._closing_stage:
             self._closing_stage = "awaiting_goodbye"
-        return [SendRealtime({"type": "response.create", "event_id": self._event_id()})]
+        instructions, self._next_instructions = self._next_instructions, None
+        return [self._response_create({"instructions": instructions} if instructions else None)]
 
     def _goodbye_overdue(self, now: float) -> list[Command]:
         self._closing_stage = "goodbye"
@@ -727,7 +1125,7 @@ class CallSession:
 
     def _close_after_goodbye(self, now: float) -> list[Command]:
         """End or transfer the call once the goodbye has been said and heard (or cut off by the caller)."""
-        if self._closing is None or self._closing_stage != "goodbye" or self._pending_marks:
+        if self._closing is None or self._closing_stage != "goodbye" or self._pending_marks or self._held:
             return []
         reason, transfer_to = self._closing
         self._closing = None
@@ -737,15 +1135,46 @@ class CallSession:
 
     # ------------------------------------------------------------------------------------------------ errors, end
 
-    def _on_realtime_error(self, event: ev.RealtimeError) -> list[Command]:
+    def _on_realtime_error(self, event: ev.RealtimeError, now: float) -> list[Command]:
         self.stats.realtime_errors += 1
-        fields = {"code": event.code, "message": event.message, "event_id": event.event_id}
+        caused_by = self._control_events.get(event.event_id or "")
+        fields = {
+            "code": event.code,
+            "message": event.message,
+            "param": event.param,
+            "event_id": event.event_id,
+            "caused_by": caused_by,
+        }
+        if event.code == "session_expired":  # the provider's session limit: not the call's fault
+            return [Log("realtime.session_expired", "info", {"message": event.message}), *self._renew(now, "expired")]
+        if event.code in FATAL_ERRORS:
+            return [
+                Log("realtime.error", "error", fields),
+                RecordEvent("error", fields),
+                *self._end(FATAL_ERRORS[event.code], now, hang_up=self.config.hang_up_when_model_ends, fallback=True),
+            ]
+        if event.event_id is not None and event.event_id == self._session_update_id and self.phase == "connecting":
+            return [
+                Log("realtime.error", "error", fields),
+                *self._session_rejected(event.code, event.message, event.param, now),
+            ]
         if event.code == "conversation_already_has_active_response":
             self._needs_response = True  # the server started a response of its own: ours follows it
             return [Log("realtime.error", "warning", fields)]
         if event.code == "response_cancel_not_active":
             return [Log("realtime.error", "warning", fields)]
         return [Log("realtime.error", "error", fields), RecordEvent("error", fields)]
+
+    def _on_connect_failed(self, event: ev.RealtimeConnectFailed, now: float) -> list[Command]:
+        fields = {"reason": event.reason, "status": event.status, "code": event.code or None, "attempt": self._attempt}
+        fatal = FATAL_ERRORS.get(event.code) or ("realtime_auth_failed" if event.status in (401, 403) else None)
+        if fatal is not None:  # the next attempt would be refused the same way
+            return [
+                Log("realtime.connect_refused", "error", fields),
+                RecordEvent("error", {"code": event.code or f"http_{event.status}", "message": event.reason}),
+                *self._end(fatal, now, hang_up=self.config.hang_up_when_model_ends, fallback=True),
+            ]
+        return [Log("realtime.connect_failed", "warning", fields), *self._retry("realtime_unavailable", now)]
 
     def _retry(self, reason: str, now: float) -> list[Command]:
         """Try the model's connection again after the next backoff delay; past the last one or the deadline, the
@@ -760,28 +1189,38 @@ class CallSession:
         self._attempt += 1
         return [Log("realtime.retry", "info", {"attempt": self._attempt, "delay_s": delay}), OpenRealtime(delay)]
 
-    def _rollover_due(self, now: float) -> bool:
-        """Time for a fresh model session, and a quiet moment: nobody speaking, nothing playing or running."""
-        limit = self.config.rollover_after_s
-        return (
-            limit is not None
-            and now - self._realtime_since >= limit
-            and self._active_response is None
-            and not self._pending_marks
+    def _maybe_rollover(self, now: float) -> list[Command]:
+        """Past the rollover time: renew the model's session at a quiet moment (nobody speaking, nothing playing or
+        running), or, once the hard stop has passed too, between two agent turns."""
+        assert self._rollover_at is not None
+        between_turns = (
+            self._active_response is None
             and not self._running_tools
             and not self._needs_response
             and self._closing is None
+        )
+        quiet = (
+            between_turns
+            and not self._pending_marks
+            and not self._held
             and all(turn.end_ms is not None for turn in self._caller_turns.values())
         )
+        if quiet or (between_turns and now >= self._rollover_at + ROLLOVER_HARD_STOP_S):
+            return self._renew(now, "rollover")
+        return []
 
-    def _rollover(self, now: float) -> list[Command]:
-        """Move the call to a new model session before the provider's limit ends the old one."""
+    def _renew(self, now: float, why: Literal["rollover", "expired"]) -> list[Command]:
+        """Move the call to a new model session: before the provider's limit ends the old one mid-sentence, or once
+        it has (``session_expired``). The new session gets the configuration and the conversation."""
         age_s = round(now - self._realtime_since)
-        self._forget_model_session()
+        commands = [*self._flush_held(now), *self._send_mark()]  # audio already received plays on
+        self._forget_model_session(now, "realtime_closed")
+        data = {"session_age_s": age_s, "reason": why}
         return [
-            Log("realtime.rollover", "info", {"session_age_s": age_s}),
-            RecordEvent("realtime_rollover", {"session_age_s": age_s}),
-            OpenRealtime(),
+            *commands,
+            Log("realtime.rollover", "info", data),
+            RecordEvent("realtime_rollover", data),
+            OpenRealtime(replace=True),
         ]
 
     def _reconnect(self, now: float) -> list[Command]:
@@ -790,21 +1229,30 @@ class CallSession:
         Agent audio already at Twilio plays on; caller audio is buffered until the new session is ready; the
         old session's responses and tool calls are gone with it.
         """
-        self._forget_model_session()
-        return [*self._send_mark(), *self._record_settled_agent_lines(now), *self._retry("realtime_closed", now)]
+        commands = [*self._flush_held(now), *self._send_mark()]
+        self._forget_model_session(now, "realtime_closed")
+        return [*commands, *self._settle_agent_items(now), *self._retry("realtime_closed", now)]
 
-    def _forget_model_session(self) -> None:
+    def _forget_model_session(self, now: float, reason_if_not_ready: str) -> None:
         """Back to connecting: the next model session starts from the configuration and the transcript."""
         self.phase = "connecting"
         self._configured = False
+        self._session_update_id = None
         self._realtime_connected = False
+        self._ready_by = now + self.config.ready_timeout_s
+        self._ready_reason = reason_if_not_ready
+        self._rollover_at = None
         self._audio_offset_ms = None
         self._caller_turns.clear()
-        if self._active_response is not None:
-            self._interrupted_responses.add(self._active_response)
         self._active_response = None
+        self._interrupted_responses.clear()  # the old connection's events no longer arrive
+        self._responses_with_audio.clear()
+        self._dropped_items.clear()
+        self._deleted_items.clear()
         self._running_tools.clear()
+        self._tools_since = None
         self._needs_response = False
+        self._idle_goodbye = False
         self._current_item = None  # the new session knows none of the old items: never truncate them there
         for item in self._items.values():
             item.response_done = True
@@ -815,13 +1263,16 @@ class CallSession:
         if self.phase == "ended":
             return []
         commands: list[Command] = []
+        self._discard_held(now)
         for item in self._items.values():
             if not item.recorded and item.transcript is not None:
                 if item.played_bytes < item.received_bytes:
                     item.interrupted = True
                     item.heard_bytes = self._played_bytes(item.item_id, now)
                 commands.extend(self._record_agent_line(item, now))
+        self._items.clear()
         self.phase = "ended"
+        self._deadline = None
         self.end_reason = reason
         commands.append(Log("call.ended", "info", {"reason": reason}))
         commands.append(EndCall(reason, hang_up=hang_up, twilio_close_code=twilio_close_code, fallback=fallback))

@@ -20,6 +20,7 @@ BETA_TO_GA_EVENT_NAMES = {
 }
 
 _GA_TO_BETA_AUDIO_FORMAT = {"audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw", "audio/pcm": "pcm16"}
+BETA_TO_GA_AUDIO_FORMAT = {beta: ga for ga, beta in _GA_TO_BETA_AUDIO_FORMAT.items()}
 
 
 def headers_for(dialect: Dialect, api_key: str | None) -> dict[str, str]:
@@ -67,6 +68,12 @@ def _beta_session(session: dict[str, Any]) -> dict[str, Any]:
         )
     if "transcription" in audio_in:
         beta["input_audio_transcription"] = audio_in["transcription"]
+    if "noise_reduction" in audio_in:
+        beta["input_audio_noise_reduction"] = audio_in["noise_reduction"]
+    if "speed" in audio_out:
+        beta["speed"] = audio_out["speed"]
+    if "max_output_tokens" in session:
+        beta["max_response_output_tokens"] = session["max_output_tokens"]
     return beta
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 
 from callbridge.core import events as ev
-from callbridge.realtime.dialect import Dialect, ga_event_type
+from callbridge.core.usage import TokenUsage
+from callbridge.realtime.dialect import BETA_TO_GA_AUDIO_FORMAT, Dialect, ga_event_type
 
 SERVER_EVENT_TYPES = frozenset(
     {
@@ -118,8 +119,16 @@ def _parse(kind: str, event: dict[str, Any]) -> ev.RealtimeEvent:
             return ev.RealtimeResponseCreated(_id(_object(event, "response"), "id", "response.id"))
         case "response.done":
             response = _object(event, "response")
-            status = _text(response, "status", "response.status") or "completed"
-            return ev.RealtimeResponseDone(_id(response, "id", "response.id"), status)
+            status = _short(_text(response, "status", "response.status")) or "completed"
+            return ev.RealtimeResponseDone(
+                _id(response, "id", "response.id"),
+                status,
+                status_details=_status_details(response),
+                usage=_usage(response),
+                output_item_ids=_assistant_items(response),
+            )
+        case "input_audio_buffer.timeout_triggered":
+            return ev.RealtimeTimeoutTriggered(_id(event, "item_id"))
         case "response.output_audio_transcript.done":
             return ev.RealtimeAudioTranscriptDone(_id(event, "item_id"), _text(event, "transcript"))
         case "conversation.item.input_audio_transcription.completed":
@@ -138,14 +147,15 @@ def _parse(kind: str, event: dict[str, Any]) -> ev.RealtimeEvent:
                 call_id=_id(item, "call_id", "item.call_id"),
                 name=_id(item, "name", "item.name"),
                 arguments=_text(item, "arguments", "item.arguments") or "{}",
-                status=_text(item, "status", "item.status") or "completed",
+                status=_short(_text(item, "status", "item.status")) or "completed",
             )
         case "conversation.item.truncated":
             return ev.RealtimeItemTruncated(_id(event, "item_id"), _ms(event, "audio_end_ms", None))
         case "session.created":
             return ev.RealtimeSessionCreated()
         case "session.updated":
-            return ev.RealtimeSessionUpdated()
+            input_format, output_format = _audio_formats(_object(event, "session"))
+            return ev.RealtimeSessionUpdated(input_format, output_format)
         case "error":
             error = _object(event, "error", optional=True)
             event_id = error.get("event_id")
@@ -156,8 +166,71 @@ def _parse(kind: str, event: dict[str, Any]) -> ev.RealtimeEvent:
                 message=_short(_text(error, "message", "error.message"), 1000),
                 event_id=event_id,
                 error_type=_short(_text(error, "type", "error.type")),
+                param=_short(_text(error, "param", "error.param")) or None,
             )
     return ev.RealtimeOther(_short(kind, MAX_TYPE_CHARS), known=is_known_server_event(kind))
+
+
+def _audio_formats(session: dict[str, Any]) -> tuple[str, str]:
+    """The session's input and output audio formats as GA names (``audio/pcmu``), in either dialect's shape."""
+    if "audio" in session:  # GA: session.audio.{input,output}.format.type
+        audio = _object(session, "audio", optional=True)
+        formats = []
+        for side in ("input", "output"):
+            fmt = _object(_object(audio, side, optional=True), "format", optional=True)
+            formats.append(_short(_text(fmt, "type", f"session.audio.{side}.format.type")) or "unknown")
+        return formats[0], formats[1]
+    beta = [_text(session, f"{side}_audio_format") for side in ("input", "output")]  # beta: g711_ulaw, pcm16, …
+    return BETA_TO_GA_AUDIO_FORMAT.get(beta[0], _short(beta[0])), BETA_TO_GA_AUDIO_FORMAT.get(beta[1], _short(beta[1]))
+
+
+def _status_details(response: dict[str, Any]) -> dict[str, str] | None:
+    """``status_details`` flattened to short strings: ``type``, ``reason``, ``error_type``, ``error_code``,
+    ``error_message``."""
+    details = _object(response, "status_details", optional=True)
+    if not details:
+        return None
+    flat = {key: _short(_text(details, key, f"status_details.{key}")) for key in ("type", "reason")}
+    error = _object(details, "error", optional=True)
+    for key in ("type", "code", "message"):
+        flat[f"error_{key}"] = _short(_text(error, key, f"status_details.error.{key}"), 500)
+    return {key: value for key, value in flat.items() if value}
+
+
+def _usage(response: dict[str, Any]) -> TokenUsage | None:
+    usage = _object(response, "usage", optional=True)
+    if not usage:
+        return None
+    inputs = _object(usage, "input_token_details", optional=True)
+    outputs = _object(usage, "output_token_details", optional=True)
+    return TokenUsage(
+        input_text=_count(inputs, "text_tokens"),
+        input_audio=_count(inputs, "audio_tokens"),
+        input_cached=_count(inputs, "cached_tokens"),
+        output_text=_count(outputs, "text_tokens"),
+        output_audio=_count(outputs, "audio_tokens"),
+        responses=1,
+    )
+
+
+def _assistant_items(response: dict[str, Any]) -> tuple[str, ...]:
+    output = response.get("output")
+    if not isinstance(output, list):
+        return ()
+    return tuple(
+        _id(item, "id", "response.output[].id")
+        for item in output[:64]
+        if isinstance(item, dict) and item.get("type") == "message" and item.get("role") == "assistant"
+    )
+
+
+def _count(container: dict[str, Any], key: str) -> int:
+    value = container.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MS:
+        raise _Invalid(f"usage {key} must be a non-negative integer")
+    return value
 
 
 def _object(container: dict[str, Any], key: str, *, optional: bool = False) -> dict[str, Any]:

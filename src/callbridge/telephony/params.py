@@ -1,9 +1,13 @@
 """Signed, expiring ``<Parameter>``s: what really admits a media stream.
 
 Twilio's signature on the WebSocket upgrade covers only the URL, which is the same for every call, so it can be
-replayed. callbridge therefore mints one token per call into the ``<Stream>`` TwiML it writes: the call's context
-reference, bound to the call SID when it is known (else to a one-time binding kept in the call record, checked
-when the stream starts), with an expiry, signed with ``CALLBRIDGE_SECRET``.
+replayed. callbridge therefore mints one token per call into the ``<Stream>`` TwiML it writes: a reference to the
+call, bound to the call SID when it is known (else to a one-time binding kept in the call record, checked when the
+stream starts), with an expiry, signed with ``CALLBRIDGE_SECRET``.
+
+The token carries the reference only, never the call's context (instructions, greeting, items, metadata): that
+lives in the call record, written before Twilio can connect, and is loaded when the stream starts. So the
+parameter stays short (at most :data:`MAX_PARAMETER_CHARS`) whatever the context holds.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from typing import Any
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
-from callbridge.core.context import CallContext, ContextItem, ParameterError
+from callbridge.core.context import CallContext, ParameterError
 
 PARAMETER_NAME = "callbridge"
-_SALT = "callbridge.stream-parameters.v1"
+MAX_PARAMETER_CHARS = 256
+_SALT = "callbridge.stream-parameters.v2"
 
 
 class StreamParameterSigner:
@@ -28,32 +33,27 @@ class StreamParameterSigner:
         self.ttl_seconds = ttl_seconds
 
     def mint(self, context: CallContext, now: float) -> dict[str, str]:
-        """The ``<Parameter>``s for one call's ``<Stream>``."""
-        payload: dict[str, Any] = {"exp": int(now) + self.ttl_seconds, "sid": context.call_sid}
-        claims = {
-            "dir": "out" if context.direction == "outbound" else None,
-            "agent": context.agent,
-            "ref": context.reference,
-            "from": context.caller,
-            "to": context.called,
-            "name": context.name,
-            "instructions": context.instructions,
-            "greeting": context.greeting,
-            "items": [[item.role, item.text] for item in context.items] or None,
-            "meta": context.metadata or None,
-            "bind": context.binding,
-        }
-        payload.update({key: value for key, value in claims.items() if value is not None})
-        return {PARAMETER_NAME: self._serializer.dumps(payload)}
+        """The ``<Parameter>``s for one call's ``<Stream>``: its SID (or binding) and an expiry, signed."""
+        payload: dict[str, Any] = {"exp": int(now) + self.ttl_seconds}
+        if context.call_sid is not None:
+            payload["sid"] = context.call_sid
+        if context.binding is not None:
+            payload["bind"] = context.binding
+        token = self._serializer.dumps(payload)
+        if len(token) > MAX_PARAMETER_CHARS:  # a call SID or binding far longer than Twilio's
+            raise ValueError(f"stream parameter of {len(token)} characters (at most {MAX_PARAMETER_CHARS})")
+        return {PARAMETER_NAME: token}
 
     def verify(self, parameters: Mapping[str, str], call_sid: str, now: float | None = None) -> CallContext:
-        """Check signature, expiry (against ``now``, the wall clock by default) and call binding; return the
-        context (a :class:`ParameterVerifier`)."""
+        """Check signature, expiry (against ``now``, the wall clock by default) and call binding; return the call's
+        reference as a context to be completed from its record (a :class:`ParameterVerifier`)."""
         if now is None:
             now = time.time()
         token = parameters.get(PARAMETER_NAME)
         if not token:
             raise ParameterError("stream parameters absent")
+        if len(token) > 4 * MAX_PARAMETER_CHARS:
+            raise ParameterError("stream parameters malformed")
         try:
             payload = self._serializer.loads(token)
         except BadSignature:
@@ -65,18 +65,5 @@ class StreamParameterSigner:
         bound = payload.get("sid")
         if bound is not None and bound != call_sid:
             raise ParameterError("stream parameters belong to another call")
-        items = tuple(ContextItem(role, text) for role, text in payload.get("items") or ())
-        return CallContext(
-            call_sid=call_sid,
-            direction="outbound" if payload.get("dir") == "out" else "inbound",
-            agent=payload.get("agent"),
-            reference=payload.get("ref"),
-            caller=payload.get("from"),
-            called=payload.get("to"),
-            name=payload.get("name"),
-            instructions=payload.get("instructions"),
-            greeting=payload.get("greeting"),
-            items=items,
-            metadata=payload.get("meta") or {},
-            binding=payload.get("bind"),
-        )
+        binding = payload.get("bind")
+        return CallContext(call_sid=call_sid, binding=binding if isinstance(binding, str) else None)
