@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
-
 import asyncio
+import secrets
 import xml.etree.ElementTree as ET
 
 import orjson
