@@ -7,10 +7,18 @@ from collections.abc import Mapping
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 
-def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str], say: str | None = None) -> str:
+def connect_stream_twiml(
+    stream_url: str,
+    parameters: Mapping[str, str],
+    say: str | None = None,
+    *,
+    status_callback: str | None = None,
+) -> str:
     """``<Say>`` (optional) then ``<Connect><Stream>`` with the signed ``<Parameter>``s.
 
     The stream URL carries no query string: Twilio drops it. Per-call data travels as parameters only.
+    ``status_callback`` (an absolute URL) has Twilio POST the stream's ``stream-started``, ``stream-stopped`` and
+    ``stream-error`` events there, signed like its other webhooks.
     """
     if "?" in stream_url:
         raise ValueError("Twilio drops query strings from <Stream url>; pass data as parameters")
@@ -18,7 +26,10 @@ def connect_stream_twiml(stream_url: str, parameters: Mapping[str, str], say: st
     if say:
         response.say(say)
     connect = Connect()
-    stream = connect.stream(url=stream_url)
+    if status_callback:
+        stream = connect.stream(url=stream_url, status_callback=status_callback, status_callback_method="POST")
+    else:
+        stream = connect.stream(url=stream_url)
     for name, value in parameters.items():
         stream.parameter(name=name, value=value)
     response.append(connect)

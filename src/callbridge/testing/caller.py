@@ -7,6 +7,11 @@ frames in real time. It also plays the agent's audio the way a phone does: at 8 
 each ``mark`` once the audio queued before it has played, and flushing (echoing) every pending mark on
 ``clear``. A bridge therefore learns exactly what the caller heard, as it does on a real call.
 
+When the ``<Stream>`` has a ``statusCallback``, the caller also reports the stream's life there as Twilio does, in
+signed requests: ``stream-started`` once ``start`` is out, ``stream-stopped`` when the stream is over, and
+``stream-error`` (with Twilio's error code and message in ``StreamError``) when the WebSocket cannot be opened or its
+handshake is refused. What each of those requests got back is in :attr:`CallRecording.stream_status_callbacks`.
+
 Usage in a test, against a server listening locally::
 
     from pathlib import Path
@@ -44,14 +49,15 @@ import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from callbridge.audio import BYTES_PER_MS, SILENCE_BYTE, read_wav_as_ulaw, silence
 
@@ -62,7 +68,16 @@ _DTMF_DIGITS = frozenset("0123456789*#")
 
 EventHook = Callable[[str, dict[str, Any]], None]
 """``on_event(kind, data)``. Kinds: ``"sent"`` (every message sent except ``media``), ``"received"`` (every JSON
-object the server sent), ``"protocol_error"`` (``{"error": ...}``), ``"step"`` (``{"step", "at_s"}``)."""
+object the server sent), ``"protocol_error"`` (``{"error": ...}``), ``"step"`` (``{"step", "at_s"}``),
+``"stream_status"`` (``{"event", "status_code"}``: a status callback request and its answer, ``None`` if it failed)."""
+
+STREAM_ERRORS = {
+    "handshake": (31920, "Stream - WebSocket - Handshake Error"),
+    "refused": (31902, "Stream - WebSocket - Connection Refused"),
+    "timeout": (31901, "Stream - WebSocket - Connection Timeout"),
+}
+"""Twilio's error for each way a stream's WebSocket fails to open (https://www.twilio.com/docs/api/errors/31920 …):
+a handshake answered with anything but 101, a refused TCP connection, no answer at all."""
 
 EndedBy = Literal["caller", "server", "timeout"]
 
@@ -186,6 +201,8 @@ class CallRecording:
     protocol_errors: list[str] = field(default_factory=list)
     step_times: list[tuple[str, float]] = field(default_factory=list)
     """When each script step began; a ``SayWhenHearing`` adds ``"SayWhenHearing:triggered"`` when it speaks."""
+    stream_status_callbacks: list[tuple[str, int | None]] = field(default_factory=list)
+    """``(StreamEvent, HTTP status)`` of each ``<Stream statusCallback>`` request, in order (``None``: it failed)."""
     ended_by: EndedBy | None = None
     close_code: int | None = None
     close_reason: str = ""
@@ -249,28 +266,41 @@ class SimulatedCaller:
         """
         deadline = asyncio.get_running_loop().time() + max_duration_s
         call_sid = call_sid or "CA" + uuid.uuid4().hex
+        document_url = f"{self.public_url}/twilio/voice"
         if twiml is None:  # an incoming call: Twilio asks the voice webhook what to do
             twiml = await self._request_twiml(call_sid, limit_s=max_duration_s)
-        stream_url, parameters = _parse_twiml(twiml)
-        recording = CallRecording(call_sid, "MZ" + uuid.uuid4().hex, twiml, parameters)
-        call = _Call(self.account_sid, script, recording, hang_up_after_s, on_event)
-        signature = self._validator.compute_signature(stream_url, {})
+        stream = _parse_twiml(twiml)
+        recording = CallRecording(call_sid, "MZ" + uuid.uuid4().hex, twiml, stream.parameters)
+        status = None
+        if stream.status_callback:  # a relative URL is relative to the TwiML's own, as Twilio resolves it
+            status = _StreamStatus(self, urljoin(document_url, stream.status_callback), stream, recording, on_event)
+        call = _Call(self.account_sid, script, recording, hang_up_after_s, on_event, status)
+        signature = self._validator.compute_signature(stream.url, {})
         try:
             async with connect(
-                self._socket_url(stream_url),
+                self._socket_url(stream.url),
                 additional_headers={"X-Twilio-Signature": signature},
                 open_timeout=max(deadline - asyncio.get_running_loop().time(), 0.001),
                 close_timeout=1.0,
                 compression=None,
             ) as ws:
                 await call.run(ws, deadline)
-        except InvalidStatus as exc:
-            response = exc.response
-            raise CallRefused(
-                response.status_code,
-                response.body.decode(errors="replace") if response.body else "",
-                "the WebSocket handshake was rejected",
-            ) from exc
+        except BaseException as exc:
+            call.cancel_started_callback()
+            failure = None if call.started else _open_failure(exc)  # the WebSocket never opened
+            if status is not None and failure is not None:
+                await status.report("stream-error", STREAM_ERRORS[failure])
+            if isinstance(exc, InvalidStatus):
+                response = exc.response
+                raise CallRefused(
+                    response.status_code,
+                    response.body.decode(errors="replace") if response.body else "",
+                    "the WebSocket handshake was rejected",
+                ) from exc
+            raise
+        await call.finish_started_callback()
+        if status is not None:
+            await status.report("stream-stopped")
         return recording
 
     async def _request_twiml(self, call_sid: str, *, limit_s: float) -> str:
@@ -300,8 +330,24 @@ class SimulatedCaller:
         scheme = {"http": "ws", "https": "wss"}.get(base.scheme, base.scheme)
         return urlunsplit((scheme, base.netloc, urlsplit(stream_url).path or "/", "", ""))
 
+    def _http_url(self, public_url: str) -> str:
+        """A webhook URL names the public host; send to ``base_url`` instead, keeping the path and query."""
+        base, url = urlsplit(self.base_url), urlsplit(public_url)
+        return urlunsplit((base.scheme, base.netloc, url.path or "/", url.query, ""))
 
-def _parse_twiml(twiml: str) -> tuple[str, dict[str, str]]:
+
+@dataclass(frozen=True, slots=True)
+class _Stream:
+    """The ``<Connect><Stream>`` of the TwiML."""
+
+    url: str
+    parameters: dict[str, str]
+    name: str | None
+    status_callback: str | None
+    status_callback_method: str
+
+
+def _parse_twiml(twiml: str) -> _Stream:
     try:
         root = ET.fromstring(twiml)
     except ET.ParseError as exc:
@@ -311,7 +357,75 @@ def _parse_twiml(twiml: str) -> tuple[str, dict[str, str]]:
     if stream is None or not url:
         raise CallRefused(200, twiml, "the TwiML has no <Response><Connect><Stream url=...>")
     parameters = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
-    return url, parameters
+    method = (stream.get("statusCallbackMethod") or "POST").upper()
+    return _Stream(url, parameters, stream.get("name"), stream.get("statusCallback") or None, method)
+
+
+class _StreamStatus:
+    """Twilio's requests to a ``<Stream statusCallback>``: form-encoded (a query string for ``GET``), signed over the
+    callback URL like every Twilio webhook. A failed request changes nothing on the call, as on Twilio."""
+
+    def __init__(
+        self,
+        caller: SimulatedCaller,
+        url: str,
+        stream: _Stream,
+        recording: CallRecording,
+        on_event: EventHook | None,
+    ) -> None:
+        self.caller = caller
+        self.url = url
+        self.method = stream.status_callback_method
+        self.name = stream.name
+        self.rec = recording
+        self.on_event = on_event
+
+    async def report(self, event: str, error: tuple[int, str] | None = None) -> None:
+        rec = self.rec
+        params = {
+            "AccountSid": self.caller.account_sid,
+            "CallSid": rec.call_sid,
+            "StreamSid": rec.stream_sid,
+            "StreamName": self.name or rec.stream_sid,
+            "StreamEvent": event,
+            "Timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        }
+        if error is not None:
+            params["StreamError"] = f"{error[0]} {error[1]}"
+        status_code: int | None = None
+        try:
+            async with httpx.AsyncClient(timeout=15) as client:
+                if self.method == "GET":
+                    separator = "&" if urlsplit(self.url).query else "?"
+                    url = f"{self.url}{separator}{urlencode(params)}"
+                    signature = self.caller._validator.compute_signature(url, {})
+                    response = await client.get(self.caller._http_url(url), headers=_webhook_headers(signature))
+                else:
+                    signature = self.caller._validator.compute_signature(self.url, params)
+                    response = await client.post(
+                        self.caller._http_url(self.url), data=params, headers=_webhook_headers(signature)
+                    )
+            status_code = response.status_code
+        except httpx.HTTPError:
+            pass
+        rec.stream_status_callbacks.append((event, status_code))
+        if self.on_event is not None:
+            self.on_event("stream_status", {"event": event, "status_code": status_code})
+
+
+def _open_failure(exc: BaseException) -> str | None:
+    """Which of :data:`STREAM_ERRORS` a failure to open the WebSocket is (``None``: not one of them)."""
+    if isinstance(exc, InvalidHandshake):
+        return "handshake"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return None
+
+
+def _webhook_headers(signature: str) -> dict[str, str]:
+    return {"X-Twilio-Signature": signature, "User-Agent": "TwilioProxy/1.1"}
 
 
 def _message_problem(message: dict[str, Any], stream_sid: str) -> str | None:
@@ -345,8 +459,12 @@ class _Call:
         recording: CallRecording,
         hang_up_after_s: float | None,
         on_event: EventHook | None,
+        status: _StreamStatus | None = None,
     ) -> None:
         self.account_sid = account_sid
+        self.status = status
+        self.started = False  # ``start`` went out: the stream is open, a status callback says so
+        self._started_callback: asyncio.Task[None] | None = None
         self.steps = deque(script.steps)
         self.rec = recording
         self.hang_up_after_s = hang_up_after_s
@@ -372,6 +490,9 @@ class _Call:
             await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
             await self._send(self._start_message())
             self.t0 = loop.time()
+            self.started = True
+            if self.status is not None:  # alongside the audio, which keeps its 20 ms schedule meanwhile
+                self._started_callback = asyncio.create_task(self.status.report("stream-started"))
             rec.ended_by = await self._stream(deadline)
         except ConnectionClosed:
             rec.ended_by = "server"
@@ -386,6 +507,15 @@ class _Call:
             await ws.wait_closed()
         rec.close_code, rec.close_reason = ws.close_code, ws.close_reason or ""
         rec.duration_s = loop.time() - self.t0
+
+    async def finish_started_callback(self) -> None:
+        """Let the ``stream-started`` request finish (before ``stream-stopped`` goes out)."""
+        if self._started_callback is not None:
+            await self._started_callback
+
+    def cancel_started_callback(self) -> None:
+        if self._started_callback is not None:
+            self._started_callback.cancel()
 
     def _start_message(self) -> dict[str, Any]:
         rec = self.rec
