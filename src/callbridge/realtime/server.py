@@ -1,13 +1,17 @@
 """A Realtime-compatible WebSocket server: the protocol, with the mind and voice behind it pluggable.
 
 The server speaks the documented OpenAI Realtime protocol: the GA shape by default, the older beta shape when the
-client sends ``OpenAI-Beta: realtime=v1``. It keeps the service's event order and answers mistakes with the
-service's error codes; every incoming event goes through
-:func:`~callbridge.testing.conformance.validate_client_event`, so a misspelt field fails here as it would in
-production. What it hears, understands and says comes from a :class:`ConversationAgent`, one per connection:
-the scripted one of :mod:`callbridge.testing.fake_realtime`, or the speech models of :mod:`callbridge.engine`.
+client sends ``OpenAI-Beta: realtime=v1`` (unless :attr:`ServerOptions.accepts_beta` is off, as it is on
+api.openai.com today). It keeps the service's event order and answers mistakes with the service's error codes;
+every incoming event goes through :func:`~callbridge.testing.conformance.validate_client_event`, so a misspelt
+field fails here as it would in production, and a ``session.update`` carrying a value the service refuses (an
+unknown voice, an unknown or retired transcription model, a function whose parameters are not an object schema, a
+speed or token limit out of range) is answered with the service's ``error`` and changes nothing. What it hears,
+understands and says comes from a :class:`ConversationAgent`, one per connection: the scripted one of
+:mod:`callbridge.testing.fake_realtime`, or the speech models of :mod:`callbridge.engine`.
 
-Audio is G.711 μ-law at 8 kHz in both directions, whatever format the session asks for. Each connection is
+Agents hear and speak G.711 μ-law at 8 kHz. On the wire, audio is in the session's formats: μ-law or A-law at
+8 kHz, or 16-bit PCM at 24 kHz (the service's default), converted here in both directions. Each connection is
 recorded as a :class:`ServerSession` for assertions and metrics.
 """
 
@@ -18,10 +22,14 @@ import base64
 import binascii
 import contextlib
 import copy
+import functools
 import json
 import math
 import re
 import secrets
+import sys
+import typing
+from array import array
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -34,37 +42,182 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from callbridge.audio import BYTES_PER_MS
+from callbridge.audio import BYTES_PER_MS, DECODE_TABLE, pcm16_to_ulaw
 from callbridge.testing.conformance import ConformanceError, Dialect, validate_client_event
 
 __all__ = [
+    "BUILTIN_VOICES",
     "ConversationAgent",
     "RealtimeServer",
     "ServerOptions",
     "ServerSession",
     "ToolCall",
     "TurnContext",
+    "realtime_models",
+    "transcription_models",
 ]
 
 Event = dict[str, Any]
 
-_FRAME = 20 * BYTES_PER_MS  # VAD frame: 20 ms
+_FRAME = 20 * BYTES_PER_MS  # VAD frame: 20 ms of μ-law
 _SPEECH_START_MS = 60  # loud audio needed before speech_started
 _MIN_COMMIT_MS = 100  # the service refuses to commit less
 _SERVER_ERROR = (
     "The server had an error while processing your request. Sorry about that! You can retry your request, "
     "or contact us through our help center at help.openai.com if the error persists."
 )
+_QUOTA_ERROR = (
+    "You exceeded your current quota, please check your plan and billing details. For more information on this "
+    "error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors."
+)
+_BETA_DISABLED = "The Realtime Beta API is no longer supported. Please use /v1/realtime for the GA API."
+_SESSION_EXPIRED = "Your session hit the maximum duration of 60 minutes."
 _BETA_NAMES = {
     "response.output_audio.delta": "response.audio.delta",
     "response.output_audio.done": "response.audio.done",
     "response.output_audio_transcript.delta": "response.audio_transcript.delta",
     "response.output_audio_transcript.done": "response.audio_transcript.done",
 }
+BUILTIN_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+"""The service's built-in voices; any other voice must be a custom ``{"id": ...}`` voice."""
+_SPEED_RANGE = (0.25, 1.5)
+_MAX_OUTPUT_TOKENS_RANGE = (1, 4096)
+
+# Wire formats: the GA name, and bytes per millisecond of audio in it.
+_BETA_FORMATS = {"g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma", "pcm16": "audio/pcm"}
+_BYTES_PER_MS = {"audio/pcmu": BYTES_PER_MS, "audio/pcma": BYTES_PER_MS, "audio/pcm": 48}
+_PCM_FRAME = 6  # one 8 kHz μ-law sample is three 16-bit samples at 24 kHz
 
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def _literal_values(annotation: Any) -> tuple[str, ...]:
+    """The strings of the first ``Literal`` inside ``annotation`` (``Union[str, Literal[...]]`` in the SDK)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(str(value) for value in typing.get_args(annotation))
+    for argument in typing.get_args(annotation):
+        values = _literal_values(argument)
+        if values:
+            return values
+    return ()
+
+
+@functools.cache
+def realtime_models() -> frozenset[str]:
+    """The Realtime models the ``openai`` package lists for a session (``RealtimeSessionCreateRequestParam.model``)."""
+    from openai.types.realtime.realtime_session_create_request_param import RealtimeSessionCreateRequestParam
+
+    return frozenset(_literal_values(typing.get_type_hints(RealtimeSessionCreateRequestParam)["model"]))
+
+
+@functools.cache
+def transcription_models() -> tuple[str, ...]:
+    """The transcription models the ``openai`` package lists (``AudioTranscriptionParam.model``), in its order."""
+    from openai.types.realtime.audio_transcription_param import AudioTranscriptionParam
+
+    return _literal_values(typing.get_type_hints(AudioTranscriptionParam)["model"])
+
+
+def _supported(values: tuple[str, ...]) -> str:
+    """``'a', 'b', and 'c'``, as the service lists the values it accepts."""
+    quoted = [f"'{value}'" for value in values]
+    if len(quoted) < 3:
+        return " and ".join(quoted)
+    return ", ".join(quoted[:-1]) + f", and {quoted[-1]}"
+
+
+def _mask_key(key: str) -> str:
+    """An API key as the service echoes it in errors: its first and last characters around asterisks."""
+    if len(key) < 16:
+        return "*" * len(key)
+    return f"{key[:8]}{'*' * (len(key) - 12)}{key[-4:]}"
+
+
+def _deprecated(model: str) -> str:
+    """The service's words for a model past its shutdown date (its code is ``model_not_found``)."""
+    return f"The model `{model}` has been deprecated, learn more here: https://platform.openai.com/docs/deprecations"
+
+
+def _invalid_api_key_body(key: str) -> Event:
+    message = (
+        f"Incorrect API key provided: {_mask_key(key)}. "
+        "You can find your API key at https://platform.openai.com/account/api-keys."
+    )
+    return {"type": "invalid_request_error", "code": "invalid_api_key", "message": message, "param": None}
+
+
+# G.711 A-law (the ITU-T reference algorithm), and the conversions between the agent's μ-law and the wire.
+
+_ALAW_SEGMENT_ENDS = (0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF)
+
+
+def _alaw_encode(sample: int) -> int:
+    value = sample >> 3  # 13-bit magnitude domain
+    mask = 0xD5
+    if value < 0:
+        value, mask = -value - 1, 0x55
+    segment = next((i for i, end in enumerate(_ALAW_SEGMENT_ENDS) if value <= end), 8)
+    if segment >= 8:
+        return 0x7F ^ mask
+    mantissa = (value >> 1) & 0x0F if segment < 2 else (value >> segment) & 0x0F
+    return ((segment << 4) | mantissa) ^ mask
+
+
+def _alaw_decode(byte: int) -> int:
+    byte ^= 0x55
+    magnitude = (byte & 0x0F) << 4
+    segment = (byte & 0x70) >> 4
+    if segment == 0:
+        magnitude += 8
+    else:
+        magnitude = (magnitude + 0x108) << (segment - 1)
+    return magnitude if byte & 0x80 else -magnitude
+
+
+_ULAW_TO_ALAW = bytes(_alaw_encode(DECODE_TABLE[byte]) for byte in range(256))
+_ALAW_TO_ULAW = pcm16_to_ulaw([_alaw_decode(byte) for byte in range(256)])
+
+
+def _ulaw_to_pcm24k(ulaw: bytes) -> bytes:
+    """μ-law 8 kHz → 16-bit little-endian PCM at 24 kHz, linearly interpolated (48 bytes per ms)."""
+    table = DECODE_TABLE
+    samples = [table[byte] for byte in ulaw]
+    if not samples:
+        return b""
+    following = samples[1:] + samples[-1:]
+    out = array("h", bytes(len(samples) * _PCM_FRAME))
+    out[0::3] = array("h", samples)
+    out[1::3] = array("h", [a + (b - a) // 3 for a, b in zip(samples, following, strict=True)])
+    out[2::3] = array("h", [a + 2 * (b - a) // 3 for a, b in zip(samples, following, strict=True)])
+    if sys.byteorder == "big":
+        out.byteswap()
+    return out.tobytes()
+
+
+def _pcm24k_to_ulaw(pcm: bytes) -> bytes:
+    """16-bit little-endian PCM at 24 kHz (whole 3-sample frames) → μ-law 8 kHz, each frame averaged."""
+    samples = array("h")
+    samples.frombytes(pcm)
+    if sys.byteorder == "big":
+        samples.byteswap()
+    return pcm16_to_ulaw(
+        [(a + b + c) // 3 for a, b, c in zip(samples[0::3], samples[1::3], samples[2::3], strict=True)]
+    )
+
+
+def _to_wire(ulaw: bytes, wire_format: str) -> bytes:
+    if wire_format == "audio/pcm":
+        return _ulaw_to_pcm24k(ulaw)
+    if wire_format == "audio/pcma":
+        return ulaw.translate(_ULAW_TO_ALAW)
+    return ulaw
+
+
+def _sentences(text: str) -> list[str]:
+    """A reply's sentences, each spoken as its own item when replies are split."""
+    return [sentence for sentence in re.split(r"(?<=[.!?])\s+", text.strip()) if sentence] or [text]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +271,29 @@ class ServerOptions:
     """Close the connection with code 1011 this long after ``session.created``."""
     close_abruptly: bool = False
     """Instead, drop the TCP connection then without a close frame (a killed process)."""
+    split_reply_items: bool = False
+    """Speak a reply of several sentences as one assistant item per sentence, in one response."""
+    fail_responses: frozenset[int] = frozenset()
+    """Responses (1-based, every response of the connection counted) that fail with a ``server_error``."""
+    incomplete_responses: frozenset[int] = frozenset()
+    """Responses that stop after about half their audio, ``incomplete`` for ``max_output_tokens``."""
+    quota_exceeded: bool = False
+    """Every response fails with ``insufficient_quota``."""
+    session_expires_after_s: float | None = None
+    """Send ``session_expired`` and close (1001) this long after ``session.created``."""
+    accepts_beta: bool = True
+    """Serve the beta shape; off, a beta connection gets ``beta_api_shape_disabled`` and a close."""
+    api_key: str | None = None
+    """The one bearer token accepted; ``None`` accepts any."""
+    reject_api_key_in_band: bool = False
+    """Refuse a wrong key after the upgrade (``error`` then close 3000), not with HTTP 401 at the handshake."""
+    check_model: bool = False
+    """Refuse a ``?model=`` the ``openai`` package does not list for Realtime sessions, or a retired one."""
+    retired_models: frozenset[str] = frozenset()
+    """Models past their shutdown date: a connection's model among them gets ``model_not_found``; a transcription
+    model among them is off the list of supported values, as an unknown one is."""
+    idle_prompt: str = "Are you still there?"
+    """What the response to ``server_vad``'s ``idle_timeout_ms`` says."""
 
 
 @dataclass
@@ -131,7 +307,8 @@ class ServerSession:
     client_events: list[Event] = field(default_factory=list)
     """Every event received, as parsed JSON, invalid ones included."""
     audio: bytearray = field(default_factory=bytearray)
-    """All μ-law audio appended, byte-exact."""
+    """All input audio appended, as the agent hears it: μ-law 8 kHz (byte-exact when the input format is μ-law,
+    converted from A-law or 24 kHz PCM otherwise)."""
     server_events: list[Event] = field(default_factory=list)
     errors: list[Event] = field(default_factory=list)
     truncations: list[Event] = field(default_factory=list)
@@ -192,8 +369,19 @@ class RealtimeServer:
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if urlsplit(request.path).path != "/v1/realtime":
             return connection.respond(HTTPStatus.NOT_FOUND, "Not found\n")
-        if not request.headers.get("Authorization", "").startswith("Bearer "):
+        authorization = request.headers.get("Authorization", "")
+        if not authorization.startswith("Bearer "):
             return connection.respond(HTTPStatus.UNAUTHORIZED, "Missing bearer authentication in header\n")
+        key = authorization.removeprefix("Bearer ")
+        if self.options.api_key is not None and key != self.options.api_key and not self.options.reject_api_key_in_band:
+            # OpenAI's REST error body. The live Realtime endpoint instead upgrades and refuses in band: see
+            # ServerOptions.reject_api_key_in_band.
+            error = _invalid_api_key_body(key)
+            body = {"error": {name: error[name] for name in ("message", "type", "param", "code")}}
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, json.dumps(body, indent=2) + "\n")
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = "application/json"
+            return response
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -217,15 +405,45 @@ class RealtimeServer:
 @dataclass
 class _Response:
     id: str
+    number: int
+    """1-based, counting every response of the connection."""
     text: str
     tool: ToolCall | None
+    failure: Event | None = None
+    """The ``status_details.error`` of a response that fails before any output."""
+    char_budget: int | None = None
+    """Stop, ``incomplete``, once this many characters have been spoken."""
     cancel_reason: str | None = None
+    ran_out: bool = False
+    """Stopped at ``char_budget``."""
+    output: list[Event] = field(default_factory=list)
+    """The output items created, in order."""
+    input_tokens: tuple[int, int] = (0, 0)
+    """(text, audio) tokens of the conversation the response was created from."""
+    cached_tokens: tuple[int, int] = (0, 0)
+    started: float | None = None
+    """Loop time of the first audio delta."""
+    deltas: int = 0
+    audio_ms: float = 0.0
+    chars_spoken: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
+    @property
+    def stopped(self) -> bool:
+        return bool(self.cancel_reason) or self.ran_out
+
+    @property
+    def status(self) -> str:
+        if self.failure is not None:
+            return "failed"
+        if self.cancel_reason:
+            return "cancelled"
+        return "incomplete" if self.ran_out else "completed"
+
     async def next_piece(self, pieces: AsyncIterator[tuple[str, bytes]]) -> tuple[str, bytes] | None:
         """The next synthesized piece, or ``None`` at the end or as soon as the response is cancelled."""
-        if self.cancel_reason:
+        if self.stopped:
             return None
         getter = asyncio.ensure_future(anext(pieces, None))
         waker = asyncio.ensure_future(self.wake.wait())
@@ -267,6 +485,11 @@ def _merge(target: Event, update: Event) -> None:
             target[key] = value
 
 
+def _tokens(chars: int) -> int:
+    """Text tokens for ``chars`` characters, at the usual four characters a token."""
+    return math.ceil(chars / 4)
+
+
 class _Connection:
     """Protocol state for one WebSocket connection."""
 
@@ -281,15 +504,21 @@ class _Connection:
         self.conversation_id = _new_id("conv")
         self.config = self._default_session()
         self.items: dict[str, Event] = {}  # the conversation, in order
-        self.audio_sent: dict[str, int] = {}  # assistant item id -> μ-law bytes sent
+        self.audio_sent: dict[str, int] = {}  # assistant item id -> audio bytes sent, in the item's wire format
+        self.audio_rate: dict[str, int] = {}  # assistant item id -> bytes per ms of its wire format
+        self.user_audio_ms: dict[str, int] = {}  # user audio item id -> its length
         self.caller_transcripts: list[str] = []
         self.active: _Response | None = None
+        self.responses = 0
+        self.last_input_tokens = (0, 0)
         self.tasks: set[asyncio.Task[None]] = set()
-        self.buffer = bytearray()  # uncommitted input audio
+        self.buffer = bytearray()  # uncommitted input audio, μ-law
         self.pending = bytearray()  # input audio not yet a whole VAD frame
+        self.undecoded = b""  # 24 kHz PCM input not yet a whole 3-sample frame
         self.speech_item: str | None = None  # set between speech_started and speech_stopped
         self.loud_ms = 0
         self.quiet_ms = 0
+        self.idle: asyncio.Task[None] | None = None
 
     def _default_session(self) -> Event:
         vad = _vad_defaults({"type": "server_vad"})
@@ -341,9 +570,33 @@ class _Connection:
     def _transcribes(self) -> bool:
         return bool(self._input["transcription" if self.ga else "input_audio_transcription"])
 
+    @property
+    def _input_format(self) -> str:
+        if self.ga:
+            return str(self.config["audio"]["input"]["format"]["type"])
+        return _BETA_FORMATS[self.config["input_audio_format"]]
+
+    @property
+    def _output_format(self) -> str:
+        if self.ga:
+            return str(self.config["audio"]["output"]["format"]["type"])
+        return _BETA_FORMATS[self.config["output_audio_format"]]
+
+    @property
+    def _max_output_tokens(self) -> int | str:
+        value = self.config["max_output_tokens" if self.ga else "max_response_output_tokens"]
+        return value if isinstance(value, int) else "inf"
+
+    @property
+    def _input_ms(self) -> int:
+        """Input audio appended so far, in ms."""
+        return len(self.record.audio) // BYTES_PER_MS
+
     # Plumbing.
 
     async def run(self) -> None:
+        if not await self._admit():
+            return
         await self._send("session.created", session=self.config)
         if not self.ga:
             await self._send(
@@ -351,9 +604,50 @@ class _Connection:
             )
         if self.options.close_after_s is not None:
             self._spawn(self._close_later(self.options.close_after_s))
+        if self.options.session_expires_after_s is not None:
+            self._spawn(self._expire_later(self.options.session_expires_after_s))
         with contextlib.suppress(ConnectionClosed):
             async for message in self.ws:
                 await self._receive(message)
+
+    async def _admit(self) -> bool:
+        """Refuse the connection as the service does after the upgrade: an ``error``, then a close.
+
+        What the live service does (a capture of wss://api.openai.com/v1/realtime, 2026-09-18, and others
+        reporting the same): a wrong key gets ``invalid_api_key`` and close 3000; the ``OpenAI-Beta: realtime=v1``
+        header gets ``beta_api_shape_disabled`` and close 4000; ``?model=gpt-nope`` gets ``invalid_model``
+        ('Model "gpt-nope" is not supported in realtime mode. ...') and close 4000. Each close's reason is the
+        error's ``type.code``. A model the account cannot use (here: a retired one) gets ``model_not_found``; it was
+        reported closing with 4004.
+        """
+        options = self.options
+        key = self.ws.request.headers.get("Authorization", "").removeprefix("Bearer ") if self.ws.request else ""
+        if options.api_key is not None and options.reject_api_key_in_band and key != options.api_key:
+            error = _invalid_api_key_body(key)
+            await self._refuse(error["message"], error["code"], 3000)
+            return False
+        if not self.ga and not options.accepts_beta:
+            await self._refuse(_BETA_DISABLED, "beta_api_shape_disabled", 4000)
+            return False
+        model = self.record.model
+        if options.check_model and model is not None:
+            if model in options.retired_models:
+                message = _deprecated(model)
+                await self._refuse(message, "model_not_found", 4004)
+                return False
+            if model not in realtime_models():
+                message = (
+                    f'Model "{model}" is not supported in realtime mode. '
+                    "See https://platform.openai.com/docs/models for a list of supported models."
+                )
+                await self._refuse(message, "invalid_model", 4000)
+                return False
+        return True
+
+    async def _refuse(self, message: str, code: str, close_code: int) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._error(message, code)
+            await self.ws.close(close_code, f"invalid_request_error.{code}")
 
     async def shutdown(self) -> None:
         for task in self.tasks:
@@ -373,6 +667,13 @@ class _Connection:
             self.ws.transport.abort()
         else:
             await self.ws.close(1011, "Internal server error")
+
+    async def _expire_later(self, delay: float) -> None:
+        """The service's session limit (60 minutes): ``session_expired``, then the socket closes."""
+        await asyncio.sleep(delay)
+        with contextlib.suppress(ConnectionClosed):
+            await self._error(_SESSION_EXPIRED, "session_expired")
+            await self.ws.close(1001, "invalid_request_error.session_expired")
 
     async def _send(self, event_type: str, **fields: Any) -> None:
         name = event_type if self.ga else _BETA_NAMES.get(event_type, event_type)
@@ -453,21 +754,100 @@ class _Connection:
             message = f"Session type cannot be changed from 'realtime' to '{update['type']}'."
             await self._error(message, "invalid_value", "session.type", cause=event)
             return
+        refused = self._refusal(update)
+        if refused is not None:  # the service applies none of a refused update
+            message, code, param = refused
+            await self._error(message, code, param, cause=event)
+            return
         update.pop("client_secret", None)  # beta session.update accepts it; the session object has no such field
+        formats = (self._input_format, self._output_format)
         _merge(self.config, update)
         self._input["turn_detection"] = _vad_defaults(self._vad)
+        if self.ga and self._input["transcription"]:
+            self._input["transcription"] = {"language": None, "prompt": None} | self._input["transcription"]
         if self._vad is None:
             self._reset_vad()
+            self._cancel_idle()
+        if formats[0] != self._input_format:
+            self.undecoded = b""
         await self._send("session.updated", session=self.config)
+
+    def _refusal(self, update: Event) -> tuple[str, str, str] | None:
+        """Why the service would refuse this (conformant) session update: (message, code, param), or ``None``."""
+        audio = update.get("audio") or {}
+        output = (audio.get("output") or {}) if self.ga else update
+        source = (audio.get("input") or {}) if self.ga else update
+        where = "session.audio.output" if self.ga else "session"
+        voice = output.get("voice")
+        if voice is not None and not isinstance(voice, dict) and voice not in BUILTIN_VOICES:
+            message = f"Invalid value: '{voice}'. Supported values are: {_supported(BUILTIN_VOICES)}."
+            return message, "invalid_value", f"{where}.voice"
+        speed = output.get("speed")
+        low, high = _SPEED_RANGE
+        if isinstance(speed, int | float) and not low <= speed <= high:
+            above = speed > high
+            kind = "decimal above maximum value" if above else "decimal below minimum value"
+            bound = f"<= {high}" if above else f">= {low}"
+            param = f"{where}.speed"
+            message = f"Invalid '{param}': {kind}. Expected a value {bound}, but got {float(speed)!r} instead."
+            return message, "decimal_above_max_value" if above else "decimal_below_min_value", param
+        transcription_key = "transcription" if self.ga else "input_audio_transcription"
+        transcription = source.get(transcription_key)
+        model = transcription.get("model") if isinstance(transcription, dict) else None
+        if model is not None:
+            param = (
+                f"session.audio.input.{transcription_key}.model" if self.ga else f"session.{transcription_key}.model"
+            )
+            # The session schema validates the model against a list, as the SDK's Literal does; a model past its
+            # shutdown date is off that list, so it is refused like a misspelt one.
+            served = tuple(name for name in transcription_models() if name not in self.options.retired_models)
+            if model not in served:
+                message = f"Invalid value: '{model}'. Supported values are: {_supported(served)}."
+                return message, "invalid_value", param
+        for index, tool in enumerate(update.get("tools") or []):
+            if tool.get("type", "function") != "function" or "parameters" not in tool:
+                continue
+            parameters = tool["parameters"]
+            schema_type = parameters.get("type") if isinstance(parameters, dict) else None
+            if schema_type != "object":
+                message = (
+                    f"Invalid schema for function '{tool.get('name', '')}': schema must be a JSON Schema of "
+                    f"'type: \"object\"', got 'type: \"{schema_type}\"'."
+                )
+                return message, "invalid_function_parameters", f"session.tools[{index}].parameters"
+        limit_key = "max_output_tokens" if self.ga else "max_response_output_tokens"
+        limit = update.get(limit_key)
+        low_tokens, high_tokens = _MAX_OUTPUT_TOKENS_RANGE
+        if isinstance(limit, int) and not isinstance(limit, bool) and not low_tokens <= limit <= high_tokens:
+            above = limit > high_tokens
+            kind = "integer above maximum value" if above else "integer below minimum value"
+            bound = f"<= {high_tokens}" if above else f">= {low_tokens}"
+            param = f"session.{limit_key}"
+            message = f"Invalid '{param}': {kind}. Expected a value {bound}, but got {limit} instead."
+            return message, "integer_above_max_value" if above else "integer_below_min_value", param
+        return None
+
+    def _decode_input(self, data: bytes) -> bytes:
+        """Appended audio in the session's input format → the μ-law 8 kHz the agent hears."""
+        wire_format = self._input_format
+        if wire_format == "audio/pcma":
+            return data.translate(_ALAW_TO_ULAW)
+        if wire_format != "audio/pcm":
+            return data
+        data = self.undecoded + data
+        whole = len(data) - len(data) % _PCM_FRAME
+        self.undecoded = data[whole:]
+        return _pcm24k_to_ulaw(data[:whole])
 
     async def _append(self, event: Event) -> None:
         try:
-            audio = base64.b64decode(event["audio"], validate=True)
+            raw = base64.b64decode(event["audio"], validate=True)
         except binascii.Error:
             await self._error(
                 "Invalid 'audio'. Expected base64-encoded audio bytes.", "invalid_value", "audio", cause=event
             )
             return
+        audio = self._decode_input(raw)
         self.record.audio += audio
         self.buffer += audio
         if self._vad is None:
@@ -489,6 +869,7 @@ class _Connection:
             if self.loud_ms < _SPEECH_START_MS:
                 return
             self.speech_item, self.quiet_ms = _new_id("item"), 0
+            self._cancel_idle()
             start_ms = max(0, end_ms - self.loud_ms - vad.get("prefix_padding_ms", 300))
             await self._send("input_audio_buffer.speech_started", audio_start_ms=start_ms, item_id=self.speech_item)
             if vad["interrupt_response"] and self.active is not None:
@@ -518,25 +899,23 @@ class _Connection:
         self._reset_vad()
         await self._commit(item_id, respond=False)
 
-    async def _commit(self, item_id: str, *, respond: bool) -> None:
-        """A caller turn: commit the buffer as a user audio item, transcribe it, maybe answer it."""
+    async def _commit_buffer(self, item_id: str) -> bytes:
+        """Commit the input buffer as a user audio item; returns its audio."""
         turn_audio = bytes(self.buffer)
         self.buffer.clear()
-        turn = len(self.caller_transcripts) + 1
         await self._send(
             "input_audio_buffer.committed", item_id=item_id, previous_item_id=next(reversed(self.items), None)
         )
+        self.user_audio_ms[item_id] = len(turn_audio) // BYTES_PER_MS
         content = [{"type": "input_audio", "transcript": None}]
-        await self._add_item(
-            {
-                "id": item_id,
-                "object": "realtime.item",
-                "type": "message",
-                "status": "completed",
-                "role": "user",
-                "content": content,
-            }
-        )
+        item = {"id": item_id, "object": "realtime.item", "type": "message", "status": "completed", "role": "user"}
+        await self._add_item(item | {"content": content})
+        return turn_audio
+
+    async def _commit(self, item_id: str, *, respond: bool) -> None:
+        """A caller turn: commit the buffer as a user audio item, transcribe it, maybe answer it."""
+        turn = len(self.caller_transcripts) + 1
+        turn_audio = await self._commit_buffer(item_id)
         if turn == self.options.error_on_turn:
             self.caller_transcripts.append("")
             error = {"type": "server_error", "code": None, "message": _SERVER_ERROR, "param": None, "event_id": None}
@@ -576,6 +955,12 @@ class _Connection:
         return item
 
     async def _item_delete(self, event: Event) -> None:
+        """Delete an item; one the active response is still producing leaves the conversation at once.
+
+        What the live service does with an item still being produced is not documented. Here the item leaves the
+        conversation (a later truncate or retrieve of it fails), and the response goes on: its events still name
+        the item, without ``conversation.item.done``, and ``response.done`` still lists it among its output.
+        """
         if await self._find_item(event) is not None:
             del self.items[event["item_id"]]
             await self._send("conversation.item.deleted", item_id=event["item_id"])
@@ -598,7 +983,7 @@ class _Connection:
             message = f"Invalid 'content_index': {event['content_index']}. The item has one content part."
             await self._error(message, "invalid_value", "content_index", cause=event)
             return
-        sent_ms = self.audio_sent[item_id] // BYTES_PER_MS
+        sent_ms = self.audio_sent[item_id] // self.audio_rate[item_id]
         if audio_end_ms > sent_ms:
             message = f"Audio content of {sent_ms}ms is already shorter than {audio_end_ms}ms"
             await self._error(message, "invalid_value", "audio_end_ms", cause=event)
@@ -627,12 +1012,68 @@ class _Connection:
             return
         await self._cancel("client_cancelled")
 
+    # Idle timeout.
+
+    def _arm_idle(self, response: _Response) -> None:
+        """Start ``idle_timeout_ms`` once the response's audio has finished playing at the caller.
+
+        The service counts the timeout from the end of playback: ``response.done`` plus the audio's duration. The
+        audio is taken to play in real time from its first delta, so playback ends then plus its length, or at
+        ``response.done`` if that is later.
+        """
+        vad = self._vad
+        timeout_ms = vad.get("idle_timeout_ms") if vad is not None and vad["type"] == "server_vad" else None
+        if timeout_ms is None or self.speech_item is not None or self.active is not None:
+            return
+        loop = asyncio.get_running_loop()
+        played = (response.started or loop.time()) + response.audio_ms / 1000
+        self._cancel_idle()
+        self.idle = self._spawn(self._idle_wait(max(played, loop.time()), timeout_ms / 1000))
+
+    def _cancel_idle(self) -> None:
+        if self.idle is not None and self.idle is not asyncio.current_task():
+            self.idle.cancel()
+        self.idle = None
+
+    async def _idle_wait(self, played: float, idle_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(played - loop.time())
+        start_ms = self._input_ms
+        await asyncio.sleep(idle_s)
+        self.idle = None
+        item_id = _new_id("item")
+        await self._send(
+            "input_audio_buffer.timeout_triggered",
+            audio_start_ms=start_ms,
+            audio_end_ms=max(self._input_ms, start_ms),
+            item_id=item_id,
+        )
+        self._reset_vad()
+        await self._commit_buffer(item_id)
+        if self.active is None:
+            self._start_response(None, say=self.options.idle_prompt)
+
     # Responses.
 
-    def _start_response(self, instructions: str | None) -> None:
-        plan = self._plan(instructions)
+    def _start_response(self, instructions: str | None, *, say: str | None = None) -> None:
+        self._cancel_idle()
+        self.responses += 1
+        number, options = self.responses, self.options
+        failure: Event | None = None
+        if options.quota_exceeded:
+            failure = {"type": "insufficient_quota", "code": "insufficient_quota", "message": _QUOTA_ERROR}
+        elif number in options.fail_responses:
+            failure = {"type": "server_error", "code": "server_error", "message": _SERVER_ERROR}
+        plan: str | ToolCall = "" if failure is not None else say if say is not None else self._plan(instructions)
         text, tool = ("", plan) if isinstance(plan, ToolCall) else (plan, None)
-        response = _Response(_new_id("resp"), text, tool)
+        response = _Response(_new_id("resp"), number, text, tool, failure)
+        if number in options.incomplete_responses and tool is None:
+            response.char_budget = max(1, len(text) // 2)
+        response.input_tokens = self._conversation_tokens(instructions)
+        last_text, last_audio = self.last_input_tokens
+        text_tokens, audio_tokens = response.input_tokens
+        response.cached_tokens = (min(last_text, text_tokens) // 64 * 64, min(last_audio, audio_tokens) // 64 * 64)
+        self.last_input_tokens = response.input_tokens
         self.active = response
         response.task = self._spawn(self._run_response(response))
 
@@ -653,6 +1094,46 @@ class _Connection:
         )
         return self.agent.plan(context)
 
+    def _conversation_tokens(self, instructions: str | None) -> tuple[int, int]:
+        """The (text, audio) input tokens of a response: instructions, tools and the conversation so far.
+
+        Deterministic stand-ins for the model's counts: text at four characters a token, caller audio at ten
+        tokens a second and the model's own audio at twenty, as the service bills them.
+        """
+        text = 20 + _tokens(len(instructions or self.config.get("instructions") or ""))
+        text += _tokens(len(json.dumps(self.config.get("tools") or [])))
+        audio = 0
+        for item_id, item in self.items.items():
+            if item_id in self.user_audio_ms:
+                audio += math.ceil(self.user_audio_ms[item_id] / 100)
+            elif item_id in self.audio_sent:
+                audio += math.ceil(self.audio_sent[item_id] / self.audio_rate[item_id] / 50)
+            else:
+                text += 4 + _tokens(len(json.dumps(item.get("content") or item.get("output") or item.get("arguments"))))
+        return text, audio
+
+    def _usage(self, response: _Response) -> Event:
+        """``response.usage`` in the service's shape; a failed response used nothing."""
+        text_in, audio_in = (0, 0) if response.failure else response.input_tokens
+        cached_text, cached_audio = (0, 0) if response.failure else response.cached_tokens
+        text_out = audio_out = 0
+        for item in response.output:
+            if item["type"] == "function_call":
+                text_out += 5 + _tokens(len(item["name"]) + len(item["arguments"]))
+            else:
+                text_out += _tokens(len("".join(part.get("transcript") or "" for part in item["content"])))
+                audio_out += math.ceil(self.audio_sent.get(item["id"], 0) / self.audio_rate.get(item["id"], 1) / 50)
+        cached: Event = {"cached_tokens": cached_text + cached_audio}
+        if self.ga:  # the beta usage object has no breakdown of cached tokens
+            cached["cached_tokens_details"] = {"text_tokens": cached_text, "audio_tokens": cached_audio}
+        return {
+            "total_tokens": text_in + audio_in + text_out + audio_out,
+            "input_tokens": text_in + audio_in,
+            "output_tokens": text_out + audio_out,
+            "input_token_details": {"text_tokens": text_in, "audio_tokens": audio_in} | cached,
+            "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out},
+        }
+
     async def _cancel(self, reason: str) -> None:
         """Stop the active response; its task sends the closing events, and this waits for them."""
         response = self.active
@@ -664,34 +1145,50 @@ class _Connection:
     async def _run_response(self, response: _Response) -> None:
         try:
             await self._send("response.created", response=self._response_object(response, "in_progress"))
-            if response.tool is not None:
+            if response.failure is not None:
+                pass  # the service fails such a response before any output
+            elif response.tool is not None:
                 await self._stream_function_call(response, response.tool.name, response.tool.arguments)
             else:
                 await self._stream_audio(response)
+            if self.active is response:
+                self.active = None  # before response.done, so a client reacting to it may create the next one
+            await self._send("response.done", response=self._response_object(response, response.status, done=True))
+            self._arm_idle(response)
         except ConnectionClosed:
             pass
         finally:
             if self.active is response:
                 self.active = None
 
-    def _response_object(
-        self, response: _Response, status: str, output: list[Event] | None = None, usage: Event | None = None
-    ) -> Event:
-        details = {"type": "cancelled", "reason": response.cancel_reason} if status == "cancelled" else None
+    def _response_object(self, response: _Response, status: str, *, done: bool = False) -> Event:
+        details: Event | None = None
+        if status == "cancelled":
+            details = {"type": "cancelled", "reason": response.cancel_reason}
+        elif status == "incomplete":
+            details = {"type": "incomplete", "reason": "max_output_tokens"}
+        elif status == "failed":
+            details = {"type": "failed", "error": response.failure}
         body: Event = {
             "object": "realtime.response",
             "id": response.id,
             "status": status,
             "status_details": details,
-            "output": output or [],
+            "output": response.output if done else [],
             "conversation_id": self.conversation_id,
-            "max_output_tokens": "inf",
-            "usage": usage,
+            "max_output_tokens": self._max_output_tokens,
+            "usage": self._usage(response) if done else None,
             "metadata": None,
         }
         if self.ga:
             output_config = self.config["audio"]["output"]
-            audio = {"output": {"format": output_config["format"], "voice": output_config["voice"]}}
+            voice = output_config["voice"]  # a response names a custom voice by its id
+            audio = {
+                "output": {
+                    "format": output_config["format"],
+                    "voice": voice.get("id") if isinstance(voice, dict) else voice,
+                }
+            }
             return body | {"output_modalities": ["audio"], "audio": audio}
         return body | {
             "modalities": ["text", "audio"],
@@ -700,75 +1197,94 @@ class _Connection:
             "temperature": self.config.get("temperature", 0.8),
         }
 
-    async def _open_item(self, response: _Response, item: Event) -> str | None:
-        """Add a response's output item to the conversation; returns the id of the item before it."""
+    async def _open_item(self, response: _Response, item: Event) -> tuple[int, str | None]:
+        """Add an output item to the response and the conversation; returns its output index and the id before it."""
         previous = next(reversed(self.items), None)
         item |= {"id": _new_id("item"), "object": "realtime.item", "status": "in_progress"}
+        output_index = len(response.output)
+        response.output.append(item)
         self.items[item["id"]] = item
-        await self._send("response.output_item.added", response_id=response.id, output_index=0, item=item)
+        await self._send("response.output_item.added", response_id=response.id, output_index=output_index, item=item)
         await self._item_event("added", item, previous)
-        return previous
+        return output_index, previous
 
-    async def _finish(self, response: _Response, item: Event, previous: str | None, audio_ms: int) -> None:
-        """Send the closing events shared by every response."""
-        await self._send("response.output_item.done", response_id=response.id, output_index=0, item=item)
-        await self._item_event("done", item, previous)
-        if self.active is response:
-            self.active = None  # before response.done, so a client reacting to it may create the next one
-        output_tokens = len(json.dumps(item)) // 4 + audio_ms // 50
-        usage = {"total_tokens": 100 + output_tokens, "input_tokens": 100, "output_tokens": output_tokens}
-        status = "cancelled" if response.cancel_reason else "completed"
-        await self._send("response.done", response=self._response_object(response, status, [item], usage))
+    async def _close_item(self, response: _Response, item: Event, output_index: int, previous: str | None) -> None:
+        await self._send("response.output_item.done", response_id=response.id, output_index=output_index, item=item)
+        if item["id"] in self.items:  # not if the client deleted it meanwhile
+            await self._item_event("done", item, previous)
 
     async def _stream_function_call(self, response: _Response, name: str, arguments: str) -> None:
         item: Event = {"type": "function_call", "name": name, "call_id": _new_id("call"), "arguments": ""}
-        previous = await self._open_item(response, item)
-        ids = {"response_id": response.id, "item_id": item["id"], "output_index": 0, "call_id": item["call_id"]}
+        output_index, previous = await self._open_item(response, item)
+        ids = {"response_id": response.id, "item_id": item["id"], "output_index": output_index}
+        ids["call_id"] = item["call_id"]
         await self._send("response.function_call_arguments.delta", **ids, delta=arguments)
         named = {"name": name} if self.ga else {}  # the beta event has no name
         await self._send("response.function_call_arguments.done", **ids, **named, arguments=arguments)
         item |= {"status": "completed", "arguments": arguments}
-        await self._finish(response, item, previous, 0)
+        await self._close_item(response, item, output_index, previous)
 
     async def _stream_audio(self, response: _Response) -> None:
+        """The reply as one assistant audio item, or one per sentence with ``split_reply_items``.
+
+        A response that is cancelled or runs out of tokens leaves its current item ``incomplete`` and creates no
+        later one.
+        """
+        wire_format = self._output_format  # fixed for the response, as the service fixes it
+        texts = _sentences(response.text) if self.options.split_reply_items else [response.text]
+        for text in texts:
+            if response.stopped:
+                break
+            await self._stream_audio_item(response, text, wire_format)
+
+    async def _stream_audio_item(self, response: _Response, text: str, wire_format: str) -> None:
         item: Event = {"type": "message", "role": "assistant", "content": []}
-        previous = await self._open_item(response, item)
-        ids = {"response_id": response.id, "item_id": item["id"], "output_index": 0, "content_index": 0}
+        output_index, previous = await self._open_item(response, item)
+        item_id, rate = item["id"], _BYTES_PER_MS[wire_format]
+        self.audio_sent[item_id], self.audio_rate[item_id] = 0, rate
+        ids = {"response_id": response.id, "item_id": item_id, "output_index": output_index, "content_index": 0}
         await self._send("response.content_part.added", **ids, part={"type": "audio", "transcript": ""})
 
         delta_ms, speed = self.options.delta_ms, self.options.speed
-        chunk = delta_ms * BYTES_PER_MS
-        started = asyncio.get_running_loop().time()
-        sent = 0  # deltas sent
+        chunk = delta_ms * rate
+        loop = asyncio.get_running_loop()
         transcript = ""
-        async with contextlib.aclosing(self.agent.speak(response.text)) as pieces:
+        async with contextlib.aclosing(self.agent.speak(text)) as pieces:
             while (piece := await response.next_piece(pieces)) is not None:
-                text, audio = piece
+                piece_text, ulaw = piece
+                audio = _to_wire(ulaw, wire_format)
                 count = max(1, math.ceil(len(audio) / chunk))
                 chars = 0
                 for index in range(count):
+                    if response.started is None:
+                        response.started = loop.time()
                     if speed > 0:
-                        await response.pause_until(started + sent * delta_ms / 1000 / speed)
+                        await response.pause_until(response.started + response.deltas * delta_ms / 1000 / speed)
                     else:
                         await asyncio.sleep(0)  # let the receive loop run: caller audio may interrupt
                     if response.cancel_reason:
                         break
                     part = audio[index * chunk : (index + 1) * chunk]
                     # Count the audio before sending it, so a truncate sent on receipt always sees it.
-                    self.audio_sent[item["id"]] = self.audio_sent.get(item["id"], 0) + len(part)
+                    self.audio_sent[item_id] += len(part)
+                    response.audio_ms += len(part) / rate
                     await self._send("response.output_audio.delta", **ids, delta=base64.b64encode(part).decode())
-                    sent += 1
-                    upto = round(len(text) * (index + 1) / count)
+                    response.deltas += 1
+                    upto = round(len(piece_text) * (index + 1) / count)
                     if upto > chars:
-                        await self._send("response.output_audio_transcript.delta", **ids, delta=text[chars:upto])
-                        transcript += text[chars:upto]
+                        await self._send("response.output_audio_transcript.delta", **ids, delta=piece_text[chars:upto])
+                        transcript += piece_text[chars:upto]
+                        response.chars_spoken += upto - chars
                         chars = upto
-                if response.cancel_reason:
+                    if response.char_budget is not None and response.chars_spoken >= response.char_budget:
+                        response.ran_out = True
+                        break
+                if response.stopped:
                     break
 
-        item["status"] = "incomplete" if response.cancel_reason else "completed"
+        item["status"] = "incomplete" if response.stopped else "completed"
         item["content"] = [{"type": "output_audio" if self.ga else "audio", "transcript": transcript}]
         await self._send("response.output_audio.done", **ids)
         await self._send("response.output_audio_transcript.done", **ids, transcript=transcript)
         await self._send("response.content_part.done", **ids, part={"type": "audio", "transcript": transcript})
-        await self._finish(response, item, previous, self.audio_sent.get(item["id"], 0) // BYTES_PER_MS)
+        await self._close_item(response, item, output_index, previous)

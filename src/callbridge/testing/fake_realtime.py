@@ -5,6 +5,12 @@ its errors — driven by a scripted agent: energy-based voice activity detection
 the next entry of :attr:`FakeBehavior.transcripts`, and replies "spoken" as a 300 Hz tone whose length follows
 the reply text. Each connection is recorded as a :class:`FakeSession` for assertions.
 
+It also does what the real service does when things are not simple: it refuses a ``session.update`` with a value
+the service refuses (and keeps the previous configuration), sends audio in the session's format (16-bit PCM at
+24 kHz unless the session asks for G.711), and can be told to split long replies into several items, fail or cut
+short chosen responses, run out of quota, expire the session, refuse the beta shape, a wrong API key or an unknown
+or retired model, and re-prompt a silent caller after ``idle_timeout_ms``: see :class:`FakeBehavior`.
+
 Example::
 
     from openai import AsyncOpenAI
@@ -26,6 +32,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
 
 from callbridge.audio import rms, tone
 from callbridge.realtime.server import RealtimeServer, ServerOptions, ServerSession, ToolCall, TurnContext
@@ -68,6 +77,34 @@ class FakeBehavior:
     """Close the connection with code 1011 this long after ``session.created``."""
     close_abruptly: bool = False
     """At ``close_after_s``, drop the TCP connection without a close frame, as a killed server process does."""
+    retired_models: frozenset[str] = frozenset()
+    """Models past their shutdown date. A connection whose ``?model=`` is among them gets ``model_not_found`` and is
+    closed; a ``session.update`` whose transcription model is among them gets ``invalid_value``, as for a model the
+    ``openai`` package does not list."""
+    split_reply_items: bool = False
+    """Stream a spoken reply of several sentences as one assistant audio item per sentence, all in one response,
+    as the service does with long replies."""
+    fail_responses: frozenset[int] = frozenset()
+    """Responses (1-based, counting every response of a connection, greetings included) that fail:
+    ``response.created``, then ``response.done`` ``failed`` with a ``server_error`` and no output."""
+    incomplete_responses: frozenset[int] = frozenset()
+    """Responses that stop after about half their audio: ``incomplete``, reason ``max_output_tokens``."""
+    quota_exceeded: bool = False
+    """Every response fails with ``insufficient_quota``, as when an account has run out of credit."""
+    session_expires_after_s: float | None = None
+    """Send ``session_expired`` ("Your session hit the maximum duration of 60 minutes.") this long after
+    ``session.created``, then close with code 1001."""
+    accepts_beta: bool = True
+    """Serve ``OpenAI-Beta: realtime=v1`` connections. api.openai.com no longer does: set False to get its
+    ``beta_api_shape_disabled`` error and close 4000."""
+    api_key: str | None = None
+    """The one API key accepted; a handshake with another bearer token is refused with HTTP 401 and OpenAI's JSON
+    error body (``invalid_api_key``, the key masked)."""
+    reject_api_key_in_band: bool = False
+    """With ``api_key``: refuse a wrong key as the live Realtime endpoint does instead, after the upgrade, with an
+    ``error`` event (``invalid_api_key``) and close code 3000."""
+    idle_prompt: str = "Are you still there?"
+    """What the response after ``server_vad``'s ``idle_timeout_ms`` says."""
 
     def transcript(self, turn: int) -> str:
         return self.transcripts[turn - 1] if turn <= len(self.transcripts) else f"(caller turn {turn})"
@@ -106,12 +143,34 @@ class FakeRealtimeServer(RealtimeServer):
 
     def __init__(self, behavior: FakeBehavior | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self.behavior = behavior or FakeBehavior()
-        super().__init__(self._new_agent, ServerOptions(), host, port)
+        super().__init__(self._new_agent, self._options(), host, port)
+
+    def _options(self) -> ServerOptions:
+        behavior = self.behavior
+        return ServerOptions(
+            delta_ms=behavior.delta_ms,
+            speed=behavior.speed,
+            error_on_turn=behavior.error_on_turn,
+            close_after_s=behavior.close_after_s,
+            close_abruptly=behavior.close_abruptly,
+            split_reply_items=behavior.split_reply_items,
+            fail_responses=behavior.fail_responses,
+            incomplete_responses=behavior.incomplete_responses,
+            quota_exceeded=behavior.quota_exceeded,
+            session_expires_after_s=behavior.session_expires_after_s,
+            accepts_beta=behavior.accepts_beta,
+            api_key=behavior.api_key,
+            reject_api_key_in_band=behavior.reject_api_key_in_band,
+            check_model=True,
+            retired_models=behavior.retired_models,
+            idle_prompt=behavior.idle_prompt,
+        )
+
+    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        self.options = self._options()  # the API key is checked at the handshake, before the agent is made
+        return super()._check_request(connection, request)
 
     def _new_agent(self) -> ScriptedAgent:
         # Options are read per connection, so tests may change the behavior after the server started.
-        behavior = self.behavior
-        self.options = ServerOptions(
-            behavior.delta_ms, behavior.speed, behavior.error_on_turn, behavior.close_after_s, behavior.close_abruptly
-        )
-        return ScriptedAgent(behavior)
+        self.options = self._options()
+        return ScriptedAgent(self.behavior)
