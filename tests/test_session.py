@@ -215,11 +215,13 @@ def test_agent_audio_goes_to_twilio_with_named_marks(harness: Harness) -> None:
 
 def test_small_deltas_share_a_mark_every_100_ms_and_keep_the_precision(harness: Harness) -> None:
     harness.go_live()
-    commands = harness.speak("resp_1", "item_1", chunks=13, chunk_ms=20)  # the model's smallest deltas
+    # The model's smallest deltas, all at once (it runs ahead of playback, as the hosted model does).
+    commands = harness.speak("resp_1", "item_1", chunks=13, chunk_ms=20)
     messages = twilio_messages(commands)
     media = [base64.b64decode(m["media"]["payload"]) for m in messages if m["event"] == "media"]
-    assert [len(chunk) for chunk in media] == [320] * 6  # joined in twos: 40 ms each; the 13th is held
-    assert b"".join(media) == bytes([0x7F]) * 320 * 6
+    # The first 40 ms go at once (Twilio has nothing queued); the rest are joined in twos; the 13th is held.
+    assert [len(chunk) for chunk in media] == [160, 160, 320, 320, 320, 320, 320]
+    assert b"".join(media) == bytes([0x7F]) * 160 * 12
     assert [m["mark"]["name"] for m in messages if m["event"] == "mark"] == ["item_1:960", "item_1:1920"]
     # The end of the response sends what is held, and its mark.
     done = twilio_messages(harness.handle(ev.RealtimeResponseDone("resp_1", "completed")))
@@ -232,9 +234,22 @@ def test_small_deltas_share_a_mark_every_100_ms_and_keep_the_precision(harness: 
     assert truncate["audio_end_ms"] == 150
 
 
+def test_deltas_at_playback_pace_are_never_held(harness: Harness) -> None:
+    """When each delta arrives as the one before it finishes playing, holding it would only add latency."""
+    harness.go_live()
+    harness.handle(ev.RealtimeResponseCreated("resp_1"))
+    sizes = []
+    for n in range(10):
+        commands = harness.handle(ev.RealtimeAudioDelta("resp_1", "item_1", audio(20)), at=harness.now + 0.02)
+        sizes += [len(m["media"]["payload"]) for m in twilio_messages(commands) if m["event"] == "media"]
+        assert harness.session.flush_deadline() is None, n
+    assert sizes == [len(audio(20))] * 10
+
+
 def test_a_short_delta_is_held_one_frame_at_most(harness: Harness) -> None:
     harness.go_live()
     harness.handle(ev.RealtimeResponseCreated("resp_1"))
+    harness.handle(ev.RealtimeAudioDelta("resp_1", "item_1", audio(100)))  # 100 ms queued at Twilio
     assert twilio_messages(harness.handle(ev.RealtimeAudioDelta("resp_1", "item_1", audio(20)))) == []
     deadline = harness.session.next_deadline()
     assert deadline is not None and deadline == pytest.approx(harness.now + 0.02)
@@ -242,6 +257,7 @@ def test_a_short_delta_is_held_one_frame_at_most(harness: Harness) -> None:
     assert media["event"] == "media" and media["media"]["payload"] == audio(20)
     assert harness.session.next_deadline() == harness.now - 0.02 + 55 * 60  # only the rollover is timed now
     # Deltas of 40 ms or more pass at once, untouched.
+    harness.handle(ev.RealtimeAudioDelta("resp_1", "item_1", audio(100)))
     big = audio(60)
     (sent,) = [m for m in twilio_messages(harness.handle(ev.RealtimeAudioDelta("resp_1", "item_1", big)))]
     assert sent["media"]["payload"] is big

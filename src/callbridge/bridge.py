@@ -162,8 +162,12 @@ class CallBridge:
         self._finished: asyncio.Future[None] | None = None
         self._ending = False
         self._last_action: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None  # wakes the session at its next deadline
+        # Two timers wake the session: one at its next deadline, one when held agent audio is due (set and cleared
+        # every 40 ms of agent audio, so it is kept apart and costs one call_at and one cancel).
+        self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_at: float | None = None
 
     def start(self, twilio: TwilioLink) -> None:
         """Begin the call on a media stream that has just opened (from the event loop, before its first frame)."""
@@ -177,8 +181,9 @@ class CallBridge:
         try:
             await asyncio.shield(self._finished)
         finally:
-            if self._timer is not None:
-                self._timer.cancel()
+            for timer in (self._timer, self._flush_timer):
+                if timer is not None:
+                    timer.cancel()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -263,20 +268,33 @@ class CallBridge:
             self._fail(exc)
         finally:
             self._handling = False
-        deadline = self.session.next_deadline()
+        session = self.session
+        flush_at = session.flush_deadline()
+        if flush_at != self._flush_at:
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+            self._flush_at = flush_at
+            self._flush_timer = None if flush_at is None else asyncio.get_running_loop().call_at(flush_at, self._flush)
+        deadline = session.control_deadline()
         if deadline != self._timer_at:
-            self._set_timer(deadline)
-
-    def _set_timer(self, deadline: float | None) -> None:
-        """Wake the session at ``deadline`` (the loop's clock is the monotonic clock the session is given)."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._tick)
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = None
+            if deadline is not None:
+                loop = asyncio.get_running_loop()
+                # A deadline already past is due: at once would do, but 10 ms later rules out waking in a loop.
+                self._timer = loop.call_at(max(deadline, loop.time() + 0.01), self._tick)
 
     def _tick(self) -> None:
+        """The session's timer fired: it sees the time (the loop's clock is the monotonic clock it is given)."""
         self._timer = None
         self._timer_at = None
+        self._dispatch(ev.Tick())
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        self._flush_at = None
         self._dispatch(ev.Tick())
 
     def _process(self, event: ev.Event) -> None:

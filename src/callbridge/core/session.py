@@ -72,7 +72,10 @@ Twilio one message each instead of two (and the caller's side one echo in five).
 COALESCE_BYTES = 40 * BYTES_PER_MS
 COALESCE_HOLD_S = 0.020
 """Agent deltas shorter than 40 ms are joined into chunks of up to 40 ms before they go to Twilio (steady chunks
-play without stutter), but no audio is held longer than one 20 ms frame: the timer flushes what is held."""
+play without stutter, and a model running ahead of playback costs Twilio half the messages), but no audio is held
+longer than one 20 ms frame: the timer flushes what is held. And none is held while Twilio's queue would run dry
+meanwhile: a delta that arrives when the audio before it has (nearly) finished playing goes at once, so joining
+never adds latency to what the caller hears."""
 GOODBYE_LIMIT_S = 15.0
 """After ``end_call``, ``transfer_call`` or an idle caller's last re-prompt, the call ends or moves on by then even
 if the goodbye is never said or its playback never confirmed: a silent model must not hold a caller on the line."""
@@ -244,6 +247,7 @@ class CallSession:
         self._held_item: _AgentItem | None = None
         self._held_bytes = 0
         self._held_since = 0.0
+        self._playing_until = 0.0  # when the agent audio sent to Twilio will have played, as far as is known
 
         self._caller_turns: dict[str, _CallerTurn] = {}
         self._idle_prompts = 0  # re-prompts of a silent caller since they last spoke
@@ -274,6 +278,21 @@ class CallSession:
 
     def next_deadline(self) -> float | None:
         """When the session next needs a :class:`~callbridge.core.events.Tick` (driver's monotonic time), if ever."""
+        flush_at = self.flush_deadline()
+        deadline = self._deadline
+        return flush_at if flush_at is not None and (deadline is None or flush_at < deadline) else deadline
+
+    def flush_deadline(self) -> float | None:
+        """When held agent audio must go to Twilio (``None``: nothing is held).
+
+        Part of :meth:`next_deadline`, and apart from it for a driver that keeps the short, frequent timer of
+        coalescing separate from the call's other, rare ones (one is set and cleared every 40 ms of agent audio).
+        """
+        return self._held_since + COALESCE_HOLD_S if self._held else None
+
+    def control_deadline(self) -> float | None:
+        """:meth:`next_deadline` but for :meth:`flush_deadline`: the ready deadline, the goodbye limit, the
+        rollover, the tool filler."""
         return self._deadline
 
     def played_ms(self, item_id: str, now: float) -> int:
@@ -365,8 +384,6 @@ class CallSession:
         deadlines: list[float] = []
         if self.phase == "connecting" and self._ready_by is not None:
             deadlines.append(self._ready_by)
-        if self._held:
-            deadlines.append(self._held_since + COALESCE_HOLD_S)
         if self._closing is not None:
             deadlines.append(self._closing_since + GOODBYE_LIMIT_S)
         if self.phase == "live" and self._rollover_at is not None:
@@ -703,14 +720,11 @@ class CallSession:
         self.stats.deltas_out += 1
         held = self._held
         if not held:
-            if size >= COALESCE_BYTES:
+            if size >= COALESCE_BYTES or self._playing_until <= now + COALESCE_HOLD_S:
                 commands += self._forward(item, event.delta, size, now)
                 return commands
             self._held_item = item
             self._held_since = now
-            hold_until = now + COALESCE_HOLD_S
-            if self._deadline is None or hold_until < self._deadline:
-                self._deadline = hold_until
         elif self._held_item is not item or size >= COALESCE_BYTES:
             commands += self._flush_held(now)
             return commands + self._on_more_audio(item, event.delta, size, now)
@@ -722,13 +736,12 @@ class CallSession:
 
     def _on_more_audio(self, item: _AgentItem, delta: str, size: int, now: float) -> list[Command]:
         """A delta after what was held was flushed: forward it, or start holding again."""
-        if size >= COALESCE_BYTES:
+        if size >= COALESCE_BYTES or self._playing_until <= now + COALESCE_HOLD_S:
             return self._forward(item, delta, size, now)
         self._held.append(delta)
         self._held_item = item
         self._held_bytes = size
         self._held_since = now
-        self._update_deadline(now)
         return []
 
     def _flush_held(self, now: float) -> list[Command]:
@@ -739,8 +752,6 @@ class CallSession:
         self._held = []
         self._held_item = None
         self._held_bytes = 0
-        if self._deadline == self._held_since + COALESCE_HOLD_S:
-            self._update_deadline(now)
         if len(held) == 1:
             return self._forward(item, held[0], size, now)
         # Base64 pieces do not concatenate unless each is a multiple of 3 bytes long: join the bytes.
@@ -753,7 +764,6 @@ class CallSession:
             self._held = []
             self._held_item = None
             self._held_bytes = 0
-            self._update_deadline(now)
 
     def _forward(self, item: _AgentItem, payload: str, size: int, now: float) -> list[Command]:
         """Send agent audio to Twilio, and the mark that will say when it has played."""
@@ -762,6 +772,7 @@ class CallSession:
             self._head_started_at = now
             if item.started_at is None:
                 item.started_at = now
+        self._playing_until = max(self._playing_until, now) + size / BYTES_PER_SECOND
         start = item.forwarded_bytes
         item.forwarded_bytes += size
         chunk = self._open_chunk
@@ -820,6 +831,7 @@ class CallSession:
                 self._flushed_marks.clear()
             self._pending_marks.clear()
             self._open_chunk = None  # never marked: Twilio has nothing to echo for it
+        self._playing_until = now
         self._discard_held(now)
         if active is not None and fresh_response:
             self._interrupted_responses.add(active)  # its late deltas must not reach the caller
