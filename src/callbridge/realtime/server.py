@@ -1036,22 +1036,24 @@ class _Connection:
         self.idle = None
 
     async def _idle_wait(self, played: float, idle_s: float) -> None:
+        """Wait out playback and the idle timeout, then prompt: ``timeout_triggered``, an empty commit, a response."""
         loop = asyncio.get_running_loop()
         await asyncio.sleep(played - loop.time())
-        start_ms = self._input_ms
+        start_ms = self._input_ms  # the input audio after playback ended
         await asyncio.sleep(idle_s)
         self.idle = None
         item_id = _new_id("item")
-        await self._send(
-            "input_audio_buffer.timeout_triggered",
-            audio_start_ms=start_ms,
-            audio_end_ms=max(self._input_ms, start_ms),
-            item_id=item_id,
-        )
-        self._reset_vad()
-        await self._commit_buffer(item_id)
-        if self.active is None:
-            self._start_response(None, say=self.options.idle_prompt)
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(
+                "input_audio_buffer.timeout_triggered",
+                audio_start_ms=start_ms,
+                audio_end_ms=max(self._input_ms, start_ms),
+                item_id=item_id,
+            )
+            self._reset_vad()
+            await self._commit_buffer(item_id)
+            if self.active is None:
+                self._start_response(None, say=self.options.idle_prompt)
 
     # Responses.
 
