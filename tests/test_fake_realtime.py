@@ -982,7 +982,7 @@ async def test_beta_shape_refused() -> None:
 
 async def test_api_key() -> None:
     key, wrong = "sk-proj-right0123456789abcdefXYZ", "sk-proj-wrong0123456789abcdefABC"
-    async with FakeRealtimeServer(fast(api_key=key)) as server:
+    async with FakeRealtimeServer(fast(api_key=key, reject_api_key_in_band=False)) as server:
         with pytest.raises(InvalidStatus) as rejected:
             async with connect(
                 f"{server.url}?model=gpt-realtime", additional_headers={"Authorization": f"Bearer {wrong}"}

@@ -92,6 +92,7 @@ FATAL_ERRORS = {
     "invalid_api_key": "realtime_auth_failed",
     "insufficient_quota": "realtime_quota_exceeded",
     "model_not_found": "realtime_model_not_found",
+    "invalid_model": "realtime_model_not_found",
 }
 """Errors a retry cannot fix, and the end reason of a call that meets one: it goes to the fallback at once."""
 
@@ -1283,6 +1284,8 @@ class CallSession:
                     item.heard_bytes = self._played_bytes(item.item_id, now)
                 commands.extend(self._record_agent_line(item, now))
         self._items.clear()
+        self._pending_marks.clear()
+        self._open_chunk = None
         self.phase = "ended"
         self._deadline = None
         self.end_reason = reason

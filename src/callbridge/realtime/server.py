@@ -285,8 +285,9 @@ class ServerOptions:
     """Serve the beta shape; off, a beta connection gets ``beta_api_shape_disabled`` and a close."""
     api_key: str | None = None
     """The one bearer token accepted; ``None`` accepts any."""
-    reject_api_key_in_band: bool = False
-    """Refuse a wrong key after the upgrade (``error`` then close 3000), not with HTTP 401 at the handshake."""
+    reject_api_key_in_band: bool = True
+    """Refuse a wrong key after the upgrade (``error`` then close 3000, as the live endpoint does); False: with
+    HTTP 401 at the handshake."""
     check_model: bool = False
     """Refuse a ``?model=`` the ``openai`` package does not list for Realtime sessions, or a retired one."""
     retired_models: frozenset[str] = frozenset()

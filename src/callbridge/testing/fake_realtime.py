@@ -98,11 +98,11 @@ class FakeBehavior:
     """Serve ``OpenAI-Beta: realtime=v1`` connections. api.openai.com no longer does: set False to get its
     ``beta_api_shape_disabled`` error and close 4000."""
     api_key: str | None = None
-    """The one API key accepted; a handshake with another bearer token is refused with HTTP 401 and OpenAI's JSON
-    error body (``invalid_api_key``, the key masked)."""
-    reject_api_key_in_band: bool = False
-    """With ``api_key``: refuse a wrong key as the live Realtime endpoint does instead, after the upgrade, with an
-    ``error`` event (``invalid_api_key``) and close code 3000."""
+    """The one API key accepted; another bearer token is refused as the live Realtime endpoint refuses it: after
+    the upgrade, with an ``error`` event (``invalid_api_key``, the key masked) and close code 3000."""
+    reject_api_key_in_band: bool = True
+    """False: refuse a wrong key at the handshake instead, with HTTP 401 and OpenAI's JSON error body (as the REST
+    API and some gateways in front of the Realtime API do)."""
     idle_prompt: str = "Are you still there?"
     """What the response after ``server_vad``'s ``idle_timeout_ms`` says."""
 
