@@ -358,3 +358,13 @@ def test_a_long_call_keeps_no_more_state_than_a_short_one(harness: Harness) -> N
     assert not session._responses_with_audio and not session._pending_marks
     assert len(session._caller_turns) <= 32 and len(session._control_events) <= 64
     assert session._history_chars <= HISTORY_CHARS
+
+
+def test_items_without_a_transcript_are_settled_too(harness: Harness) -> None:
+    """A model that sends no transcript (or a fake that does not) must not leave every item behind."""
+    harness.go_live()
+    for turn in range(200):
+        harness.speak(f"resp_{turn}", f"item_{turn}", chunks=1)
+        harness.handle(ev.RealtimeResponseDone(f"resp_{turn}", "completed"))
+        harness.handle(ev.TwilioMark(f"item_{turn}:800"), at=harness.now + 0.1)
+    assert not harness.session._items

@@ -923,6 +923,8 @@ class CallSession:
         for item in self._items.values():
             if item.response_id == rid:
                 item.response_done = True
+                if item.transcript is None:  # its transcript comes before response.done, or never: no line
+                    item.recorded = True
         if event.usage is not None:
             self.usage.add(event.usage)
         if rid in self._interrupted_responses:
