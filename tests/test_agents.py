@@ -67,6 +67,40 @@ def test_agents_file(tmp_path: Path) -> None:
     assert directory.for_number("+19999999999") == "reception"
 
 
+def test_session_settings_per_agent_and_as_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "agents.toml"
+    path.write_text(
+        "[agents.a]\n"
+        'noise_reduction = "near_field"\ntranscription_language = "de"\ntranscription_prompt = "Zahnarzt"\n'
+        'idle_timeout_ms = 7000\nidle_hangup_after = 1\nvoice_speed = 1.2\nmax_output_tokens = 300\n'
+        'tool_choice = "required"\ntool_filler_after_ms = 800\n'
+        "[agents.b]\n"
+    )
+    settings = Settings(CALLBRIDGE_NOISE_REDUCTION="off", CALLBRIDGE_IDLE_TIMEOUT_MS="9000", _env_file=None)
+    directory = load_agents(settings, registry, path)
+    a, b = directory.get("a"), directory.get("b")
+    assert a is not None and b is not None
+    assert (a.noise_reduction, a.transcription_language, a.transcription_prompt) == ("near_field", "de", "Zahnarzt")
+    assert (a.idle_timeout_ms, a.idle_hangup_after, a.speed, a.max_output_tokens) == (7000, 1, 1.2, 300)
+    assert (a.tool_choice, a.tool_filler_after_ms) == ("required", 800)
+    # What an agent leaves out is the settings': here noise reduction off, a 9 s idle timeout, the rest unset.
+    assert (b.noise_reduction, b.idle_timeout_ms, b.speed, b.max_output_tokens, b.tool_choice) == (
+        None,
+        9000,
+        None,
+        None,
+        None,
+    )
+    path.write_text("[agents.a]\nvoice_speed = 3\n")
+    with pytest.raises(ValueError, match="voice_speed"):
+        load_agents(settings, registry, path)
+
+
+def test_idle_timeout_needs_server_vad() -> None:
+    with pytest.raises(ValueError, match="CALLBRIDGE_IDLE_TIMEOUT_MS"):
+        Settings(CALLBRIDGE_IDLE_TIMEOUT_MS="6000", CALLBRIDGE_TURN_DETECTION="semantic_vad", _env_file=None)
+
+
 def test_agents_file_errors(tmp_path: Path) -> None:
     path = tmp_path / "agents.toml"
     path.write_text('[agents.a]\ntools = ["nope"]\n')
