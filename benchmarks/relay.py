@@ -661,6 +661,9 @@ class GeneratorReport:
     marks_echoed: int
     clears: int
     malformed: int
+    media_messages: int
+    """Agent audio messages received (the bridge may join the model's deltas)."""
+    media_bytes: int
 
 
 class Generator:
@@ -685,6 +688,8 @@ class Generator:
         self.marks_echoed = 0
         self.clears = 0
         self.malformed = 0
+        self.media_messages = 0
+        self.media_bytes = 0
 
     def settle(self, error: str | None = None) -> None:
         if error is not None:
@@ -767,6 +772,8 @@ class Generator:
             marks_echoed=self.marks_echoed,
             clears=self.clears,
             malformed=self.malformed,
+            media_messages=self.media_messages,
+            media_bytes=self.media_bytes,
         )
 
 
@@ -859,6 +866,8 @@ class Call(Peer):
             gen.errors[f"unreadable message from the server: {type(exc).__name__}"] += 1
             return
         if event == "media":
+            gen.media_messages += 1
+            gen.media_bytes += len(audio)
             self.played_until_ns = max(self.played_until_ns, now) + len(audio) * NS_PER_BYTE
             gen.malformed += record_stamps(audio, now, gen.window, gen.agent_latency)
             if not self.up:
@@ -1136,6 +1145,8 @@ class RoundResult:
     marks_received: int = 0
     marks_echoed: int = 0
     clears: int = 0
+    agent_ms_per_message: float = math.nan
+    """Agent audio per media message the caller's side received, over the whole round (20: one per 20 ms delta)."""
     errors: dict[str, int] = field(default_factory=dict)
     server_log: dict[str, int] = field(default_factory=dict)
     cpu_busy: dict[str, float] = field(default_factory=dict)
@@ -1371,6 +1382,8 @@ def fill_result(
         generator.marks_echoed,
         generator.clears,
     )
+    if generator.media_messages:
+        result.agent_ms_per_message = generator.media_bytes / 8 / generator.media_messages
     result.errors = dict(generator.errors)
     if generator.malformed or fake.malformed:
         result.errors["audio with an implausible timestamp"] = generator.malformed + fake.malformed
@@ -1671,7 +1684,7 @@ def describe(result: RoundResult) -> list[str]:
         f"{'':13}frames caller->model {result.caller_frames_received}/{result.caller_frames_sent} "
         f"(lost {result.caller_frames_lost}), model->caller {result.agent_frames_received}/{result.agent_frames_sent} "
         f"(lost {result.agent_frames_lost}); marks {result.marks_received} received, {result.marks_echoed} echoed; "
-        f"clears {result.clears}",
+        f"clears {result.clears}; agent audio {result.agent_ms_per_message:.1f} ms per media message",
         f"{'':13}errors: {counts_text(result.errors)}; server warnings: {counts_text(result.server_log)}",
         f"{'':13}{helpers}",
         f"{'':13}{machine_text(result)}",

@@ -290,3 +290,66 @@ async def test_agent_audio_reaches_twilio_in_steady_chunks(tmp_path: Path) -> No
     # The model runs ahead of playback: its 20 ms deltas reach Twilio joined, 40 ms each (but the first two, sent
     # at once while Twilio had nothing queued, and the last).
     assert len(sizes) > 20 and max(sizes) == 320 and sizes.count(320) >= len(sizes) - 3
+
+
+# --- what callers expect of a real phone agent --------------------------------------------------------------------
+
+SLOW_TOOLS = '''
+import asyncio
+
+from callbridge.tools import ToolRegistry
+
+tools = ToolRegistry()
+
+
+@tools.tool
+async def check_order(order_id: int) -> dict[str, object]:
+    """Look up an order.
+
+    Args:
+        order_id: the order number
+    """
+    await asyncio.sleep(2.5)
+    return {"order_id": order_id, "status": "shipped"}
+'''
+
+
+async def test_a_slow_tool_gets_one_filler_then_its_answer(tmp_path: Path) -> None:
+    (tmp_path / "slow_tools.py").write_text(SLOW_TOOLS)
+    behavior = FakeBehavior(
+        transcripts=["Where is my order?"],
+        tool_cues={"order": ("check_order", '{"order_id": 42}')},
+        greeting=GREETING,
+        ms_per_char=20,
+    )
+    env = {"CALLBRIDGE_TOOLS": "slow_tools:tools", "CALLBRIDGE_TOOL_FILLER_AFTER_MS": "1000"}
+    async with service(tmp_path, behavior, database(tmp_path), **env) as (running, twilio):
+        call_sid = await twilio_call(twilio)
+        script = CallScript([Pause(1500), Say(audio.tone(700, 440)), Pause(6000), HangUp()])
+        await running.caller().place_call(script, call_sid=call_sid, max_duration_s=30)
+        _, events = await record_and_events(running, call_sid)
+    (session,) = running.fake.sessions
+    said = [e["transcript"] for e in session.server_events_of("response.output_audio_transcript.done")]
+    assert said[1:] == ["One moment while I check.", 'Here is what I found: {"order_id":42,"status":"shipped"}']
+    (tool_call,) = [event["data"] for event in events if event["kind"] == "tool_call"]
+    assert tool_call["ok"] and "shipped" in tool_call["output"]
+    assert not session.errors
+
+
+async def test_an_idle_caller_is_re_prompted_then_hung_up_on(tmp_path: Path) -> None:
+    behavior = FakeBehavior(greeting=GREETING, idle_prompt="Are you still there?", ms_per_char=20)
+    env = {"CALLBRIDGE_IDLE_TIMEOUT_MS": "5000", "CALLBRIDGE_IDLE_HANGUP_AFTER": "1"}
+    async with service(tmp_path, behavior, database(tmp_path), **env) as (running, twilio):
+        call_sid = await twilio_call(twilio)
+        recording = await running.caller().place_call(CallScript([Pause(30000)]), call_sid=call_sid)
+        record, events = await record_and_events(running, call_sid)
+    (session,) = running.fake.sessions
+    (update,) = session.client_events_of("session.update")
+    assert update["session"]["audio"]["input"]["turn_detection"]["idle_timeout_ms"] == 5000
+    assert len(session.server_events_of("input_audio_buffer.timeout_triggered")) == 2
+    said = [e["transcript"] for e in session.server_events_of("response.output_audio_transcript.done")]
+    assert said[:2] == [GREETING, "Are you still there?"] and "goodbye" in said[-1].lower()
+    assert [e["response_id"] for e in session.client_events_of("response.cancel")]  # the 2nd re-prompt, replaced
+    assert record["end_reason"] == "caller_idle" and recording.ended_by == "server" and recording.duration_s < 20
+    assert [event["data"]["re_prompts"] for event in events if event["kind"] == "caller_idle"] == [1, 2]
+    assert twilio.calls[call_sid].status in ("completed", "canceled")  # hung up through Twilio

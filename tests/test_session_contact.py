@@ -10,7 +10,7 @@ import pytest
 from callbridge.core import events as ev
 from callbridge.core.commands import EndCall, OpenRealtime, RecordEvent, RecordTranscript, RunTool, SendRealtime
 from callbridge.core.context import AgentConfig
-from callbridge.core.session import HISTORY_CHARS, ROLLOVER_HARD_STOP_S, UNTRANSCRIBED_TURN
+from callbridge.core.session import HISTORY_CHARS, IDLE_GOODBYE, ROLLOVER_HARD_STOP_S, UNTRANSCRIBED_TURN
 from callbridge.core.usage import TokenUsage
 
 from conftest import Harness, audio, of_type, realtime_events, twilio_messages
@@ -277,7 +277,7 @@ def test_an_idle_caller_is_re_prompted_then_the_agent_says_goodbye() -> None:
     assert [e["response_id"] for e in cancel] == ["resp_prompt3"]
     assert harness.handle(ev.RealtimeAudioDelta("resp_prompt3", "item_p3", audio(100))) == []
     (goodbye,) = of_type(harness.handle(ev.RealtimeResponseDone("resp_prompt3", "cancelled")), "response.create")
-    assert "goodbye" in goodbye["response"]["instructions"]
+    assert IDLE_GOODBYE in goodbye["response"]["instructions"]
     harness.speak("resp_bye", "item_bye", chunks=1)
     harness.handle(ev.RealtimeResponseDone("resp_bye", "completed"))
     (end,) = ends(harness.handle(ev.TwilioMark("item_bye:800"), at=harness.now + 0.1))

@@ -87,6 +87,7 @@ TIMER_SLACK_S = 0.001
 """A timer may fire a hair before its deadline (the event loop's clock resolution)."""
 UNTRANSCRIBED_TURN = "[The caller spoke here; what they said was not transcribed.]"
 TOOL_FILLER = "One moment while I check."
+IDLE_GOODBYE = "It seems you have stepped away, so I will hang up now. Goodbye!"
 FATAL_ERRORS = {
     "beta_api_shape_disabled": "realtime_beta_refused",
     "invalid_api_key": "realtime_auth_failed",
@@ -899,7 +900,7 @@ class CallSession:
             self._closing = ("caller_idle", None)
             self._closing_since = now
             self._needs_response = True
-            self._next_instructions = "The caller has not answered. Say a short, friendly goodbye now."
+            self._next_instructions = f"The caller has not answered. End the call by saying exactly: {IDLE_GOODBYE}"
             self.stats.cancels += 1
             return [self._send("response.cancel", response_id=event.response_id)]
         if self._closing_stage == "awaiting_goodbye" and self._closing_response is None:
