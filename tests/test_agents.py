@@ -72,7 +72,7 @@ def test_session_settings_per_agent_and_as_defaults(tmp_path: Path) -> None:
     path.write_text(
         "[agents.a]\n"
         'noise_reduction = "near_field"\ntranscription_language = "de"\ntranscription_prompt = "Zahnarzt"\n'
-        'idle_timeout_ms = 7000\nidle_hangup_after = 1\nvoice_speed = 1.2\nmax_output_tokens = 300\n'
+        "idle_timeout_ms = 7000\nidle_hangup_after = 1\nvoice_speed = 1.2\nmax_output_tokens = 300\n"
         'tool_choice = "required"\ntool_filler_after_ms = 800\n'
         "[agents.b]\n"
     )
