@@ -29,11 +29,19 @@ _STAT_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
     "deltas_out": ("callbridge_frames_relayed", "Audio frames relayed", {"direction": "model_to_caller"}),
     "barge_ins": ("callbridge_barge_ins", "Times a caller spoke over the agent", {}),
     "truncations": ("callbridge_truncations", "Agent turns truncated to what the caller heard", {}),
+    "deletions": (
+        "callbridge_item_deletions",
+        "Agent audio items the caller heard nothing of, deleted from the model's conversation",
+        {},
+    ),
     "cancels": ("callbridge_response_cancels", "Model responses cancelled by callbridge", {}),
     "tool_calls": ("callbridge_tool_calls", "Tool calls the model made", {}),
     "protocol_errors": ("callbridge_errors", "Errors, by kind", {"kind": "twilio_protocol"}),
     "realtime_errors": ("callbridge_errors", "Errors, by kind", {"kind": "realtime_error_event"}),
     "frames_buffered_dropped": ("callbridge_errors", "Errors, by kind", {"kind": "caller_audio_dropped"}),
+    "deltas_unconfirmed": ("callbridge_errors", "Errors, by kind", {"kind": "agent_audio_before_confirmed_session"}),
+    "responses_failed": ("callbridge_errors", "Errors, by kind", {"kind": "response_failed"}),
+    "responses_incomplete": ("callbridge_errors", "Errors, by kind", {"kind": "response_incomplete"}),
 }
 
 
