@@ -257,17 +257,24 @@ class CallBridge:
             self._pending.append(event)
             return
         self._handling = True
+        timed = type(event) is not ev.TwilioMedia  # a caller's audio frame sets no timer: 50 checks a second saved
         try:
             while True:
                 self._process(event)
                 if not self._pending:
                     break
                 event = self._pending.popleft()
+                timed = True
         except Exception as exc:  # a bug: the call goes to the fallback rather than on in an unknown state
             self._pending.clear()
             self._fail(exc)
         finally:
             self._handling = False
+        if timed:
+            self._set_timers()
+
+    def _set_timers(self) -> None:
+        """Keep the two timers at the session's deadlines."""
         session = self.session
         flush_at = session.flush_deadline()
         if flush_at != self._flush_at:
