@@ -1270,7 +1270,11 @@ async def run_round(target: Target, calls: int, workers: int, options: Options) 
     return result
 
 
-async def measure_round(result: RoundResult, processes: Processes, options: Options, token: str) -> None:
+async def start_load(
+    result: RoundResult, processes: Processes, options: Options, token: str
+) -> tuple[Child, Child, Child]:
+    """The fake, the system under test (its RSS read before and after the warm-up calls) and the load generator
+    with every call up: (fake, target, generator)."""
     fake_config = FakeConfig(options.delta_ms, options.speed, options.response_s)
     fake = await processes.start("fake", role_argv("fake", fake_config, options.use_uvloop), {0})
     fake_port = int(await fake.expect("listening", 30))
@@ -1286,6 +1290,11 @@ async def measure_round(result: RoundResult, processes: Processes, options: Opti
     ready = orjson.loads(await generator.expect("ready", options.ramp_s + generator_config.ready_timeout_s + 10))
     if ready["calls_up"] < result.calls:
         raise RoundFailed(f"only {ready['calls_up']} of {result.calls} calls came up: {ready['errors']}")
+    return fake, target, generator
+
+
+async def measure_round(result: RoundResult, processes: Processes, options: Options, token: str) -> None:
+    fake, target, generator = await start_load(result, processes, options, token)
 
     start = time.monotonic_ns() + int(options.warmup_s * 1e9)
     end = start + int(options.window_s * 1e9)
@@ -1579,21 +1588,7 @@ async def measure_soak(soak: SoakResult, intervals: int, processes: Processes, o
     """One round whose calls all stay up for the whole soak, the serve tree read every 10 s; the helpers' window
     (latency, frames, their own load) is the last interval."""
     result = soak.end
-    fake_config = FakeConfig(options.delta_ms, options.speed, options.response_s)
-    fake = await processes.start("fake", role_argv("fake", fake_config, options.use_uvloop), {0})
-    fake_port = int(await fake.expect("listening", 30))
-    target, generator_config = await start_target(result, processes, options, f"ws://127.0.0.1:{fake_port}", token)
-    await asyncio.sleep(1.0)
-    result.rss_cold_kib = rss_kib(process_tree(target.process.pid))
-    await warm_up(processes, generator_config, options, token, calls=4)
-    await asyncio.sleep(1.0)
-    result.rss_idle_kib = rss_kib(process_tree(target.process.pid))
-    generator_config = dataclasses.replace(generator_config, calls=result.calls)
-    argv = role_argv("generator", generator_config, options.use_uvloop)
-    generator = await processes.start("generator", argv, {0}, {**os.environ, "BENCH_TWILIO_AUTH_TOKEN": token})
-    ready = orjson.loads(await generator.expect("ready", options.ramp_s + generator_config.ready_timeout_s + 10))
-    if ready["calls_up"] < result.calls:
-        raise RoundFailed(f"only {ready['calls_up']} of {result.calls} calls came up: {ready['errors']}")
+    fake, target, generator = await start_load(result, processes, options, token)
 
     t0 = time.monotonic_ns()
     end = t0 + intervals * SOAK_SAMPLE_S * 1_000_000_000

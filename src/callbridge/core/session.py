@@ -778,7 +778,8 @@ class CallSession:
             self._head_started_at = now
             if item.started_at is None:
                 item.started_at = now
-        self._playing_until = max(self._playing_until, now) + size / BYTES_PER_SECOND
+        until = self._playing_until
+        self._playing_until = (until if until > now else now) + size / BYTES_PER_SECOND
         start = item.forwarded_bytes
         item.forwarded_bytes += size
         chunk = self._open_chunk

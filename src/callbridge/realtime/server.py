@@ -491,6 +491,23 @@ def _tokens(chars: int) -> int:
     return math.ceil(chars / 4)
 
 
+def _out_of_range(param: str, value: float, bounds: tuple[float, float]) -> tuple[str, str, str] | None:
+    """The service's refusal of a number out of its range: (message, code, param), or ``None`` when it is in range.
+
+    Its wording and codes say ``integer`` or ``decimal`` after the field's type.
+    """
+    low, high = bounds
+    if low <= value <= high:
+        return None
+    above = value > high
+    kind = "integer" if isinstance(value, int) else "decimal"
+    bound = f"<= {high}" if above else f">= {low}"
+    shown = value if isinstance(value, int) else float(value)
+    message = f"Invalid '{param}': {kind} {'above maximum' if above else 'below minimum'} value. "
+    message += f"Expected a value {bound}, but got {shown!r} instead."
+    return message, f"{kind}_{'above_max' if above else 'below_min'}_value", param
+
+
 class _Connection:
     """Protocol state for one WebSocket connection."""
 
@@ -784,14 +801,8 @@ class _Connection:
             message = f"Invalid value: '{voice}'. Supported values are: {_supported(BUILTIN_VOICES)}."
             return message, "invalid_value", f"{where}.voice"
         speed = output.get("speed")
-        low, high = _SPEED_RANGE
-        if isinstance(speed, int | float) and not low <= speed <= high:
-            above = speed > high
-            kind = "decimal above maximum value" if above else "decimal below minimum value"
-            bound = f"<= {high}" if above else f">= {low}"
-            param = f"{where}.speed"
-            message = f"Invalid '{param}': {kind}. Expected a value {bound}, but got {float(speed)!r} instead."
-            return message, "decimal_above_max_value" if above else "decimal_below_min_value", param
+        if isinstance(speed, int | float) and (refusal := _out_of_range(f"{where}.speed", float(speed), _SPEED_RANGE)):
+            return refusal
         transcription_key = "transcription" if self.ga else "input_audio_transcription"
         transcription = source.get(transcription_key)
         model = transcription.get("model") if isinstance(transcription, dict) else None
@@ -818,14 +829,8 @@ class _Connection:
                 return message, "invalid_function_parameters", f"session.tools[{index}].parameters"
         limit_key = "max_output_tokens" if self.ga else "max_response_output_tokens"
         limit = update.get(limit_key)
-        low_tokens, high_tokens = _MAX_OUTPUT_TOKENS_RANGE
-        if isinstance(limit, int) and not isinstance(limit, bool) and not low_tokens <= limit <= high_tokens:
-            above = limit > high_tokens
-            kind = "integer above maximum value" if above else "integer below minimum value"
-            bound = f"<= {high_tokens}" if above else f">= {low_tokens}"
-            param = f"session.{limit_key}"
-            message = f"Invalid '{param}': {kind}. Expected a value {bound}, but got {limit} instead."
-            return message, "integer_above_max_value" if above else "integer_below_min_value", param
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            return _out_of_range(f"session.{limit_key}", limit, _MAX_OUTPUT_TOKENS_RANGE)
         return None
 
     def _decode_input(self, data: bytes) -> bytes:
