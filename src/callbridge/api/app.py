@@ -9,7 +9,7 @@ import dataclasses
 import gc
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -221,21 +221,23 @@ def create_app(
         log.info("twilio.incoming_call", call_sid=params.get("CallSid"), caller=params.get("From"))
         return Response(twiml, media_type="application/xml")
 
-    @app.post("/twilio/status", include_in_schema=False)
-    async def twilio_status(request: Request) -> Response:
-        params = await twilio_form(request, "/twilio/status")
+    async def twilio_callback(
+        request: Request, path: str, keep: Callable[[dict[str, str]], Awaitable[None]]
+    ) -> Response:
+        """A status callback from Twilio: verified, kept, answered 204 (403 when its signature is wrong)."""
+        params = await twilio_form(request, path)
         if params is None:
             return Response("invalid Twilio signature", status_code=403, media_type="text/plain")
-        await app.state.services.status_callback(params)
+        await keep(params)
         return Response(status_code=204)
+
+    @app.post("/twilio/status", include_in_schema=False)
+    async def twilio_status(request: Request) -> Response:
+        return await twilio_callback(request, "/twilio/status", app.state.services.status_callback)
 
     @app.post("/twilio/stream-status", include_in_schema=False)
     async def twilio_stream_status(request: Request) -> Response:
-        params = await twilio_form(request, "/twilio/stream-status")
-        if params is None:
-            return Response("invalid Twilio signature", status_code=403, media_type="text/plain")
-        await app.state.services.stream_status(params)
-        return Response(status_code=204)
+        return await twilio_callback(request, "/twilio/stream-status", app.state.services.stream_status)
 
     def admit_stream(request: WSUpgradeRequest, client: str | None) -> str | None:
         """Before the upgrade is answered: a stream needs Twilio's signature and a process that takes calls."""
