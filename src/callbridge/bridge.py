@@ -168,6 +168,7 @@ class CallBridge:
         self._timer_at: float | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flush_at: float | None = None
+        self._timers_version = -1
 
     def start(self, twilio: TwilioLink) -> None:
         """Begin the call on a media stream that has just opened (from the event loop, before its first frame)."""
@@ -257,20 +258,19 @@ class CallBridge:
             self._pending.append(event)
             return
         self._handling = True
-        timed = type(event) is not ev.TwilioMedia  # a caller's audio frame sets no timer: 50 checks a second saved
         try:
             while True:
                 self._process(event)
                 if not self._pending:
                     break
                 event = self._pending.popleft()
-                timed = True
         except Exception as exc:  # a bug: the call goes to the fallback rather than on in an unknown state
             self._pending.clear()
             self._fail(exc)
         finally:
             self._handling = False
-        if timed:
+        if self.session.timers_version != self._timers_version:  # most events change no deadline
+            self._timers_version = self.session.timers_version
             self._set_timers()
 
     def _set_timers(self) -> None:
@@ -310,7 +310,14 @@ class CallBridge:
             self._bound = True  # every line of the call from here on names it
             self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
         for command in commands:
-            self._perform(command)
+            # The audio path's two commands first, before the match of _perform tries eleven patterns.
+            if isinstance(command, SendTwilio):
+                assert self._twilio is not None
+                self._twilio.send_text(orjson.dumps(command.message))
+            elif isinstance(command, SendRealtime) and self._realtime is not None and self._endpoint.dialect == "ga":
+                self._realtime.send_text(orjson.dumps(command.event))
+            else:
+                self._perform(command)
         if self._timed_in is not None or self._timed_out is not None:  # one frame in 16 is being timed
             self._time_relay(event)
 

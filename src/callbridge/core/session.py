@@ -208,6 +208,8 @@ class CallSession:
 
         self._t0 = 0.0
         self._deadline: float | None = None
+        self.timers_version = 0
+        """Changes whenever :meth:`next_deadline` may have: a driver re-reads the deadlines only then."""
         self._event_ids = itertools.count(1)
         self._control_events: dict[str, str] = {}  # event_id → type of the recent client events other than audio
         self._buffer = _Pending()
@@ -381,7 +383,9 @@ class CallSession:
     def _update_deadline(self, now: float) -> None:
         """Recompute :meth:`next_deadline` from every timer the session has running."""
         if self.phase == "ended":
-            self._deadline = None
+            if self._deadline is not None:
+                self._deadline = None
+                self.timers_version += 1
             return
         deadlines: list[float] = []
         if self.phase == "connecting" and self._ready_by is not None:
@@ -396,7 +400,10 @@ class CallSession:
         filler_after = self.agent.tool_filler_after_ms / 1000
         if self._tools_since is not None and filler_after > 0 and not self._filler_said:
             deadlines.append(self._tools_since + filler_after)
-        self._deadline = min(deadlines) if deadlines else None
+        deadline = min(deadlines) if deadlines else None
+        if deadline != self._deadline:
+            self._deadline = deadline
+            self.timers_version += 1
 
     def _on_tick(self, now: float) -> list[Command]:
         due = now + TIMER_SLACK_S
@@ -712,25 +719,22 @@ class CallSession:
         ):
             self.stats.deltas_dropped += 1
             return []
-        commands: list[Command] = []
         item = self._items.get(event.item_id)
+        commands: list[Command] = [] if item is not None else self._new_agent_item(event, now)
         if item is None:
-            item = self._items[event.item_id] = _AgentItem(event.item_id, event.response_id)
-            self._current_item = item
-            self._responses_with_audio.add(event.response_id)
-            if self._turn_ended_at is not None:  # the agent's first audio after the caller's turn
-                commands.append(Measure("turn_latency_s", now - self._turn_ended_at))
-                self._turn_ended_at = None
+            item = self._items[event.item_id]
         size = b64_audio_bytes(event.delta)
         item.received_bytes += size
         self.stats.deltas_out += 1
         held = self._held
         if not held:
             if size >= COALESCE_BYTES or self._playing_until <= now + COALESCE_HOLD_S:
-                commands += self._forward(item, event.delta, size, now)
-                return commands
+                if commands:
+                    return commands + self._forward(item, event.delta, size, now)
+                return self._forward(item, event.delta, size, now)
             self._held_item = item
             self._held_since = now
+            self.timers_version += 1
         elif self._held_item is not item or size >= COALESCE_BYTES:
             commands += self._flush_held(now)
             return commands + self._on_more_audio(item, event.delta, size, now)
@@ -740,6 +744,17 @@ class CallSession:
             commands += self._flush_held(now)
         return commands
 
+    def _new_agent_item(self, event: ev.RealtimeAudioDelta, now: float) -> list[Command]:
+        """The first audio of an agent item: it becomes the one playing last; the turn's latency is measured."""
+        item = self._items[event.item_id] = _AgentItem(event.item_id, event.response_id)
+        self._current_item = item
+        self._responses_with_audio.add(event.response_id)
+        if self._turn_ended_at is None:
+            return []
+        latency = now - self._turn_ended_at  # the agent's first audio after the caller's turn
+        self._turn_ended_at = None
+        return [Measure("turn_latency_s", latency)]
+
     def _on_more_audio(self, item: _AgentItem, delta: str, size: int, now: float) -> list[Command]:
         """A delta after what was held was flushed: forward it, or start holding again."""
         if size >= COALESCE_BYTES or self._playing_until <= now + COALESCE_HOLD_S:
@@ -748,6 +763,7 @@ class CallSession:
         self._held_item = item
         self._held_bytes = size
         self._held_since = now
+        self.timers_version += 1
         return []
 
     def _flush_held(self, now: float) -> list[Command]:
@@ -758,6 +774,7 @@ class CallSession:
         self._held = []
         self._held_item = None
         self._held_bytes = 0
+        self.timers_version += 1
         if len(held) == 1:
             return self._forward(item, held[0], size, now)
         # Base64 pieces do not concatenate unless each is a multiple of 3 bytes long: join the bytes.
@@ -770,6 +787,7 @@ class CallSession:
             self._held = []
             self._held_item = None
             self._held_bytes = 0
+            self.timers_version += 1
 
     def _forward(self, item: _AgentItem, payload: str, size: int, now: float) -> list[Command]:
         """Send agent audio to Twilio, and the mark that will say when it has played."""
@@ -1296,6 +1314,7 @@ class CallSession:
         self._open_chunk = None
         self.phase = "ended"
         self._deadline = None
+        self.timers_version += 1
         self.end_reason = reason
         commands.append(Log("call.ended", "info", {"reason": reason}))
         commands.append(EndCall(reason, hang_up=hang_up, twilio_close_code=twilio_close_code, fallback=fallback))
