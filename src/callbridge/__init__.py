@@ -1,0 +1,34 @@
+"""callbridge: a speech-to-speech AI agent on the phone (Twilio Media Streams ⇄ OpenAI Realtime API).
+
+The public API. Names load on first use, so importing one part (the sans-I/O core, say) does not pull in the web
+stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from callbridge.api.app import create_app
+    from callbridge.bridge import CallBridge, CallRegistry
+    from callbridge.config import Settings
+    from callbridge.core.session import CallSession
+    from callbridge.tools import ToolRegistry
+
+__all__ = ["CallBridge", "CallRegistry", "CallSession", "Settings", "ToolRegistry", "create_app"]
+
+_MODULES = {
+    "CallBridge": "callbridge.bridge",
+    "CallRegistry": "callbridge.bridge",
+    "CallSession": "callbridge.core.session",
+    "Settings": "callbridge.config",
+    "ToolRegistry": "callbridge.tools",
+    "create_app": "callbridge.api.app",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module 'callbridge' has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULES[name]), name)

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from callbridge.bridge import RELAY_SAMPLE_EVERY
+from callbridge.bridge.call import RELAY_SAMPLE_EVERY
 from callbridge.core.usage import TokenUsage
 
 if TYPE_CHECKING:

@@ -14,15 +14,15 @@ from typing import Any
 import httpx
 import orjson
 import structlog
-from fastapi import HTTPException
 
 from callbridge.agents import AgentDirectory
 from callbridge.config import Settings
 from callbridge.core.context import CallContext, ContextItem
 from callbridge.core.session import CallSession
+from callbridge.core.transcript import TranscriptLine
 from callbridge.process import process_identity
 from callbridge.signing import HEADER, sign
-from callbridge.store.repository import CallRecord, Store
+from callbridge.store.repository import CallEvent, CallPage, CallRecord, Store
 from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls, TwilioRestException
 from callbridge.telephony.twiml import connect_stream_twiml, dial_twiml, fallback_twiml
@@ -75,6 +75,26 @@ def _stream_twiml(settings: Settings, signer: StreamParameterSigner, context: Ca
     )
 
 
+class ServiceError(Exception):
+    """A request the services cannot carry out; the HTTP layer maps each kind to its status (one handler)."""
+
+
+class NotFound(ServiceError):
+    """No such call (on record, or at Twilio)."""
+
+
+class Invalid(ServiceError):
+    """The request cannot be carried out as asked: an unknown agent, TwiML over Twilio's size, Twilio's 4xx."""
+
+
+class NotConfigured(ServiceError):
+    """What the request needs is not configured (Twilio REST credentials)."""
+
+
+class Upstream(ServiceError):
+    """Twilio failed or could not be reached."""
+
+
 class CallServices:
     def __init__(
         self,
@@ -113,24 +133,24 @@ class CallServices:
         try:
             yield
         except ValueError as exc:  # TwiML over Twilio's 4000-character limit, refused before sending
-            raise HTTPException(422, str(exc)) from None
+            raise Invalid(str(exc)) from None
         except TwilioRestException as exc:
             if exc.status == 404:
-                raise HTTPException(404, "Twilio knows no such call") from None
+                raise NotFound("Twilio knows no such call") from None
             if 400 <= exc.status < 500:
-                raise HTTPException(422, f"Twilio refused: {exc.msg}") from None
-            raise HTTPException(502, f"Twilio failed: {exc.msg}") from None
+                raise Invalid(f"Twilio refused: {exc.msg}") from None
+            raise Upstream(f"Twilio failed: {exc.msg}") from None
         except (TimeoutError, OSError) as exc:
-            raise HTTPException(502, f"Twilio unreachable: {exc}") from None
+            raise Upstream(f"Twilio unreachable: {exc}") from None
 
     def _twilio(self) -> TwilioCalls:
         if self.twilio is None:
-            raise HTTPException(503, "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are needed for call control")
+            raise NotConfigured("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are needed for call control")
         return self.twilio
 
     def _agent_name(self, requested: str | None) -> str:
         if requested is not None and self.agents.get(requested) is None:
-            raise HTTPException(422, f"unknown agent {requested!r}")
+            raise Invalid(f"unknown agent {requested!r}")
         return requested or self.agents.default.name
 
     # --- calls ---------------------------------------------------------------------------------------------
@@ -254,12 +274,45 @@ class CallServices:
         await self._twilio().redirect(call_sid, dial_twiml(number))
         await self.store.add_event(call_sid, "transfer", {"to": number})
 
-    async def hang_up(self, call_sid: str) -> CallRecord | None:
-        if await self.store.get_call(call_sid) is None:
-            return None
+    async def call(self, call_sid: str) -> CallRecord:
+        record = await self.store.get_call(call_sid)
+        if record is None:
+            raise NotFound("no such call")
+        return record
+
+    async def calls(
+        self,
+        *,
+        status: str | None,
+        number: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int,
+        cursor: str | None,
+    ) -> CallPage:
+        try:
+            return await self.store.list_calls(
+                status=status, number=number, since=since, until=until, limit=limit, cursor=cursor
+            )
+        except ValueError as exc:  # a cursor that is not one of ours
+            raise Invalid(str(exc)) from None
+
+    async def transcript(self, call_sid: str) -> list[TranscriptLine]:
+        await self.call(call_sid)
+        return await self.store.transcript(call_sid)
+
+    async def events(self, call_sid: str) -> list[CallEvent]:
+        await self.call(call_sid)
+        return await self.store.events(call_sid)
+
+    async def hang_up(self, call_sid: str) -> CallRecord:
+        await self.call(call_sid)
         with self._twilio_errors():
             await self._twilio().hang_up(call_sid)
-        return await self.store.update_call(call_sid, end_reason="hung_up_through_api")
+        record = await self.store.update_call(call_sid, end_reason="hung_up_through_api")
+        if record is None:  # gone meanwhile
+            raise NotFound("no such call")
+        return record
 
     async def status_callback(self, params: dict[str, str]) -> None:
         call_sid, call_status = params.get("CallSid"), params.get("CallStatus")

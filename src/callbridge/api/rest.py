@@ -99,21 +99,28 @@ def get_services(request: Request) -> CallServices:
 Services = Annotated[CallServices, Depends(get_services)]
 
 
+async def authorized(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], services: Services
+) -> None:
+    """Every route of the API needs the bearer token; with none configured, nothing gets in."""
+    token = services.api_token
+    if not token or credentials is None or not hmac.compare_digest(credentials.credentials, token):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
 def router() -> APIRouter:
-    api = APIRouter(prefix="/api", tags=["calls"])
+    api = APIRouter(prefix="/api", tags=["calls"], dependencies=[Depends(authorized)])
+    _calls(api)
+    _one_call(api)
+    return api
 
-    async def authorized(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], services: Services
-    ) -> None:
-        token = services.api_token
-        if not token or credentials is None or not hmac.compare_digest(credentials.credentials, token):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
-            )
 
-    guarded = [Depends(authorized)]
+def _calls(api: APIRouter) -> None:
+    """Placing calls and listing them."""
 
-    @api.post("/calls", status_code=201, response_model=CallRecord, dependencies=guarded)
+    @api.post("/calls", status_code=201, response_model=CallRecord)
     async def create_call(body: OutboundCall, services: Services) -> CallRecord:
         """Place an outbound call answered by the agent."""
         context = body.context.to_context(
@@ -121,7 +128,7 @@ def router() -> APIRouter:
         )
         return await services.place_call(context, say=body.say)
 
-    @api.get("/calls", response_model=CallPage, dependencies=guarded)
+    @api.get("/calls", response_model=CallPage)
     async def list_calls(
         services: Services,
         status_: Annotated[str | None, Query(alias="status")] = None,
@@ -131,33 +138,25 @@ def router() -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
         cursor: str | None = None,
     ) -> CallPage:
-        try:
-            page = await services.store.list_calls(
-                status=status_, number=number, since=since, until=until, limit=limit, cursor=cursor
-            )
-        except ValueError as exc:  # a cursor that is not one of ours
-            raise HTTPException(422, str(exc)) from None
-        return page
+        return await services.calls(status=status_, number=number, since=since, until=until, limit=limit, cursor=cursor)
 
-    @api.get("/calls/{call_sid}", response_model=CallRecord, dependencies=guarded)
+
+def _one_call(api: APIRouter) -> None:
+    """One call: its record, transcript and events; hanging it up; handing it to the agent."""
+
+    @api.get("/calls/{call_sid}", response_model=CallRecord)
     async def get_call(call_sid: str, services: Services) -> CallRecord:
-        record = await services.store.get_call(call_sid)
-        if record is None:
-            raise HTTPException(404, "no such call")
-        return record
+        return await services.call(call_sid)
 
     @api.get(
         "/calls/{call_sid}/transcript",
         response_model=TranscriptOut,
-        dependencies=guarded,
         responses={200: {"content": {"text/plain": {}}}},
     )
     async def get_transcript(
         call_sid: str, request: Request, services: Services, format: Literal["json", "text"] | None = None
     ) -> Any:
-        if await services.store.get_call(call_sid) is None:
-            raise HTTPException(404, "no such call")
-        lines = await services.store.transcript(call_sid)
+        lines = await services.transcript(call_sid)
         if format == "text" or (format is None and "text/plain" in request.headers.get("accept", "")):
             text = "".join(
                 f"[{line.start_ms / 1000:7.2f}] {line.speaker}: {line.text}{' (interrupted)' * line.interrupted}\n"
@@ -166,24 +165,17 @@ def router() -> APIRouter:
             return PlainTextResponse(text)
         return TranscriptOut(call_sid=call_sid, lines=lines)
 
-    @api.get("/calls/{call_sid}/events", response_model=list[CallEvent], dependencies=guarded)
+    @api.get("/calls/{call_sid}/events", response_model=list[CallEvent])
     async def get_events(call_sid: str, services: Services) -> list[CallEvent]:
         """Tool calls (arguments and results), barge-ins, key presses, transfers, status changes, errors."""
-        if await services.store.get_call(call_sid) is None:
-            raise HTTPException(404, "no such call")
-        return await services.store.events(call_sid)
+        return await services.events(call_sid)
 
-    @api.post("/calls/{call_sid}/hangup", response_model=CallRecord, dependencies=guarded)
+    @api.post("/calls/{call_sid}/hangup", response_model=CallRecord)
     async def hang_up(call_sid: str, services: Services) -> CallRecord:
-        record = await services.hang_up(call_sid)
-        if record is None:
-            raise HTTPException(404, "no such call")
-        return record
+        return await services.hang_up(call_sid)
 
-    @api.post("/calls/{call_sid}/agent", response_model=CallRecord, dependencies=guarded)
+    @api.post("/calls/{call_sid}/agent", response_model=CallRecord)
     async def hand_to_agent(call_sid: str, body: Handoff, services: Services) -> CallRecord:
         """Hand a call that is already live (in a queue, at an IVR) to the agent."""
         context = body.context.to_context(agent=body.agent, call_sid=call_sid, caller=None, called=None)
         return await services.hand_to_agent(call_sid, context, say=body.say)
-
-    return api

@@ -192,6 +192,37 @@ class _Pending:
     bytes: int = 0
 
 
+_TWILIO_EVENTS = (
+    ev.TwilioConnected,
+    ev.TwilioStart,
+    ev.TwilioMark,
+    ev.TwilioDtmf,
+    ev.TwilioStop,
+    ev.TwilioDisconnected,
+    ev.TwilioInvalidMessage,
+)
+_CONVERSATION_EVENTS = (
+    ev.RealtimeSpeechStarted,
+    ev.RealtimeSpeechStopped,
+    ev.RealtimeResponseCreated,
+    ev.RealtimeResponseDone,
+    ev.RealtimeAudioTranscriptDone,
+    ev.RealtimeInputTranscriptionCompleted,
+    ev.RealtimeInputTranscriptionFailed,
+    ev.RealtimeTimeoutTriggered,
+    ev.RealtimeFunctionCallDone,
+)
+_DRIVER_EVENTS = (
+    ev.Tick,
+    ev.ContextLoaded,
+    ev.ContextResolved,
+    ev.ToolFinished,
+    ev.HangupRequested,
+    ev.EndRequested,
+    ev.CallRefused,
+)
+
+
 class CallSession:
     """The bridge protocol for one call. See the module docstring."""
 
@@ -304,11 +335,17 @@ class CallSession:
         return self._played_bytes(item_id, now) // BYTES_PER_MS
 
     def _on_control(self, event: ev.Event, now: float) -> list[Command]:
+        """Every event but the two of the audio path, by where it comes from."""
+        if isinstance(event, _TWILIO_EVENTS):
+            return self._on_twilio_event(event, now)
+        if isinstance(event, _CONVERSATION_EVENTS):
+            return self._on_conversation_event(event, now)
+        if isinstance(event, _DRIVER_EVENTS):
+            return self._on_driver_event(event, now)
+        return self._on_model_event(event, now)
+
+    def _on_twilio_event(self, event: ev.Event, now: float) -> list[Command]:
         match event:
-            case ev.Tick():
-                return self._on_tick(now)
-            case ev.TwilioConnected():
-                return []
             case ev.TwilioStart():
                 return self._on_start(event, now)
             case ev.TwilioMark():
@@ -322,18 +359,10 @@ class CallSession:
             case ev.TwilioInvalidMessage():
                 self.stats.protocol_errors += 1
                 return [Log("twilio.invalid_message", "warning", {"reason": event.reason})]
-            case ev.RealtimeConnected():
-                self._realtime_connected = True
-                self._realtime_since = now
-                return self._maybe_configure()
-            case ev.ContextLoaded():
-                return self._on_context_loaded(event)
-            case ev.ContextResolved():
-                return self._on_context_resolved(event)
-            case ev.RealtimeConnectFailed():
-                return self._on_connect_failed(event, now)
-            case ev.RealtimeSessionUpdated():
-                return self._on_session_updated(event, now)
+        return []  # TwilioConnected
+
+    def _on_conversation_event(self, event: ev.Event, now: float) -> list[Command]:
+        match event:
             case ev.RealtimeSpeechStarted():
                 return self._on_speech_started(event, now)
             case ev.RealtimeSpeechStopped():
@@ -355,15 +384,18 @@ class CallSession:
                 return self._on_idle_timeout()
             case ev.RealtimeFunctionCallDone():
                 return self._on_function_call(event, now)
+        return []  # pragma: no cover - every conversation event is matched above
+
+    def _on_driver_event(self, event: ev.Event, now: float) -> list[Command]:
+        match event:
+            case ev.Tick():
+                return self._on_tick(now)
+            case ev.ContextLoaded():
+                return self._on_context_loaded(event)
+            case ev.ContextResolved():
+                return self._on_context_resolved(event)
             case ev.ToolFinished():
                 return self._on_tool_finished(event)
-            case ev.RealtimeError():
-                return self._on_realtime_error(event, now)
-            case ev.RealtimeClosed():
-                log = Log("realtime.closed", "warning", {"code": event.code, "reason": event.reason})
-                if self.phase != "live":
-                    return [log, *self._retry("realtime_closed", now)]
-                return [log, *self._reconnect(now)]
             case ev.HangupRequested():
                 return self._end(event.reason, now, hang_up=True)
             case ev.EndRequested():
@@ -371,12 +403,30 @@ class CallSession:
             case ev.CallRefused():
                 self.context = None  # not this call's to claim: nothing is recorded against it
                 return self._refuse(event.reason, now)
+        return []  # pragma: no cover - every driver event is matched above
+
+    def _on_model_event(self, event: ev.Event, now: float) -> list[Command]:
+        """The model's connection and session (the conversation's events are :meth:`_on_conversation_event`'s)."""
+        match event:
+            case ev.RealtimeConnected():
+                self._realtime_connected = True
+                self._realtime_since = now
+                return self._maybe_configure()
+            case ev.RealtimeConnectFailed():
+                return self._on_connect_failed(event, now)
+            case ev.RealtimeSessionUpdated():
+                return self._on_session_updated(event, now)
+            case ev.RealtimeError():
+                return self._on_realtime_error(event, now)
+            case ev.RealtimeClosed():
+                log = Log("realtime.closed", "warning", {"code": event.code, "reason": event.reason})
+                if self.phase != "live":
+                    return [log, *self._retry("realtime_closed", now)]
+                return [log, *self._reconnect(now)]
             case ev.RealtimeOther(known=False):
                 self.stats.protocol_errors += 1
                 return [Log("realtime.unknown_event", "warning", {"type": event.type})]
-            case ev.RealtimeSessionCreated() | ev.RealtimeItemTruncated() | ev.RealtimeOther():
-                return []
-        return []  # pragma: no cover - exhaustive match
+        return []  # session.created, item truncated, and the events the session does not act on
 
     # ------------------------------------------------------------------------------------------------ time
 

@@ -118,15 +118,7 @@ def _parse(kind: str, event: dict[str, Any]) -> ev.RealtimeEvent:
         case "response.created":
             return ev.RealtimeResponseCreated(_id(_object(event, "response"), "id", "response.id"))
         case "response.done":
-            response = _object(event, "response")
-            status = _short(_text(response, "status", "response.status")) or "completed"
-            return ev.RealtimeResponseDone(
-                _id(response, "id", "response.id"),
-                status,
-                status_details=_status_details(response),
-                usage=_usage(response),
-                output_item_ids=_assistant_items(response),
-            )
+            return _response_done(_object(event, "response"))
         case "input_audio_buffer.timeout_triggered":
             return ev.RealtimeTimeoutTriggered(_id(event, "item_id"))
         case "response.output_audio_transcript.done":
@@ -138,17 +130,7 @@ def _parse(kind: str, event: dict[str, Any]) -> ev.RealtimeEvent:
             message = _short(_text(error, "message", "error.message"), 1000)
             return ev.RealtimeInputTranscriptionFailed(_id(event, "item_id"), message)
         case "response.output_item.done":
-            item = _object(event, "item")
-            if item.get("type") != "function_call":
-                return ev.RealtimeOther(kind)
-            return ev.RealtimeFunctionCallDone(
-                response_id=_id(event, "response_id"),
-                item_id=_id(item, "id", "item.id"),
-                call_id=_id(item, "call_id", "item.call_id"),
-                name=_id(item, "name", "item.name"),
-                arguments=_text(item, "arguments", "item.arguments") or "{}",
-                status=_short(_text(item, "status", "item.status")) or "completed",
-            )
+            return _output_item_done(event)
         case "conversation.item.truncated":
             return ev.RealtimeItemTruncated(_id(event, "item_id"), _ms(event, "audio_end_ms", None))
         case "session.created":
@@ -157,18 +139,46 @@ def _parse(kind: str, event: dict[str, Any]) -> ev.RealtimeEvent:
             input_format, output_format = _audio_formats(_object(event, "session"))
             return ev.RealtimeSessionUpdated(input_format, output_format)
         case "error":
-            error = _object(event, "error", optional=True)
-            event_id = error.get("event_id")
-            if event_id is not None and not (isinstance(event_id, str) and len(event_id) <= MAX_ID_CHARS):
-                raise _Invalid("error.event_id must be a short string")
-            return ev.RealtimeError(
-                code=_short(_text(error, "code", "error.code") or _text(error, "type", "error.type") or "unknown"),
-                message=_short(_text(error, "message", "error.message"), 1000),
-                event_id=event_id,
-                error_type=_short(_text(error, "type", "error.type")),
-                param=_short(_text(error, "param", "error.param")) or None,
-            )
+            return _error(_object(event, "error", optional=True))
     return ev.RealtimeOther(_short(kind, MAX_TYPE_CHARS), known=is_known_server_event(kind))
+
+
+def _response_done(response: dict[str, Any]) -> ev.RealtimeResponseDone:
+    return ev.RealtimeResponseDone(
+        _id(response, "id", "response.id"),
+        _short(_text(response, "status", "response.status")) or "completed",
+        status_details=_status_details(response),
+        usage=_usage(response),
+        output_item_ids=_assistant_items(response),
+    )
+
+
+def _output_item_done(event: dict[str, Any]) -> ev.RealtimeEvent:
+    """A finished output item: a function call is the session's business, any other item is not."""
+    item = _object(event, "item")
+    if item.get("type") != "function_call":
+        return ev.RealtimeOther("response.output_item.done")
+    return ev.RealtimeFunctionCallDone(
+        response_id=_id(event, "response_id"),
+        item_id=_id(item, "id", "item.id"),
+        call_id=_id(item, "call_id", "item.call_id"),
+        name=_id(item, "name", "item.name"),
+        arguments=_text(item, "arguments", "item.arguments") or "{}",
+        status=_short(_text(item, "status", "item.status")) or "completed",
+    )
+
+
+def _error(error: dict[str, Any]) -> ev.RealtimeError:
+    event_id = error.get("event_id")
+    if event_id is not None and not (isinstance(event_id, str) and len(event_id) <= MAX_ID_CHARS):
+        raise _Invalid("error.event_id must be a short string")
+    return ev.RealtimeError(
+        code=_short(_text(error, "code", "error.code") or _text(error, "type", "error.type") or "unknown"),
+        message=_short(_text(error, "message", "error.message"), 1000),
+        event_id=event_id,
+        error_type=_short(_text(error, "type", "error.type")),
+        param=_short(_text(error, "param", "error.param")) or None,
+    )
 
 
 def _audio_formats(session: dict[str, Any]) -> tuple[str, str]:

@@ -3,7 +3,7 @@
 The server speaks the documented OpenAI Realtime protocol: the GA shape by default, the older beta shape when the
 client sends ``OpenAI-Beta: realtime=v1`` (unless :attr:`ServerOptions.accepts_beta` is off, as it is on
 api.openai.com today). It keeps the service's event order and answers mistakes with the service's error codes;
-every incoming event goes through :func:`~callbridge.testing.conformance.validate_client_event`, so a misspelt
+every incoming event goes through :func:`~callbridge.realtime.conformance.validate_client_event`, so a misspelt
 field fails here as it would in production, and a ``session.update`` carrying a value the service refuses (an
 unknown voice, an unknown or retired transcription model, a function whose parameters are not an object schema, a
 speed or token limit out of range) is answered with the service's ``error`` and changes nothing. What it hears,
@@ -43,7 +43,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from callbridge.audio import BYTES_PER_MS, DECODE_TABLE, pcm16_to_ulaw
-from callbridge.testing.conformance import ConformanceError, Dialect, validate_client_event
+from callbridge.realtime.conformance import ConformanceError, Dialect, validate_client_event
 
 __all__ = [
     "BUILTIN_VOICES",

@@ -575,30 +575,14 @@ class _Call:
 
     async def _next_frame(self, at_ms: int) -> bytes | None:
         """The caller's audio for this tick, running zero-length steps (DTMF, hang-up) on the way."""
-        rec = self.rec
         while True:
             if self.speaking:
                 frame = bytes(self.speaking[:FRAME_BYTES])
                 del self.speaking[:FRAME_BYTES]
                 return frame.ljust(FRAME_BYTES, bytes([SILENCE_BYTE]))
-            if self.waiting is not None:
-                reply, heard_at_begin = self.waiting
-                if len(rec.heard_audio) - heard_at_begin < reply.after_heard_ms * BYTES_PER_MS:
-                    return _SILENT_FRAME
-                self.waiting = None
-                self._log_step("SayWhenHearing:triggered", at_ms)
-                self.speaking = bytearray(reply.audio)
-                continue
-            if self.turn_waiting is not None:
-                turn, heard_at_begin, begun_tick = self.turn_waiting
-                quiet_ms = (self.tick - self.last_played_tick) * FRAME_MS
-                heard = len(rec.heard_audio) > heard_at_begin
-                waited_ms = (self.tick - begun_tick) * FRAME_MS
-                if not (heard and quiet_ms >= turn.quiet_ms) and waited_ms < turn.max_wait_ms:
-                    return _SILENT_FRAME
-                self.turn_waiting = None
-                self._log_step("SayWhenAgentDone:triggered", at_ms)
-                self.speaking = bytearray(turn.audio)
+            if self._still_waiting(at_ms):
+                return _SILENT_FRAME
+            if self.speaking:  # a wait just ended: its line begins
                 continue
             if not self.steps:
                 if self.script_ended_tick is None:
@@ -607,22 +591,49 @@ class _Call:
                 if self.hang_up_after_s is not None and silent_ms >= self.hang_up_after_s * 1000:
                     return None
                 return _SILENT_FRAME
-            step = self.steps.popleft()
-            self._log_step(type(step).__name__, at_ms)
-            match step:
-                case Say(audio=audio):
-                    self.speaking = bytearray(audio)
-                case Pause(ms=ms):
-                    self.speaking = bytearray(silence(ms))
-                case Dtmf(digit=digit):
-                    dtmf = {"track": "inbound_track", "digit": digit}
-                    await self._send({"event": "dtmf", **self._header(), "dtmf": dtmf})
-                case HangUp():
-                    return None
-                case SayWhenHearing():
-                    self.waiting = (step, len(rec.heard_audio))
-                case SayWhenAgentDone():
-                    self.turn_waiting = (step, len(rec.heard_audio), self.tick)
+            if not await self._begin(self.steps.popleft(), at_ms):
+                return None
+
+    def _still_waiting(self, at_ms: int) -> bool:
+        """Whether a ``SayWhenHearing`` or ``SayWhenAgentDone`` still waits; one whose moment came starts speaking."""
+        rec = self.rec
+        if self.waiting is not None:
+            reply, heard_at_begin = self.waiting
+            if len(rec.heard_audio) - heard_at_begin < reply.after_heard_ms * BYTES_PER_MS:
+                return True
+            self.waiting = None
+            self._log_step("SayWhenHearing:triggered", at_ms)
+            self.speaking = bytearray(reply.audio)
+        elif self.turn_waiting is not None:
+            turn, heard_at_begin, begun_tick = self.turn_waiting
+            quiet_ms = (self.tick - self.last_played_tick) * FRAME_MS
+            heard = len(rec.heard_audio) > heard_at_begin
+            waited_ms = (self.tick - begun_tick) * FRAME_MS
+            if not (heard and quiet_ms >= turn.quiet_ms) and waited_ms < turn.max_wait_ms:
+                return True
+            self.turn_waiting = None
+            self._log_step("SayWhenAgentDone:triggered", at_ms)
+            self.speaking = bytearray(turn.audio)
+        return False
+
+    async def _begin(self, step: Step, at_ms: int) -> bool:
+        """Begin a script step; ``False`` for the hang-up."""
+        self._log_step(type(step).__name__, at_ms)
+        match step:
+            case Say(audio=audio):
+                self.speaking = bytearray(audio)
+            case Pause(ms=ms):
+                self.speaking = bytearray(silence(ms))
+            case Dtmf(digit=digit):
+                dtmf = {"track": "inbound_track", "digit": digit}
+                await self._send({"event": "dtmf", **self._header(), "dtmf": dtmf})
+            case HangUp():
+                return False
+            case SayWhenHearing():
+                self.waiting = (step, len(self.rec.heard_audio))
+            case SayWhenAgentDone():
+                self.turn_waiting = (step, len(self.rec.heard_audio), self.tick)
+        return True
 
     def _play(self, at_ms: int) -> None:
         """Play the next 20 ms of queued agent audio; a step once begun plays out (even across a clear)."""

@@ -1,0 +1,587 @@
+"""The asyncio driver of one call: two sockets around a :class:`~callbridge.core.session.CallSession`.
+
+It is deliberately small and dumb: each frame read becomes an event, handed to the session right in the read
+callback, and the commands it returns are performed at once: sends are buffered writes, and whatever has to wait
+(the model's connection, a tool, a REST call, a record) runs as a task that reports back with an event. So events
+are handled one at a time, in arrival order, with no lock, no queue and no task switch per audio frame, and a
+call's state has one owner. Everything a call starts is cancelled or closed before :meth:`CallBridge.wait` returns.
+
+The Twilio side is any :class:`TwilioLink` (buffered ``send_text`` and ``close``) whose owner passes frames to
+:meth:`CallBridge.twilio_message`, so the bridge runs inside any asyncio application; callbridge's own server
+serves the media stream with picows (:mod:`callbridge.api.media_stream`). The Realtime side is a picows client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+from urllib.parse import urlencode
+
+import orjson
+import structlog
+from picows import WSHandshakeError, ws_connect
+
+from callbridge.core import events as ev
+from callbridge.core.commands import (
+    Command,
+    EndCall,
+    Log,
+    Measure,
+    OpenRealtime,
+    RecordEvent,
+    RecordTranscript,
+    ResolveContext,
+    RunTool,
+    SendRealtime,
+    SendTwilio,
+    TransferCall,
+)
+from callbridge.core.context import CallContext
+from callbridge.core.session import CallSession, SessionConfig
+from callbridge.core.transcript import TranscriptLine, TranscriptSink
+from callbridge.realtime.dialect import Dialect, headers_for, to_beta
+from callbridge.realtime.protocol import parse_server_event
+from callbridge.telephony.media_streams import parse_twilio_message
+from callbridge.tools import ToolContext, ToolRegistry
+from callbridge.websocket_io import READ_BUFFER_BYTES, MessageListener
+
+HangUp = Callable[[str], Awaitable[None]]
+"""Ends a call through Twilio's REST API, by call SID."""
+Transfer = Callable[[str, str], Awaitable[None]]
+"""Redirects a live call (call SID) to a number with ``<Dial>``."""
+ContextResolver = Callable[[CallContext], Awaitable[CallContext | None]]
+"""Looks up a call's context in the host application (``None``: nothing to add)."""
+EventSink = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+"""Keeps a call event: (call SID, kind, data)."""
+Fallback = Callable[[str], Awaitable[None]]
+"""Redirects a live call (call SID) to the fallback: an apology and hang-up, or a human."""
+Authorize = Callable[[CallSession], Awaitable[CallContext | str | None]]
+"""Checks an admitted call before the model is opened: a string is why it is refused; otherwise the call is let in,
+with its context as the service keeps it (a :class:`CallContext`) or as its stream parameters carried it
+(``None``)."""
+
+
+class BridgeMetrics(Protocol):
+    """Where the bridge reports measurements (:class:`callbridge.metrics.Metrics`)."""
+
+    def observe(self, name: str, value: float) -> None: ...
+
+    def relayed(self, direction: str, seconds: float) -> None: ...
+
+    def error(self, kind: str) -> None: ...
+
+
+RELAY_SAMPLE_EVERY = 16
+"""One audio frame in this many has its time through the bridge measured."""
+
+
+class TwilioLink(Protocol):
+    """The media stream's sending side. Its frames come in through :meth:`CallBridge.twilio_message` and
+    :meth:`CallBridge.twilio_closed`; both directions are plain calls, so a frame is handled where it is read."""
+
+    def send_text(self, text: str | bytes) -> None:
+        """Queue one text frame; never blocks."""
+        ...
+
+    def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeEndpoint:
+    url: str
+    model: str
+    dialect: Dialect = "ga"
+    api_key: str | None = None
+    connect_timeout: float = 10.0
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    @property
+    def full_url(self) -> str:
+        separator = "&" if "?" in self.url else "?"
+        return f"{self.url}{separator}{urlencode({'model': self.model})}"
+
+
+class CallBridge:
+    """Runs one call from the media stream's first frame to the close of both sockets.
+
+    Start it with :meth:`start` when the media stream opens, feed it the stream's frames, and await :meth:`wait`
+    (or do both with :meth:`run`).
+    """
+
+    def __init__(
+        self,
+        session_config: SessionConfig,
+        realtime: RealtimeEndpoint,
+        *,
+        sink: TranscriptSink,
+        tools: ToolRegistry | None = None,
+        tool_timeout: float = 10.0,
+        hang_up: HangUp | None = None,
+        transfer: Transfer | None = None,
+        resolve_context: ContextResolver | None = None,
+        context_deadline: float = 2.0,
+        events: EventSink | None = None,
+        fallback: Fallback | None = None,
+        authorize: Authorize | None = None,
+        on_admitted: Callable[[CallSession], Awaitable[None]] | None = None,
+        metrics: BridgeMetrics | None = None,
+        max_frame_bytes: int | None = None,
+        logger: structlog.stdlib.BoundLogger | None = None,
+    ) -> None:
+        self.session = CallSession(session_config)
+        self._endpoint = realtime
+        self._sink = sink
+        self._tools = tools or ToolRegistry()
+        self._tool_timeout = tool_timeout
+        self._hang_up = hang_up
+        self._transfer = transfer
+        self._resolve_context = resolve_context
+        self._context_deadline = context_deadline
+        self._events = events
+        self._fallback = fallback
+        self._authorize: Authorize | None = authorize or _admit_as_signed
+        self._on_admitted = on_admitted
+        self._metrics = metrics
+        self._max_frame_bytes = max_frame_bytes  # larger Twilio frames are counted and dropped unparsed
+        # The frame being timed through the bridge, per direction: (event, when it was read).
+        self._timed_in: tuple[ev.Event, float] | None = None
+        self._timed_out: tuple[ev.Event, float] | None = None
+        self._log = logger or structlog.stdlib.get_logger("callbridge.call")
+        self._pending: deque[ev.Event] = deque()  # events raised while another one is being handled
+        self._handling = False
+        self._bound = False
+        self._records: asyncio.Queue[TranscriptLine | RecordEvent | None] = asyncio.Queue()
+        self._realtime: ModelConnection | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._twilio: TwilioLink | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._finished: asyncio.Future[None] | None = None
+        self._ending = False
+        self._last_action: asyncio.Task[None] | None = None
+        # Two timers wake the session: one at its next deadline, one when held agent audio is due (set and cleared
+        # every 40 ms of agent audio, so it is kept apart and costs one call_at and one cancel).
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_at: float | None = None
+        self._timers_version = -1
+
+    def start(self, twilio: TwilioLink) -> None:
+        """Begin the call on a media stream that has just opened (from the event loop, before its first frame)."""
+        self._twilio = twilio
+        self._finished = asyncio.get_running_loop().create_future()
+        self._writer = asyncio.create_task(self._write_records())
+
+    async def wait(self) -> CallSession:
+        """Until the call has ended and everything it started is stopped; returns the finished session."""
+        assert self._finished is not None and self._writer is not None, "start() first"
+        try:
+            await asyncio.shield(self._finished)
+        finally:
+            for timer in (self._timer, self._flush_timer):
+                if timer is not None:
+                    timer.cancel()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._close_realtime()
+            self._records.put_nowait(None)
+            await self._writer
+        return self.session
+
+    async def run(self, twilio: TwilioLink) -> CallSession:
+        """:meth:`start` and :meth:`wait`."""
+        self.start(twilio)
+        return await self.wait()
+
+    # ------------------------------------------------------------------------------------------------ input
+
+    def twilio_message(self, payload: str | bytes | memoryview, binary: bool = False) -> None:
+        """One message of the media stream (a memoryview need only be valid during the call)."""
+        if binary:
+            event: ev.Event = ev.TwilioInvalidMessage("binary frame")
+        else:
+            event = parse_twilio_message(payload, self._max_frame_bytes)
+            if (
+                self._metrics is not None
+                and type(event) is ev.TwilioMedia
+                # The 16th, 32nd, ... frame (the session counts it when it handles it, just below).
+                and self.session.stats.frames_in % RELAY_SAMPLE_EVERY == RELAY_SAMPLE_EVERY - 1
+                and self._timed_in is None
+            ):
+                self._timed_in = (event, time.perf_counter())
+        self._dispatch(event)
+
+    def twilio_closed(self) -> None:
+        self._dispatch(ev.TwilioDisconnected())
+
+    def request_hang_up(self, reason: str = "requested") -> None:
+        """End the call from the application (hang up through Twilio); call it from the event loop."""
+        self._dispatch(ev.HangupRequested(reason))
+
+    def request_end(self, reason: str = "shutdown") -> None:
+        """Let the call go with the fallback (apology or human), e.g. when a drain deadline has passed."""
+        self._dispatch(ev.EndRequested(reason))
+
+    def _model_message(self, connection: ModelConnection, payload: bytes | memoryview) -> None:
+        if connection is not self._realtime:
+            return  # a connection already replaced or closed by us
+        event = parse_server_event(payload, self._endpoint.dialect)
+        if (
+            self._metrics is not None
+            and type(event) is ev.RealtimeAudioDelta
+            and self.session.stats.deltas_out % RELAY_SAMPLE_EVERY == RELAY_SAMPLE_EVERY - 1
+            and self._timed_out is None
+        ):
+            self._timed_out = (event, time.perf_counter())
+        self._dispatch(event)
+
+    def _model_closed(self, connection: ModelConnection) -> None:
+        if connection is self._realtime:  # closed by the other side, not by us
+            self._realtime = None
+            self._dispatch(ev.RealtimeClosed(connection.close_code, connection.close_reason))
+
+    # ------------------------------------------------------------------------------------------------ handling
+
+    def _dispatch(self, event: ev.Event) -> None:
+        """Hand one event to the session and perform what it returns, right where the event arose.
+
+        Performing never waits (sends are buffered; whatever must wait runs as a task that reports back with an
+        event), so each event is handled whole before the next, in arrival order, with no lock and no queue. An
+        event raised while another is handled waits in ``_pending`` for its turn.
+        """
+        if self._handling:
+            self._pending.append(event)
+            return
+        self._handling = True
+        try:
+            while True:
+                self._process(event)
+                if not self._pending:
+                    break
+                event = self._pending.popleft()
+        except Exception as exc:  # a bug: the call goes to the fallback rather than on in an unknown state
+            self._pending.clear()
+            self._fail(exc)
+        finally:
+            self._handling = False
+        if self.session.timers_version != self._timers_version:  # most events change no deadline
+            self._timers_version = self.session.timers_version
+            self._set_timers()
+
+    def _set_timers(self) -> None:
+        """Keep the two timers at the session's deadlines."""
+        session = self.session
+        flush_at = session.flush_deadline()
+        if flush_at != self._flush_at:
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+            self._flush_at = flush_at
+            self._flush_timer = None if flush_at is None else asyncio.get_running_loop().call_at(flush_at, self._flush)
+        deadline = session.control_deadline()
+        if deadline != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = None
+            if deadline is not None:
+                loop = asyncio.get_running_loop()
+                # A deadline already past is due: at once would do, but 10 ms later rules out waking in a loop.
+                self._timer = loop.call_at(max(deadline, loop.time() + 0.01), self._tick)
+
+    def _tick(self) -> None:
+        """The session's timer fired: it sees the time (the loop's clock is the monotonic clock it is given)."""
+        self._timer = None
+        self._timer_at = None
+        self._dispatch(ev.Tick())
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        self._flush_at = None
+        self._dispatch(ev.Tick())
+
+    def _process(self, event: ev.Event) -> None:
+        commands = self.session.handle(event, time.monotonic())
+        if not self._bound and self.session.stream_sid:
+            self._bound = True  # every line of the call from here on names it
+            self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
+        for command in commands:
+            # The audio path's two commands first, before the match of _perform tries nine patterns.
+            if isinstance(command, SendTwilio):
+                assert self._twilio is not None
+                self._twilio.send_text(orjson.dumps(command.message))
+            elif isinstance(command, SendRealtime):
+                if self._realtime is not None:
+                    wire = command.event if self._endpoint.dialect == "ga" else to_beta(command.event)
+                    self._realtime.send_text(orjson.dumps(wire))
+            else:
+                self._perform(command)
+        if self._timed_in is not None or self._timed_out is not None:  # one frame in 16 is being timed
+            self._time_relay(event)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._log.error("bridge.failed", error=f"{type(exc).__name__}: {exc}")
+        self._error("internal")
+        try:
+            for command in self.session.handle(ev.EndRequested("internal_error"), time.monotonic()):
+                self._perform(command)
+        except Exception as again:
+            self._log.error("bridge.end_failed", error=f"{type(again).__name__}: {again}")
+        if not self._ending:  # nothing is ending the call: stop it here
+            self._close_realtime()
+            if self._twilio is not None:
+                self._twilio.close(1011, "internal error")
+            self._finish()
+
+    def _time_relay(self, event: ev.Event) -> None:
+        assert self._metrics is not None
+        if self._timed_in is not None and self._timed_in[0] is event:
+            self._metrics.relayed("caller_to_model", time.perf_counter() - self._timed_in[1])
+            self._timed_in = None
+        elif self._timed_out is not None and self._timed_out[0] is event:
+            self._metrics.relayed("model_to_caller", time.perf_counter() - self._timed_out[1])
+            self._timed_out = None
+
+    def _finish(self) -> None:
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
+
+    # ------------------------------------------------------------------------------------------------ commands
+
+    def _perform(self, command: Command) -> None:
+        """Every command but the two sends, which :meth:`_process` performs itself."""
+        match command:
+            case OpenRealtime(delay_s, replace):
+                if replace:
+                    self._close_realtime()  # done with: its closing is not a loss
+                self._spawn(self._open_realtime(delay_s))
+            case RecordTranscript(line):
+                self._records.put_nowait(line)
+            case RecordEvent():
+                self._records.put_nowait(command)
+            case ResolveContext(context):
+                self._spawn(self._resolve(context))
+            case TransferCall(to):
+                self._in_order(self._transfer_call(to))
+            case RunTool(call_id, name, arguments):
+                self._spawn(self._run_tool(call_id, name, arguments))
+            case Log(event, level, fields):
+                getattr(self._log, level)(event, **fields)
+            case Measure(name, value):
+                if self._metrics is not None:
+                    self._metrics.observe(name, value)
+            case EndCall():
+                self._ending = True
+                self._close_realtime()
+                self._in_order(self._end(command))
+
+    async def _check(self, authorize: Authorize) -> CallContext | str | None:
+        try:
+            return await authorize(self.session)
+        except Exception as exc:  # fail closed: a check that cannot run admits nobody
+            self._log.error("call.authorize_failed", error=f"{type(exc).__name__}: {exc}")
+            return "admission check failed"
+
+    async def _end(self, command: EndCall) -> None:
+        try:
+            # The fallback when asked for and possible, else the hang-up when asked for: both act through REST.
+            action = (self._fallback if command.fallback else None) or (self._hang_up if command.hang_up else None)
+            if action is not None and self.session.call_sid:
+                try:
+                    await action(self.session.call_sid)
+                except Exception as exc:
+                    self._log.error("twilio.end_call_failed", fallback=action is self._fallback, error=str(exc))
+                    self._error("twilio_rest")
+            if self._twilio is not None:
+                self._twilio.close(command.twilio_close_code, command.reason)
+        finally:
+            self._finish()
+
+    def _close_realtime(self) -> None:
+        connection, self._realtime = self._realtime, None
+        if connection is not None:
+            connection.close()
+
+    def _error(self, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.error(kind)
+
+    # ------------------------------------------------------------------------------------------------ tasks
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _in_order(self, action: Coroutine[Any, Any, None]) -> None:
+        """Run a REST action on the call after the ones asked for before it: a transfer is sent before the end."""
+        previous = self._last_action
+
+        async def after_previous() -> None:
+            try:
+                if previous is not None:
+                    await asyncio.wait([previous])
+            except asyncio.CancelledError:
+                action.close()  # never started
+                raise
+            await action
+
+        self._last_action = self._spawn(after_previous())
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A task that dies of a bug ends the call with the fallback rather than leave it waiting forever."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.error("bridge.task_failed", error=f"{type(exc).__name__}: {exc}")
+            self._error("internal")
+            self._dispatch(ev.EndRequested("internal_error"))
+
+    async def _open_realtime(self, delay_s: float) -> None:
+        if self._authorize is not None:  # once, before the model hears anything
+            authorize, self._authorize = self._authorize, None
+            verdict = await self._check(authorize)
+            if isinstance(verdict, str):
+                self._dispatch(ev.CallRefused(verdict))
+                return
+            self._dispatch(ev.ContextLoaded(verdict))
+            if self._on_admitted is not None:
+                self._spawn(self._admitted(self._on_admitted))
+                self._on_admitted = None
+        if self._ending:
+            return
+        await asyncio.sleep(delay_s)
+        endpoint = self._endpoint
+        try:
+            async with asyncio.timeout(endpoint.connect_timeout):
+                _, listener = await ws_connect(
+                    lambda: ModelConnection(self, endpoint.max_message_bytes),
+                    endpoint.full_url,
+                    extra_headers=headers_for(endpoint.dialect, endpoint.api_key),
+                    websocket_handshake_timeout=endpoint.connect_timeout,
+                    max_frame_size=endpoint.max_message_bytes,
+                    read_buffer_init_size=READ_BUFFER_BYTES,
+                )
+        except Exception as exc:
+            self._dispatch(_connect_failed(exc))
+            self._error("realtime_connect")
+            return
+        connection = cast(ModelConnection, listener)
+        if self._ending:
+            connection.close()
+            return
+        self._close_realtime()  # a lost connection being replaced
+        self._realtime = connection
+        self._log.info("realtime.connected", url=endpoint.url, dialect=endpoint.dialect)
+        self._dispatch(ev.RealtimeConnected())
+        connection.adopted()
+
+    async def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
+        context = ToolContext(self.session.call_sid or "", self.session.context or CallContext())
+        ok, output = await self._tools.run(name, arguments, context, self._tool_timeout)
+        if not ok:
+            self._log.warning("tool.failed", name=name, call_id=call_id, output=output)
+            self._error("tool")
+        self._dispatch(ev.ToolFinished(call_id, output, ok))
+
+    async def _admitted(self, hook: Callable[[CallSession], Awaitable[None]]) -> None:
+        try:
+            await hook(self.session)
+        except Exception as exc:  # bookkeeping never disturbs the call
+            self._log.error("call.admitted_hook_failed", error=str(exc))
+
+    async def _resolve(self, context: CallContext) -> None:
+        """Ask the host application for context; past the deadline or on failure the agent's defaults hold."""
+        resolved = None
+        if self._resolve_context is not None:
+            try:
+                async with asyncio.timeout(self._context_deadline):
+                    resolved = await self._resolve_context(context)
+            except Exception as exc:  # the caller never waits in silence for a slow or broken resolver
+                self._log.warning("context.resolve_failed", error=f"{type(exc).__name__}: {exc}")
+        self._dispatch(ev.ContextResolved(resolved))
+
+    async def _transfer_call(self, to: str) -> None:
+        if self._transfer is None or not self.session.call_sid:
+            self._log.error("call.transfer_unavailable", detail="no Twilio REST credentials configured")
+            return
+        try:
+            await self._transfer(self.session.call_sid, to)
+        except Exception as exc:
+            self._log.error("call.transfer_failed", error=str(exc))
+            self._error("twilio_rest")
+
+    async def _write_records(self) -> None:
+        """Deliver transcript lines and events in order, off the audio path: a slow store delays them, not audio."""
+        while (record := await self._records.get()) is not None:
+            try:
+                if isinstance(record, RecordEvent):
+                    if self._events is not None and self.session.call_sid:
+                        await self._events(self.session.call_sid, record.kind, record.data)
+                    continue
+                await self._sink.write(record)
+                self._log.info(  # after the write: a line logged is a line kept
+                    "transcript.line", speaker=record.speaker, text=record.text, interrupted=record.interrupted
+                )
+            except Exception as exc:
+                self._log.error("record.write_failed", error=str(exc))
+                self._error("record_write")
+
+
+async def _admit_as_signed(session: CallSession) -> None:
+    """Without a check of its own, a call whose parameters verified is in, with the context they carried."""
+
+
+def _connect_failed(exc: Exception) -> ev.RealtimeConnectFailed:
+    """Why the model's WebSocket could not be opened; a refused handshake keeps its HTTP status and error code."""
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if not isinstance(exc, WSHandshakeError) or exc.response is None:
+        return ev.RealtimeConnectFailed(reason)
+    response, code = exc.response, ""
+    try:
+        body = orjson.loads(exc.raw_body or b"{}")
+    except orjson.JSONDecodeError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        code = str(error.get("code") or error.get("type") or "")[:100]
+    return ev.RealtimeConnectFailed(f"HTTP {response.status}", status=int(response.status), code=code)
+
+
+class ModelConnection(MessageListener):
+    """The call's WebSocket to the Realtime server.
+
+    Messages that arrive before the bridge has adopted the connection (the server may speak in the same packet
+    as its handshake answer) wait here, so that the session hears ``RealtimeConnected`` first.
+    """
+
+    def __init__(self, bridge: CallBridge, max_message_bytes: int) -> None:
+        super().__init__(max_message_bytes)
+        self._bridge = bridge
+        self._early: list[bytes] | None = []
+        self._closed_early = False
+
+    def adopted(self) -> None:
+        early, self._early = self._early, None
+        for payload in early or ():
+            self._bridge._model_message(self, payload)
+        if self._closed_early:
+            self._bridge._model_closed(self)
+
+    def on_message(self, payload: bytes | memoryview, binary: bool) -> None:
+        if self._early is not None:
+            self._early.append(bytes(payload))
+        elif binary:
+            self._bridge._model_message(self, b"binary message")  # parses as a malformed event
+        else:
+            self._bridge._model_message(self, payload)
+
+    def on_close(self) -> None:
+        if self._early is not None:
+            self._closed_early = True
+        else:
+            self._bridge._model_closed(self)
