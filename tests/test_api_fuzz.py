@@ -23,6 +23,8 @@ from callbridge.testing.fake_twilio import FakeTwilio
 
 from conftest import secret
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.fuzz]
+
 ACCOUNT_SID = "AC" + "5" * 32
 AUTH_TOKEN = secret("fuzz-twilio-token")
 API_TOKEN = secret("fuzz-api-token")

@@ -32,6 +32,8 @@ from callbridge.testing.caller import (
     SimulatedCaller,
 )
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 AUTH_TOKEN = "test-auth-token"
 VALIDATOR = RequestValidator(AUTH_TOKEN)
 STREAM_URL = "wss://example.test/twilio/media-stream"

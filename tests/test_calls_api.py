@@ -51,6 +51,8 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 RESOLVER = """
 import asyncio
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 async def resolve(context):
     if context.caller == "+15550100666":  # a host app that hangs
         await asyncio.sleep(30)

@@ -40,6 +40,8 @@ from callbridge.testing.fake_realtime import FakeBehavior, FakeRealtimeServer, F
 
 from conftest import secret
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 AUTH_TOKEN = secret("e2e-twilio-token-" + secrets.token_hex(8))
 SECRET = secret("e2e-callbridge-secret-" + secrets.token_hex(8))
 OPENAI_KEY = secret("sk-e2e-" + secrets.token_hex(16))

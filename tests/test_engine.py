@@ -18,6 +18,8 @@ from callbridge.demo import DEFAULT_SCRIPT, DemoCall, place_demo_call, summarize
 from callbridge.testing.caller import CallScript, HangUp, SayWhenAgentDone, SimulatedCaller
 from callbridge.testing.conformance import validate_client_event, validate_server_event
 
+pytestmark = [pytest.mark.slow]
+
 CALLBRIDGE = Path(sys.executable).with_name("callbridge")
 
 # What each agent turn must say to have answered the caller's intent, in order.

@@ -21,6 +21,8 @@ from test_calls_api import api, service, stream_of
 from test_end_to_end import CALLBRIDGE, GREETING, Service
 from test_resilience import FALLBACK_SAY, redirects, twilio_call
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 READY_TIMEOUT_S = 4.0
 
 

@@ -54,6 +54,8 @@ from test_end_to_end import (
 
 from conftest import CALL_SID, STREAM_SID, Harness, audio
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.fuzz]
+
 # --- the messages a peer may send, as it sends them ---------------------------------------------------------
 
 ITEMS = ["item_1", "item_2", "item_3"]

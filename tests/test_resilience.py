@@ -30,6 +30,8 @@ from callbridge.tools import ToolRegistry
 from test_calls_api import ACCOUNT_SID, api, service
 from test_end_to_end import AUTH_TOKEN, GREETING, Service, _free_port, no_live_call, serve, until
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 FALLBACK_SAY = "Sorry, our assistant is not available right now. Please call again later."
 
 

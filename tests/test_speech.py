@@ -24,6 +24,8 @@ from callbridge.engine.speech import (
     words_of,
 )
 
+pytestmark = [pytest.mark.slow]
+
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "today", "tomorrow")
 PARTS = ("morning", "afternoon", "evening")
 NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")

@@ -20,6 +20,8 @@ from test_end_to_end import AUTH_TOKEN, Service, serve
 
 from conftest import secret
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 API_TOKEN = secret("stream-status-api-" + secrets.token_hex(8))
 ACCOUNT_SID = "AC" + "5" * 32
 
