@@ -42,6 +42,8 @@ from test_end_to_end import AUTH_TOKEN, Service, no_live_call, serve, wait_close
 
 from conftest import secret
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 ACCOUNT_SID = "AC" + "7" * 32
 API_TOKEN = secret("api-" + secrets.token_hex(8))
 WEBHOOK_SECRET = secret("hook-" + secrets.token_hex(8))
@@ -50,8 +52,6 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 RESOLVER = """
 import asyncio
-
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 async def resolve(context):
     if context.caller == "+15550100666":  # a host app that hangs
