@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -191,3 +194,31 @@ async def test_agent_twiml_for_host_apps(tmp_path: Path) -> None:
     assert record is not None and record.context is not None and record.context["name"] == "Ada"
     with pytest.raises(ValueError, match="CALLBRIDGE_SECRET"):
         await agent_twiml(Settings(_env_file=None), CallContext())
+
+
+def test_a_value_the_settings_refuse_is_refused_in_the_agents_file_too(tmp_path: Path) -> None:
+    path = tmp_path / "agents.toml"
+    path.write_text("[agents.reception]\nvad_threshold = 7\n")
+    with pytest.raises(ValueError, match=r"agents.toml: agent 'reception': vad_threshold: .*less than or equal to 1"):
+        load_agents(Settings(_env_file=None), registry, path)
+    path.write_text('[agents.reception]\nturn_detection = "semantik"\n')
+    with pytest.raises(ValueError, match=r"agents.reception.turn_detection"):
+        load_agents(Settings(_env_file=None), registry, path)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_stops_at_once_on_a_bad_agents_file(workers: str, tmp_path: Path) -> None:
+    """Before anything listens and before any worker starts: no worker is started again and again."""
+    path = tmp_path / "agents.toml"
+    path.write_text("[agents.reception]\nvad_threshold = 7\n")
+    environment = {**os.environ, "CALLBRIDGE_AGENTS_FILE": str(path), "CALLBRIDGE_DATABASE_URL": "sqlite://"}
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("callbridge")), "serve", "--port", "9", "--workers", workers],
+        env=environment,
+        capture_output=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "agent 'reception': vad_threshold" in lines[0] and "agents.toml" in lines[0]

@@ -31,9 +31,9 @@ import dataclasses
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from callbridge.config import Settings
 from callbridge.core.context import BUILTIN_TOOLS, AgentConfig
@@ -94,8 +94,16 @@ def load_agents(settings: Settings, registry: ToolRegistry, path: Path | None = 
     """Agents from ``path`` (TOML), or the single agent the settings describe."""
     spec = AgentsFile()
     if path is not None:
-        spec = AgentsFile.model_validate(tomllib.loads(path.read_text()))
-    agents = {name: _agent(settings, registry, name, agent) for name, agent in spec.agents.items()}
+        try:
+            spec = AgentsFile.model_validate(tomllib.loads(path.read_text()))
+        except ValidationError as exc:
+            raise ValueError(f"{path}: {_first_error(exc)}") from None
+    agents = {}
+    for name, agent in spec.agents.items():
+        try:
+            agents[name] = _agent(settings, registry, name, agent)
+        except ValidationError as exc:  # a value the settings would refuse (vad_threshold = 7)
+            raise ValueError(f"{path}: agent {name!r}: {_first_error(exc)}") from None
     if spec.default_agent not in agents:
         agents[spec.default_agent] = _agent(settings, registry, spec.default_agent, AgentSpec())
     for number, name in spec.numbers.items():
@@ -112,10 +120,38 @@ _SETTING_OF = {
 }
 
 
+def _merged(settings: Settings, updates: dict[str, Any]) -> Settings:
+    """The settings with an agent's values instead, validated as the settings are (ranges, choices, consistency).
+
+    Validated by environment name, as ``Settings`` reads them, and without reading the environment again.
+    """
+    values = {**settings.model_dump(), **updates}
+    by_name = {
+        str(Settings.model_fields[field].validation_alias or field): value
+        for field, value in values.items()
+        if field in Settings.model_fields
+    }
+    return Settings.model_validate(by_name)
+
+
+def _first_error(exc: ValidationError) -> str:
+    """The first problem, named as the agents file names it (``agents.reception.vad_threshold``, or the setting)."""
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    setting_names = {
+        str(field.validation_alias): next((key for key, name in _SETTING_OF.items() if name == field_name), field_name)
+        for field_name, field in Settings.model_fields.items()
+        if field.validation_alias
+    }
+    where = setting_names.get(where, where)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
 def _agent(settings: Settings, registry: ToolRegistry, name: str, spec: AgentSpec) -> AgentConfig:
     """The settings' agent, with what ``spec`` says instead."""
     fields = spec.model_dump(exclude={"tools", "transfer_number"}, exclude_none=True)
-    merged = settings.model_copy(update={_SETTING_OF.get(key, key): value for key, value in fields.items()})
+    merged = _merged(settings, {_SETTING_OF.get(key, key): value for key, value in fields.items()})
     schemas = registry.schemas
     builtin: tuple[str, ...] = ()
     if spec.tools is not None:

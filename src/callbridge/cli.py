@@ -33,14 +33,28 @@ def serve(
 
 
 def _check_settings() -> None:
-    """Refuse to start on settings that cannot work, with what to fix, before anything listens."""
+    """Refuse to start on settings that cannot work, with what to fix, before anything listens (and before any
+    worker starts: a worker that failed the same way would only be started again)."""
+    from callbridge.agents import load_agents
+    from callbridge.tools import ToolRegistry, load_registry
+
     try:
-        Settings()
+        settings = Settings()
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"])
             message = str(error["msg"]).removeprefix("Value error, ")
             typer.echo(f"error: {where + ': ' if where else ''}{message}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        tools = load_registry(settings.tools) if settings.tools else ToolRegistry()
+    except (ImportError, ValueError, AttributeError) as exc:
+        typer.echo(f"error: CALLBRIDGE_TOOLS={settings.tools}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        load_agents(settings, tools, settings.agents_file)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: CALLBRIDGE_AGENTS_FILE: {exc}", err=True)
         raise typer.Exit(2) from None
 
 

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any, cast
@@ -33,6 +34,11 @@ from callbridge.logs import configure_logging
 log = structlog.stdlib.get_logger("callbridge.server")
 STARTUP_FAILURE = 3
 """Exit code of a process whose application could not start (as uvicorn's own)."""
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+"""A worker that dies after it started is replaced, up to this many times in this window; then the service stops
+(with :data:`STARTUP_FAILURE`): something is wrong that restarting will not fix. A worker that dies before its
+application started stops the service at once."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -97,7 +103,11 @@ def run_worker(host: str, port: int, reuse_port: bool = False) -> None:
 
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except Exception as exc:  # it would fail the same way when started again: say so by the exit code
+        log.error("worker.start_failed", error=f"{type(exc).__name__}: {exc}")
+        raise SystemExit(STARTUP_FAILURE) from None
     server = DrainingServer(uvicorn_config(app, host=host, port=port), app)
     if reuse_port:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -126,6 +136,7 @@ def run_workers(host: str, port: int, workers: int) -> None:
         return process
 
     processes = [start() for _ in range(workers)]
+    deaths: deque[float] = deque()  # when workers died lately, to give up on a service that keeps dying
 
     def forward(sig: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -141,7 +152,11 @@ def run_workers(host: str, port: int, workers: int) -> None:
             process.join(timeout=0.2)
             if process.exitcode is not None and not stopping:
                 log.error("worker.died", pid=process.pid, exitcode=process.exitcode)
-                if process.exitcode == STARTUP_FAILURE:
+                deaths.append(time.monotonic())
+                while deaths and deaths[0] < deaths[-1] - RESTART_WINDOW_S:
+                    deaths.popleft()
+                if process.exitcode == STARTUP_FAILURE or len(deaths) > MAX_RESTARTS:
+                    log.error("workers.giving_up", exitcode=process.exitcode, deaths_in_window=len(deaths))
                     forward(signal.SIGTERM, None)
                     raise SystemExit(STARTUP_FAILURE)
                 time.sleep(1)
