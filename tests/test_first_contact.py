@@ -231,7 +231,7 @@ async def test_an_expired_session_goes_on_in_a_new_one(tmp_path: Path) -> None:
     assert [e["error"]["code"] for e in first.errors] == ["session_expired"]
     replayed = [e["item"]["content"][0]["text"] for e in second.client_events_of("conversation.item.create")]
     assert GREETING in replayed  # the new session knows the conversation
-    assert not second.client_events_of("response.create") or "exactly" not in str(second.client_events)  # no 2nd hi
+    assert not second.client_events_of("response.create")  # no second greeting: the conversation goes on
     assert second.server_events_of("response.done")  # and answered the caller
     assert record["end_reason"] == "caller_hung_up" and recording.ended_by == "caller"
     kinds = [event["kind"] for event in events]

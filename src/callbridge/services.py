@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -382,8 +383,7 @@ class CallServices:
         """Twilio's ``<Stream statusCallback>``: ``stream-started``, ``stream-stopped`` or ``stream-error`` on the
         call's record. An error is logged whether or not the call is known: a wrong stream URL shows up here."""
         call_sid, stream_event = params.get("CallSid"), params.get("StreamEvent", "")
-        kind = {"stream-started": "stream_started", "stream-stopped": "stream_stopped", "stream-error": "stream_error"}
-        if stream_event not in kind:
+        if stream_event not in ("stream-started", "stream-stopped", "stream-error"):
             log.warning("twilio.stream_status_unknown_event", call_sid=call_sid, stream_event=stream_event[:100])
             return
         data: dict[str, Any] = {
@@ -394,21 +394,21 @@ class CallServices:
         if stream_event == "stream-error":
             message = params.get("StreamError", "")
             # Twilio's error codes are five digits (31920: the handshake was answered with something other than 101).
-            numbers = "".join(char if char.isdigit() else " " for char in message).split()
-            code = next((int(number) for number in numbers if len(number) == 5), None)
+            found = re.search(r"(?<!\d)\d{5}(?!\d)", message)
+            code = int(found.group()) if found else None
             data |= {"message": message, "code": code}
             log.error(
                 "twilio.stream_error", call_sid=call_sid, stream_sid=data["stream_sid"], code=code, message=message
             )
         else:
-            log.info(f"twilio.{kind[stream_event]}", call_sid=call_sid, stream_sid=data["stream_sid"])
+            log.info(f"twilio.{stream_event.replace('-', '_')}", call_sid=call_sid, stream_sid=data["stream_sid"])
         if not call_sid:
             return
         try:
             if await self.store.get_call(call_sid) is None:
                 log.warning("twilio.stream_status_unknown_call", call_sid=call_sid, stream_event=stream_event)
                 return
-            await self.store.add_event(call_sid, kind[stream_event], data)
+            await self.store.add_event(call_sid, stream_event.replace("-", "_"), data)
         except Exception as exc:  # an event the store cannot take is logged; Twilio has nothing to do about it
             log.error("twilio.stream_status_failed", call_sid=call_sid, error=f"{type(exc).__name__}: {exc}")
 

@@ -75,9 +75,8 @@ def create_app(
     if settings.twilio_account_sid and auth_token:
         twilio_rest = TwilioCalls(settings.twilio_account_sid, auth_token, api_base_url=settings.twilio_api_base_url)
     resolver = _resolver(settings, secret)
-    registry = CallRegistry(settings.max_calls)
-    metrics = Metrics(registry.sessions)
-    registry.count_with(metrics)
+    metrics = Metrics(lambda: registry.sessions())  # the live calls, read at each scrape
+    registry = CallRegistry(settings.max_calls, metrics)
 
     calls: StreamCalls  # made just below: it needs the app, whose lifespan needs it
     app = FastAPI(

@@ -43,10 +43,6 @@ class CallRegistry:
     def sessions(self) -> Iterator[CallSession]:
         return (bridge.session for bridge in list(self._calls))
 
-    def count_with(self, counted: EndedCalls) -> None:
-        """Where finished calls are counted (set once, when the metrics exist)."""
-        self._counted = counted
-
     def refusal(self) -> str | None:
         """Why this process takes no new call right now (``None``: it takes one)."""
         if self.draining:

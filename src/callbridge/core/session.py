@@ -545,11 +545,7 @@ class CallSession:
             return self._buffer_frame(event)
         if self._audio_offset_ms is None:
             self._audio_offset_ms = event.timestamp_ms
-        return [
-            SendRealtime(
-                {"type": "input_audio_buffer.append", "event_id": f"cb_{next(self._event_ids)}", "audio": event.payload}
-            )
-        ]
+        return [self._append(event.payload)]
 
     def _append(self, payload: str) -> SendRealtime:
         return SendRealtime(
