@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from callbridge.config import Settings
-from callbridge.demo import (
+from callbridge.engine.demo import (
     DEFAULT_SCRIPT,
     LiveTranscriptSink,
     Utterance,
@@ -35,7 +35,7 @@ from callbridge.demo import (
     summarize,
     synthesize_caller,
 )
-from callbridge.logs import configure_logging
+from callbridge.observability.logs import configure_logging
 from callbridge.testing.caller import CallRecording, SimulatedCaller
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

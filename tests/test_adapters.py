@@ -15,12 +15,12 @@ from callbridge.core import events as ev
 from callbridge.core.context import CallContext, ContextItem, ParameterError
 from callbridge.realtime.dialect import ga_event_type, headers_for, to_beta
 from callbridge.realtime.protocol import SERVER_EVENT_TYPES, parse_server_event
+from callbridge.service.tools import ToolContext, ToolRegistry
 from callbridge.telephony.media_streams import parse_twilio_message
 from callbridge.telephony.params import MAX_PARAMETER_CHARS, PARAMETER_NAME, StreamParameterSigner
 from callbridge.telephony.signatures import TwilioSignatures
 from callbridge.telephony.twiml import connect_stream_twiml
 from callbridge.testing.conformance import server_event_types, validate_client_event
-from callbridge.tools import ToolContext, ToolRegistry
 
 # --- Twilio frames ----------------------------------------------------------------------------------------
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from callbridge.agents import load_agents
 from callbridge.config import Settings
 from callbridge.core.context import CallContext, ContextItem
-from callbridge.resolvers import HttpContextResolver, PythonContextResolver
-from callbridge.signing import HEADER, sign, verify_signature
-from callbridge.tools import ToolRegistry
+from callbridge.service.agents import load_agents
+from callbridge.service.resolvers import HttpContextResolver, PythonContextResolver
+from callbridge.service.signing import HEADER, sign, verify_signature
+from callbridge.service.tools import ToolRegistry
 
 registry = ToolRegistry()
 
@@ -170,7 +170,7 @@ async def test_python_resolver() -> None:
 
 async def test_agent_twiml_for_host_apps(tmp_path: Path) -> None:
     """A Python host app gets the TwiML, and the call's context goes to the record the service reads it from."""
-    from callbridge.services import agent_twiml
+    from callbridge.service.calls import agent_twiml
     from callbridge.store.repository import Store
     from callbridge.telephony.params import StreamParameterSigner
 

@@ -19,7 +19,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.request_validator import RequestValidator
 
-from callbridge.audio import read_wav_as_ulaw, rms, silence, tone, write_wav
+from callbridge.telephony.g711 import read_wav_as_ulaw, rms, silence, tone, write_wav
 from callbridge.testing.caller import (
     CallRecording,
     CallRefused,

@@ -22,22 +22,22 @@ import websockets
 from fastapi import FastAPI, Request, Response
 from twilio.request_validator import RequestValidator
 
-from callbridge import audio
-from callbridge.agents import load_agents
 from callbridge.api.rest import router
 from callbridge.config import Settings
 from callbridge.core.context import AgentConfig, CallContext
 from callbridge.core.session import CallSession, SessionConfig
 from callbridge.core.usage import TokenUsage
-from callbridge.services import CallServices
-from callbridge.signing import HEADER, verify_signature
+from callbridge.service.agents import load_agents
+from callbridge.service.calls import CallServices
+from callbridge.service.signing import HEADER, verify_signature
+from callbridge.service.tools import ToolRegistry
 from callbridge.store import Store
+from callbridge.telephony import g711 as audio
 from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeTwilio
-from callbridge.tools import ToolRegistry
 from test_end_to_end import AUTH_TOKEN, Service, no_live_call, serve, wait_closed
 
 from conftest import secret

@@ -23,7 +23,7 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 from twilio.request_validator import RequestValidator
 
-from callbridge import audio
+from callbridge.telephony import g711 as audio
 from callbridge.telephony.params import PARAMETER_NAME
 from callbridge.testing.caller import (
     CallRecording,
@@ -379,7 +379,7 @@ async def test_tool_call_end_to_end(tmp_path: Path) -> None:
         greeting="Hi.",
         ms_per_char=30,
     )
-    async with serve(tmp_path, behavior, CALLBRIDGE_TOOLS="callbridge.demo:tools") as service:
+    async with serve(tmp_path, behavior, CALLBRIDGE_TOOLS="callbridge.engine.demo:tools") as service:
         script = CallScript([Pause(1000), Say(audio.tone(800, 330)), Pause(5000), HangUp()])
         recording = await service.caller().place_call(script, max_duration_s=30)
         (session,) = service.fake.sessions

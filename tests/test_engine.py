@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from callbridge import audio
-from callbridge.demo import DEFAULT_SCRIPT, DemoCall, place_demo_call, summarize
+from callbridge.engine.demo import DEFAULT_SCRIPT, DemoCall, place_demo_call, summarize
+from callbridge.telephony import g711 as audio
 from callbridge.testing.caller import CallScript, HangUp, SayWhenAgentDone, SimulatedCaller
 from callbridge.testing.conformance import validate_client_event, validate_server_event
 

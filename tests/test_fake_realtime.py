@@ -18,7 +18,7 @@ from openai import AsyncOpenAI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from callbridge.audio import silence, tone, ulaw_to_pcm16
+from callbridge.telephony.g711 import silence, tone, ulaw_to_pcm16
 from callbridge.testing.conformance import (
     ConformanceError,
     Dialect,

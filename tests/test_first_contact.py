@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from callbridge import audio
+from callbridge.telephony import g711 as audio
 from callbridge.telephony.params import MAX_PARAMETER_CHARS, PARAMETER_NAME
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say, SayWhenHearing
 from callbridge.testing.conformance import validate_client_event
@@ -299,7 +299,7 @@ async def test_agent_audio_reaches_twilio_in_steady_chunks(tmp_path: Path) -> No
 SLOW_TOOLS = '''
 import asyncio
 
-from callbridge.tools import ToolRegistry
+from callbridge.service.tools import ToolRegistry
 
 tools = ToolRegistry()
 

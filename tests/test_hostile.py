@@ -31,12 +31,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from twilio.request_validator import RequestValidator
 
-from callbridge import audio as sound
 from callbridge.core import events as ev
 from callbridge.core.commands import Command, EndCall, Log, SendTwilio
 from callbridge.core.context import AgentConfig, CallContext
 from callbridge.realtime.dialect import BETA_TO_GA_EVENT_NAMES, Dialect
 from callbridge.realtime.protocol import parse_server_event
+from callbridge.telephony import g711 as sound
 from callbridge.telephony.media_streams import parse_twilio_message
 from callbridge.telephony.params import PARAMETER_NAME
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say, SayWhenHearing, Step

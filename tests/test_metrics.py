@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from callbridge.core.context import AgentConfig, CallContext
 from callbridge.core.session import CallSession, SessionConfig
 from callbridge.core.usage import TokenUsage
-from callbridge.metrics import Metrics
+from callbridge.observability.metrics import Metrics
 
 
 def refuse(parameters: Mapping[str, str], call_sid: str) -> CallContext:

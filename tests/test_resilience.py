@@ -14,19 +14,19 @@ import httpx
 import pytest
 from twilio.request_validator import RequestValidator
 
-from callbridge import audio
-from callbridge.agents import load_agents
 from callbridge.config import Settings
 from callbridge.core.context import AgentConfig, CallContext
 from callbridge.core.session import CallSession, SessionConfig
-from callbridge.services import CallServices
+from callbridge.service.agents import load_agents
+from callbridge.service.calls import CallServices
+from callbridge.service.tools import ToolRegistry
 from callbridge.store.repository import Store
+from callbridge.telephony import g711 as audio
 from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls
 from callbridge.testing.caller import CallRecording, CallRefused, CallScript, HangUp, Pause, Say, Step
 from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeTwilio
-from callbridge.tools import ToolRegistry
 from test_calls_api import ACCOUNT_SID, api, service
 from test_end_to_end import AUTH_TOKEN, GREETING, Service, _free_port, no_live_call, serve, until
 

@@ -12,7 +12,6 @@ import jiwer
 import numpy as np
 import pytest
 
-from callbridge import audio
 from callbridge.engine.speech import (
     FRAME_BYTES,
     LanguageModel,
@@ -23,6 +22,7 @@ from callbridge.engine.speech import (
     ulaw_to_pcm16,
     words_of,
 )
+from callbridge.telephony import g711 as audio
 
 pytestmark = [pytest.mark.slow]
 

@@ -9,8 +9,8 @@ import pytest
 from picows import WSCloseCode, WSMsgType
 from picows.picows import _make_test_ws_frame
 
-from callbridge import websocket_io
-from callbridge.websocket_io import MessageListener
+from callbridge.transport import websocket_io
+from callbridge.transport.websocket_io import MessageListener
 
 
 class Transport:

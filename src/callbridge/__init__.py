@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from callbridge.bridge import CallBridge, CallRegistry
     from callbridge.config import Settings
     from callbridge.core.session import CallSession
-    from callbridge.tools import ToolRegistry
+    from callbridge.service.tools import ToolRegistry
 
 __all__ = ["CallBridge", "CallRegistry", "CallSession", "Settings", "ToolRegistry", "create_app"]
 
@@ -23,7 +23,7 @@ _MODULES = {
     "CallRegistry": "callbridge.bridge",
     "CallSession": "callbridge.core.session",
     "Settings": "callbridge.config",
-    "ToolRegistry": "callbridge.tools",
+    "ToolRegistry": "callbridge.service.tools",
     "create_app": "callbridge.api.app",
 }
 

@@ -11,7 +11,7 @@ import typer
 from pydantic import ValidationError
 
 from callbridge.config import Settings
-from callbridge.logs import configure_logging
+from callbridge.observability.logs import configure_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Put a speech-to-speech AI agent on the phone.")
 
@@ -23,20 +23,21 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Processes sharing the port (each takes its own calls).")] = 1,
 ) -> None:
     """Run the service: Twilio webhook, media-stream WebSocket, REST API, health. SIGTERM drains the calls."""
-    from callbridge.server import run_worker, run_workers
+    from callbridge.api.app import create_app
+    from callbridge.transport.server import run_worker, run_workers
 
     _check_settings()
     if workers == 1:
-        run_worker(host, port)
+        run_worker(create_app, host, port)
     else:
-        run_workers(host, port, workers)
+        run_workers(create_app, host, port, workers)
 
 
 def _check_settings() -> None:
     """Refuse to start on settings that cannot work, with what to fix, before anything listens (and before any
     worker starts: a worker that failed the same way would only be started again)."""
-    from callbridge.agents import load_agents
-    from callbridge.tools import ToolRegistry, load_registry
+    from callbridge.service.agents import load_agents
+    from callbridge.service.tools import ToolRegistry, load_registry
 
     try:
         settings = Settings()
@@ -70,7 +71,7 @@ def simulate(
     save: Annotated[Path | None, typer.Option(help="Write a stereo WAV (caller left, agent right) here.")] = None,
 ) -> None:
     """Place a simulated Twilio call against a running callbridge (signed like Twilio's)."""
-    from callbridge.demo import run_simulation
+    from callbridge.engine.demo import run_simulation
 
     settings = Settings()
     configure_logging(settings.log_format, "warning")
@@ -92,7 +93,7 @@ def demo(
     """A whole phone call, offline: the bridge, the local engine and a simulated caller with a real voice."""
     import json
 
-    from callbridge.demo import DEFAULT_SCRIPT, run_demo
+    from callbridge.engine.demo import DEFAULT_SCRIPT, run_demo
 
     configure_logging("console", "error")
     text = script.read_text() if script else DEFAULT_SCRIPT

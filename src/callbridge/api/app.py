@@ -1,7 +1,7 @@
 """The application: ``create_app(settings)`` wires the parts together and does nothing else.
 
 Routes live by audience: Twilio's webhooks (:mod:`callbridge.api.twilio`), the media stream (served by picows on the
-same port, :mod:`callbridge.api.media_stream`, its calls built in :mod:`callbridge.api.streams`), the REST API
+same port, :mod:`callbridge.transport.router`, its calls built in :mod:`callbridge.api.streams`), the REST API
 (:mod:`callbridge.api.rest`), health and metrics (:mod:`callbridge.api.health`).
 """
 
@@ -20,10 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from callbridge.agents import AgentDirectory, load_agents
 from callbridge.api.health import health_router
 from callbridge.api.limits import BodySizeLimit
-from callbridge.api.media_stream import MediaStreamEndpoint
 from callbridge.api.rest import router
 from callbridge.api.streams import StreamCalls
 from callbridge.api.twilio import twilio_router
@@ -31,15 +29,17 @@ from callbridge.bridge import CallRegistry, ContextResolver, RealtimeEndpoint
 from callbridge.config import Settings
 from callbridge.core.session import SessionConfig
 from callbridge.core.transcript import TranscriptLine, TranscriptSink
-from callbridge.metrics import Metrics
-from callbridge.process import is_orphan
-from callbridge.resolvers import HttpContextResolver, PythonContextResolver
-from callbridge.services import CallServices, Invalid, NotConfigured, NotFound, ServiceError, Upstream
+from callbridge.observability.metrics import Metrics
+from callbridge.service.agents import AgentDirectory, load_agents
+from callbridge.service.calls import CallServices, Invalid, NotConfigured, NotFound, ServiceError, Upstream
+from callbridge.service.ownership import is_orphan
+from callbridge.service.resolvers import HttpContextResolver, PythonContextResolver
+from callbridge.service.tools import ToolRegistry, load_registry
 from callbridge.store.repository import DatabaseTranscriptSink, Store
 from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls
 from callbridge.telephony.signatures import TwilioSignatures
-from callbridge.tools import ToolRegistry, load_registry
+from callbridge.transport.router import MediaStreamEndpoint
 
 log = structlog.stdlib.get_logger("callbridge.api")
 

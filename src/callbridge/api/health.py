@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from callbridge.bridge import CallRegistry
-from callbridge.metrics import Metrics
+from callbridge.observability.metrics import Metrics
 
 
 def health_router(registry: CallRegistry, metrics: Metrics) -> APIRouter:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from callbridge.core.context import CallContext, ContextItem
 from callbridge.core.transcript import TranscriptLine
-from callbridge.services import CallServices
+from callbridge.service.calls import CallServices
 from callbridge.store.repository import CallEvent, CallPage, CallRecord
 
 bearer = HTTPBearer(auto_error=False, description="CALLBRIDGE_API_TOKEN")

@@ -13,18 +13,18 @@ from callbridge.bridge import CallBridge, CallRegistry, ContextResolver, Realtim
 from callbridge.config import Settings
 from callbridge.core.context import CallContext
 from callbridge.core.session import CallSession, SessionConfig
-from callbridge.metrics import Metrics
-from callbridge.services import CallServices
+from callbridge.observability.metrics import Metrics
+from callbridge.service.calls import CallServices
+from callbridge.service.tools import ToolRegistry
 from callbridge.telephony.rest import TwilioCalls
 from callbridge.telephony.signatures import TwilioSignatures
-from callbridge.tools import ToolRegistry
 
 log = structlog.stdlib.get_logger("callbridge.api")
 
 
 @dataclasses.dataclass
 class StreamCalls:
-    """What the media-stream endpoint asks of the application (see :class:`~callbridge.api.media_stream.
+    """What the media-stream endpoint asks of the application (see :class:`~callbridge.transport.router.
     MediaStreamEndpoint`). ``app.state`` holds the services and sinks once the application has started."""
 
     app: FastAPI

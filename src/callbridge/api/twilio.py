@@ -10,8 +10,8 @@ from fastapi.responses import Response
 
 from callbridge.bridge import CallRegistry
 from callbridge.config import Settings
-from callbridge.metrics import Metrics
-from callbridge.services import CallServices
+from callbridge.observability.metrics import Metrics
+from callbridge.service.calls import CallServices
 from callbridge.telephony.signatures import TwilioSignatures
 
 log = structlog.stdlib.get_logger("callbridge.api")

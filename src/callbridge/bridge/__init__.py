@@ -2,7 +2,6 @@
 (:class:`CallRegistry`)."""
 
 from callbridge.bridge.call import (
-    RELAY_SAMPLE_EVERY,
     Authorize,
     BridgeMetrics,
     CallBridge,
@@ -10,15 +9,13 @@ from callbridge.bridge.call import (
     EventSink,
     Fallback,
     HangUp,
-    ModelConnection,
-    RealtimeEndpoint,
     Transfer,
     TwilioLink,
 )
 from callbridge.bridge.registry import CallEnded, CallRegistry
+from callbridge.realtime.client import RealtimeEndpoint
 
 __all__ = [
-    "RELAY_SAMPLE_EVERY",
     "Authorize",
     "BridgeMetrics",
     "CallBridge",
@@ -28,7 +25,6 @@ __all__ = [
     "EventSink",
     "Fallback",
     "HangUp",
-    "ModelConnection",
     "RealtimeEndpoint",
     "Transfer",
     "TwilioLink",

@@ -8,7 +8,7 @@ call's state has one owner. Everything a call starts is cancelled or closed befo
 
 The Twilio side is any :class:`TwilioLink` (buffered ``send_text`` and ``close``) whose owner passes frames to
 :meth:`CallBridge.twilio_message`, so the bridge runs inside any asyncio application; callbridge's own server
-serves the media stream with picows (:mod:`callbridge.api.media_stream`). The Realtime side is a picows client.
+serves the media stream with picows (:mod:`callbridge.transport.router`). The Realtime side is a picows client.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
-from urllib.parse import urlencode
+from typing import Any, Protocol
 
 import orjson
 import structlog
-from picows import WSHandshakeError, ws_connect
 
 from callbridge.core import events as ev
 from callbridge.core.commands import (
@@ -43,11 +40,12 @@ from callbridge.core.commands import (
 from callbridge.core.context import CallContext
 from callbridge.core.session import CallSession, SessionConfig
 from callbridge.core.transcript import TranscriptLine, TranscriptSink
-from callbridge.realtime.dialect import Dialect, headers_for, to_beta
+from callbridge.observability.metrics import RELAY_SAMPLE_EVERY
+from callbridge.realtime.client import ModelConnection, RealtimeEndpoint, connect
+from callbridge.realtime.dialect import to_beta
 from callbridge.realtime.protocol import parse_server_event
+from callbridge.service.tools import ToolContext, ToolRegistry
 from callbridge.telephony.media_streams import parse_twilio_message
-from callbridge.tools import ToolContext, ToolRegistry
-from callbridge.websocket_io import READ_BUFFER_BYTES, MessageListener
 
 HangUp = Callable[[str], Awaitable[None]]
 """Ends a call through Twilio's REST API, by call SID."""
@@ -66,17 +64,13 @@ with its context as the service keeps it (a :class:`CallContext`) or as its stre
 
 
 class BridgeMetrics(Protocol):
-    """Where the bridge reports measurements (:class:`callbridge.metrics.Metrics`)."""
+    """Where the bridge reports measurements (:class:`callbridge.observability.metrics.Metrics`)."""
 
     def observe(self, name: str, value: float) -> None: ...
 
     def relayed(self, direction: str, seconds: float) -> None: ...
 
     def error(self, kind: str) -> None: ...
-
-
-RELAY_SAMPLE_EVERY = 16
-"""One audio frame in this many has its time through the bridge measured."""
 
 
 class TwilioLink(Protocol):
@@ -88,21 +82,6 @@ class TwilioLink(Protocol):
         ...
 
     def close(self, code: int = 1000, reason: str = "") -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class RealtimeEndpoint:
-    url: str
-    model: str
-    dialect: Dialect = "ga"
-    api_key: str | None = None
-    connect_timeout: float = 10.0
-    max_message_bytes: int = 16 * 1024 * 1024
-
-    @property
-    def full_url(self) -> str:
-        separator = "&" if "?" in self.url else "?"
-        return f"{self.url}{separator}{urlencode({'model': self.model})}"
 
 
 class CallBridge:
@@ -227,7 +206,7 @@ class CallBridge:
         """Let the call go with the fallback (apology or human), e.g. when a drain deadline has passed."""
         self._dispatch(ev.EndRequested(reason))
 
-    def _model_message(self, connection: ModelConnection, payload: bytes | memoryview) -> None:
+    def realtime_message(self, connection: ModelConnection, payload: bytes | memoryview) -> None:
         if connection is not self._realtime:
             return  # a connection already replaced or closed by us
         event = parse_server_event(payload, self._endpoint.dialect)
@@ -240,7 +219,7 @@ class CallBridge:
             self._timed_out = (event, time.perf_counter())
         self._dispatch(event)
 
-    def _model_closed(self, connection: ModelConnection) -> None:
+    def realtime_closed(self, connection: ModelConnection) -> None:
         if connection is self._realtime:  # closed by the other side, not by us
             self._realtime = None
             self._dispatch(ev.RealtimeClosed(connection.close_code, connection.close_reason))
@@ -456,21 +435,11 @@ class CallBridge:
             return
         await asyncio.sleep(delay_s)
         endpoint = self._endpoint
-        try:
-            async with asyncio.timeout(endpoint.connect_timeout):
-                _, listener = await ws_connect(
-                    lambda: ModelConnection(self, endpoint.max_message_bytes),
-                    endpoint.full_url,
-                    extra_headers=headers_for(endpoint.dialect, endpoint.api_key),
-                    websocket_handshake_timeout=endpoint.connect_timeout,
-                    max_frame_size=endpoint.max_message_bytes,
-                    read_buffer_init_size=READ_BUFFER_BYTES,
-                )
-        except Exception as exc:
-            self._dispatch(_connect_failed(exc))
+        connection = await connect(endpoint, self)
+        if isinstance(connection, ev.RealtimeConnectFailed):
+            self._dispatch(connection)
             self._error("realtime_connect")
             return
-        connection = cast(ModelConnection, listener)
         if self._ending:
             connection.close()
             return
@@ -534,54 +503,3 @@ class CallBridge:
 
 async def _admit_as_signed(session: CallSession) -> None:
     """Without a check of its own, a call whose parameters verified is in, with the context they carried."""
-
-
-def _connect_failed(exc: Exception) -> ev.RealtimeConnectFailed:
-    """Why the model's WebSocket could not be opened; a refused handshake keeps its HTTP status and error code."""
-    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if not isinstance(exc, WSHandshakeError) or exc.response is None:
-        return ev.RealtimeConnectFailed(reason)
-    response, code = exc.response, ""
-    try:
-        body = orjson.loads(exc.raw_body or b"{}")
-    except orjson.JSONDecodeError:
-        body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        code = str(error.get("code") or error.get("type") or "")[:100]
-    return ev.RealtimeConnectFailed(f"HTTP {response.status}", status=int(response.status), code=code)
-
-
-class ModelConnection(MessageListener):
-    """The call's WebSocket to the Realtime server.
-
-    Messages that arrive before the bridge has adopted the connection (the server may speak in the same packet
-    as its handshake answer) wait here, so that the session hears ``RealtimeConnected`` first.
-    """
-
-    def __init__(self, bridge: CallBridge, max_message_bytes: int) -> None:
-        super().__init__(max_message_bytes)
-        self._bridge = bridge
-        self._early: list[bytes] | None = []
-        self._closed_early = False
-
-    def adopted(self) -> None:
-        early, self._early = self._early, None
-        for payload in early or ():
-            self._bridge._model_message(self, payload)
-        if self._closed_early:
-            self._bridge._model_closed(self)
-
-    def on_message(self, payload: bytes | memoryview, binary: bool) -> None:
-        if self._early is not None:
-            self._early.append(bytes(payload))
-        elif binary:
-            self._bridge._model_message(self, b"binary message")  # parses as a malformed event
-        else:
-            self._bridge._model_message(self, payload)
-
-    def on_close(self) -> None:
-        if self._early is not None:
-            self._closed_early = True
-        else:
-            self._bridge._model_closed(self)

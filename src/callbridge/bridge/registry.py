@@ -19,7 +19,7 @@ CallEnded = Callable[[CallSession], Awaitable[None]]
 
 
 class EndedCalls(Protocol):
-    """Where finished calls are counted (:class:`callbridge.metrics.Metrics`)."""
+    """Where finished calls are counted (:class:`callbridge.observability.metrics.Metrics`)."""
 
     def call_ended(self, session: CallSession) -> None: ...
 

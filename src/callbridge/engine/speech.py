@@ -30,7 +30,8 @@ except ImportError as error:  # pragma: no cover - depends on the installation
         f"the offline engine needs its speech packages ({error}): pip install 'callbridge[offline]'"
     ) from error
 
-SAMPLE_RATE = 8000
+from callbridge.telephony.g711 import DECODE_TABLE, ENCODE_TABLE, SAMPLE_RATE
+
 FRAME_BYTES = 160  # 20 ms of μ-law
 _RECOGNIZER_RATE = 16000
 
@@ -42,25 +43,9 @@ PHONE_CMN = (
 )
 
 
-def _ulaw_decode_table() -> np.ndarray[Any, np.dtype[np.int16]]:
-    code = ~np.arange(256) & 0xFF
-    exponent = (code >> 4) & 0x07
-    magnitude = ((((code & 0x0F) << 3) + 0x84) << exponent) - 0x84
-    return np.where(code & 0x80, -magnitude, magnitude).astype(np.int16)
-
-
-def _ulaw_encode_table() -> np.ndarray[Any, np.dtype[np.uint8]]:
-    """Every 14-bit sample's code, as G.711 (and the old ``audioop.lin2ulaw``) encodes it."""
-    value = np.arange(-8192, 8192)
-    mask = np.where(value < 0, 0x7F, 0xFF)
-    magnitude = np.minimum(np.abs(value) + 0x21, 0x1FFF)
-    segment = np.searchsorted([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF], magnitude)
-    code = np.where(segment >= 8, 0x7F, (segment << 4) | ((magnitude >> (segment + 1)) & 0x0F))
-    return (code ^ mask).astype(np.uint8)
-
-
-_ULAW_TO_PCM = _ulaw_decode_table()
-_PCM_TO_ULAW = _ulaw_encode_table()
+# The one μ-law codec's tables, as arrays: decoding and encoding whole buffers at once.
+_ULAW_TO_PCM = np.array(DECODE_TABLE, dtype=np.int16)
+_PCM_TO_ULAW = np.frombuffer(ENCODE_TABLE, np.uint8)  # indexed by the sample + 32768
 
 
 def ulaw_to_pcm16(ulaw: bytes) -> np.ndarray[Any, np.dtype[np.int16]]:
@@ -68,7 +53,7 @@ def ulaw_to_pcm16(ulaw: bytes) -> np.ndarray[Any, np.dtype[np.int16]]:
 
 
 def pcm16_to_ulaw(pcm: np.ndarray[Any, np.dtype[np.int16]]) -> bytes:
-    codes: np.ndarray[Any, np.dtype[np.uint8]] = _PCM_TO_ULAW[(pcm.astype(np.int32) >> 2) + 8192]
+    codes: np.ndarray[Any, np.dtype[np.uint8]] = _PCM_TO_ULAW[pcm.astype(np.int32) + 32768]
     return codes.tobytes()
 
 

@@ -42,8 +42,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from callbridge.audio import BYTES_PER_MS, DECODE_TABLE, pcm16_to_ulaw
 from callbridge.realtime.conformance import ConformanceError, Dialect, validate_client_event
+from callbridge.telephony.g711 import BYTES_PER_MS, DECODE_TABLE, pcm16_to_ulaw
 
 __all__ = [
     "BUILTIN_VOICES",

@@ -16,7 +16,7 @@ Usage in a test, against a server listening locally::
 
     from pathlib import Path
 
-    from callbridge.audio import tone, write_wav
+    from callbridge.telephony.g711 import tone, write_wav
     from callbridge.testing.caller import CallScript, HangUp, Pause, Say, SayWhenHearing, SimulatedCaller
 
     caller = SimulatedCaller("http://127.0.0.1:8000", auth_token="your-twilio-auth-token")
@@ -59,7 +59,7 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from callbridge.audio import BYTES_PER_MS, SILENCE_BYTE, read_wav_as_ulaw, silence
+from callbridge.telephony.g711 import BYTES_PER_MS, SILENCE_BYTE, read_wav_as_ulaw, silence
 
 FRAME_MS = 20
 FRAME_BYTES = FRAME_MS * BYTES_PER_MS

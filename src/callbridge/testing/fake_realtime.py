@@ -15,7 +15,7 @@ Example::
 
     from openai import AsyncOpenAI
 
-    from callbridge.audio import silence, tone
+    from callbridge.telephony.g711 import silence, tone
     from callbridge.testing.fake_realtime import FakeBehavior, FakeRealtimeServer
 
 
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from callbridge.audio import rms, tone
 from callbridge.realtime.server import RealtimeServer, ServerOptions, ServerSession, ToolCall, TurnContext
+from callbridge.telephony.g711 import rms, tone
 
 __all__ = ["FakeBehavior", "FakeRealtimeServer", "FakeSession", "ScriptedAgent"]
 

@@ -16,13 +16,13 @@ import httpx
 import orjson
 import structlog
 
-from callbridge.agents import AgentDirectory
 from callbridge.config import Settings
 from callbridge.core.context import CallContext, ContextItem
 from callbridge.core.session import CallSession
 from callbridge.core.transcript import TranscriptLine
-from callbridge.process import process_identity
-from callbridge.signing import HEADER, sign
+from callbridge.service.agents import AgentDirectory
+from callbridge.service.ownership import process_identity
+from callbridge.service.signing import HEADER, sign
 from callbridge.store.repository import CallEvent, CallPage, CallRecord, Store
 from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls, TwilioRestException

@@ -5,7 +5,7 @@ plus the call's numbers. At call start, while the model connection opens, a reso
 person's name, instructions, a greeting and earlier conversation items:
 
 - :class:`HttpContextResolver` (``CALLBRIDGE_CONTEXT_URL``): callbridge POSTs JSON to the host app (Rails,
-  Django, anything), signed as in :mod:`callbridge.signing`, and reads the JSON answer;
+  Django, anything), signed as in :mod:`callbridge.service.signing`, and reads the JSON answer;
 - :class:`PythonContextResolver` (``CALLBRIDGE_CONTEXT_FUNCTION=package.module:function``): an async function;
 - a static context from the agents file needs no resolver at all.
 A resolver that fails or misses the deadline leaves the agent's defaults: the caller never waits in silence.
@@ -23,7 +23,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict
 
 from callbridge.core.context import CallContext, ContextItem
-from callbridge.signing import HEADER, sign
+from callbridge.service.signing import HEADER, sign
 
 
 class ResolvedItem(BaseModel):

@@ -1,6 +1,7 @@
-"""G.711 μ-law helpers in pure Python (``audioop`` is gone from Python 3.13).
+"""G.711 μ-law, the phone call's audio, in pure Python (``audioop`` is gone from Python 3.13): callbridge's one codec.
 
-The bridge itself never decodes audio; these serve the test doubles, the demo's WAV files and energy-based VAD.
+The bridge itself never decodes audio; this serves the test doubles, the offline engine (its tables, as arrays), the
+demo's WAV files and energy-based VAD.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def _encode_sample(sample: int) -> int:
 
 
 DECODE_TABLE: tuple[int, ...] = tuple(_decode_byte(b) for b in range(256))
-_ENCODE_TABLE = bytes(_encode_sample(s - 32768) for s in range(65536))
+"""Each μ-law byte's 16-bit sample."""
+ENCODE_TABLE = bytes(_encode_sample(s - 32768) for s in range(65536))
+"""Each 16-bit sample's μ-law byte, indexed by the sample + 32768."""
 
 
 def ulaw_to_pcm16(data: bytes) -> list[int]:
@@ -55,7 +58,7 @@ def ulaw_to_pcm16(data: bytes) -> list[int]:
 
 def pcm16_to_ulaw(samples: list[int] | tuple[int, ...]) -> bytes:
     """Encode signed 16-bit samples to μ-law bytes."""
-    table = _ENCODE_TABLE
+    table = ENCODE_TABLE
     return bytes(table[max(-32768, min(32767, s)) + 32768] for s in samples)
 
 

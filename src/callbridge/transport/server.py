@@ -19,17 +19,17 @@ import signal
 import socket
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import structlog
 import uvicorn
-from fastapi import FastAPI
 
-from callbridge.api.media_stream import websocket_router
 from callbridge.config import Settings
-from callbridge.logs import configure_logging
+from callbridge.observability.logs import configure_logging
+from callbridge.transport.router import websocket_router
 
 log = structlog.stdlib.get_logger("callbridge.server")
 STARTUP_FAILURE = 3
@@ -41,12 +41,26 @@ RESTART_WINDOW_S = 60.0
 application started stops the service at once."""
 
 
+class ServedApp(Protocol):
+    """An ASGI application whose ``state`` holds ``media_stream`` (a
+    :class:`~callbridge.transport.router.MediaStreamEndpoint`) and ``drain`` (an async callable): what
+    :func:`callbridge.api.app.create_app` builds."""
+
+    state: Any
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None: ...
+
+
+AppFactory = Callable[[Settings], ServedApp]
+"""Builds the application from the settings (a module-level function: worker processes are spawned)."""
+
+
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first SIGTERM/SIGINT drains the calls before the server stops."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
         super().__init__(config)
-        self._app = app
+        self._drain_calls = drain
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
 
@@ -74,14 +88,14 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain_then_stop(self) -> None:
         try:
-            await self._app.state.drain()
+            await self._drain_calls()
         except Exception as exc:  # the process must still stop
             log.error("drain.failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             self.should_exit = True
 
 
-def uvicorn_config(app: FastAPI, **options: Any) -> uvicorn.Config:
+def uvicorn_config(app: ServedApp, **options: Any) -> uvicorn.Config:
     """uvicorn's configuration for callbridge's app: the media stream on picows, everything else on ASGI."""
     return uvicorn.Config(
         app,
@@ -92,10 +106,8 @@ def uvicorn_config(app: FastAPI, **options: Any) -> uvicorn.Config:
     )
 
 
-def run_worker(host: str, port: int, reuse_port: bool = False) -> None:
+def run_worker(create_app: AppFactory, host: str, port: int, reuse_port: bool = False) -> None:
     """One serving process: builds the app from the environment and serves until drained."""
-    from callbridge.api.app import create_app
-
     if reuse_port:
         # A worker of ``run_workers``: out of the terminal's process group, so a Ctrl-C reaches only the parent,
         # which passes it on once (a worker that got it twice would stop at once instead of draining).
@@ -108,7 +120,7 @@ def run_worker(host: str, port: int, reuse_port: bool = False) -> None:
     except Exception as exc:  # it would fail the same way when started again: say so by the exit code
         log.error("worker.start_failed", error=f"{type(exc).__name__}: {exc}")
         raise SystemExit(STARTUP_FAILURE) from None
-    server = DrainingServer(uvicorn_config(app, host=host, port=port), app)
+    server = DrainingServer(uvicorn_config(app, host=host, port=port), app.state.drain)
     if reuse_port:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -122,7 +134,7 @@ def run_worker(host: str, port: int, reuse_port: bool = False) -> None:
         raise SystemExit(STARTUP_FAILURE)
 
 
-def run_workers(host: str, port: int, workers: int) -> None:
+def run_workers(create_app: AppFactory, host: str, port: int, workers: int) -> None:
     """``workers`` serving processes on one port; signals go to all of them, a dead one is replaced (one that
     cannot start stops them all: it would fail the same way again)."""
     settings = Settings()
@@ -131,7 +143,7 @@ def run_workers(host: str, port: int, workers: int) -> None:
     stopping = False
 
     def start() -> BaseProcess:
-        process = context.Process(target=run_worker, args=(host, port, True), daemon=False)
+        process = context.Process(target=run_worker, args=(create_app, host, port, True), daemon=False)
         process.start()
         return process
 

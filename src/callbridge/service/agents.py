@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from callbridge.config import Settings
 from callbridge.core.context import BUILTIN_TOOLS, AgentConfig
-from callbridge.tools import ToolRegistry
+from callbridge.service.tools import ToolRegistry
 
 
 class AgentSpec(BaseModel):

@@ -17,11 +17,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from callbridge.bridge.call import RELAY_SAMPLE_EVERY
 from callbridge.core.usage import TokenUsage
 
 if TYPE_CHECKING:
     from callbridge.core.session import CallSession, SessionStats
+
+RELAY_SAMPLE_EVERY = 16
+"""One audio frame in this many has its time through the bridge measured."""
 
 _STAT_COUNTERS: dict[str, tuple[str, str, dict[str, str]]] = {
     # session stat → (metric name, help, labels)

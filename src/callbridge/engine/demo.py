@@ -23,12 +23,12 @@ import uvicorn
 from fastapi import FastAPI
 from rich.console import Console
 
-from callbridge import audio
 from callbridge.api.app import create_app
 from callbridge.config import Settings
 from callbridge.core.transcript import TranscriptLine
 from callbridge.realtime.server import ServerSession
-from callbridge.server import uvicorn_config
+from callbridge.service.tools import ToolRegistry
+from callbridge.telephony import g711 as audio
 from callbridge.testing.caller import (
     CallRecording,
     CallScript,
@@ -40,7 +40,7 @@ from callbridge.testing.caller import (
     SimulatedCaller,
     Step,
 )
-from callbridge.tools import ToolRegistry
+from callbridge.transport.server import uvicorn_config
 
 tools = ToolRegistry()
 

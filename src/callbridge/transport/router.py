@@ -2,9 +2,9 @@
 
 uvicorn parses every HTTP request of the port; one that asks to become a WebSocket is handed to uvicorn's WebSocket
 protocol class, which is callbridge's :class:`WebSocketRouter` (``uvicorn.Config(ws=...)``, see
-:func:`callbridge.server.uvicorn_config`). Upgrades on the media stream's path go to picows, whose frames reach the
-call's :class:`~callbridge.bridge.CallBridge` in the read callback itself; any other path goes to uvicorn's own
-WebSocket implementation and the ASGI app, as usual. One port serves everything, so a tunnel or a proxy needs no
+:func:`callbridge.transport.server.uvicorn_config`). Upgrades on the media stream's path go to picows, whose frames
+reach the call's :class:`~callbridge.bridge.CallBridge` in the read callback itself; any other path goes to uvicorn's
+own WebSocket implementation and the ASGI app, as usual. One port serves everything, so a tunnel or a proxy needs no
 second route; only the audio skips the ASGI layer and the ``websockets`` framing under it, which together
 were most of what a relay cost.
 """
@@ -16,7 +16,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from picows import (
     WSAutoPingStrategy,
@@ -28,10 +28,17 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in pic
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from callbridge.bridge import CallBridge, TwilioLink
-from callbridge.websocket_io import READ_BUFFER_BYTES, MessageListener
+from callbridge.transport.websocket_io import READ_BUFFER_BYTES, MessageListener
 
 HANDSHAKE_TIMEOUT_S = 5.0
+
+
+class StreamHandler(Protocol):
+    """Who takes a media stream's frames once it is accepted (a :class:`~callbridge.bridge.CallBridge`)."""
+
+    def twilio_message(self, payload: bytes | memoryview, binary: bool) -> None: ...
+
+    def twilio_closed(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +48,7 @@ class MediaStreamEndpoint:
     path: str
     admit: Callable[[WSUpgradeRequest, str | None], str | None]
     """Checks an upgrade request (and the client's address): ``None`` admits it, a string refuses it with 403."""
-    open_call: Callable[[TwilioLink], CallBridge]
+    open_call: Callable[[MessageListener], StreamHandler]
     """Starts the call of an accepted stream; the stream's frames then go to the bridge it returns."""
     max_message_bytes: int
     """The call counts and drops messages over this size unparsed; over four times it, the stream is closed."""
@@ -58,7 +65,7 @@ class TwilioStream(MessageListener):
     def __init__(self, endpoint: MediaStreamEndpoint) -> None:
         super().__init__(endpoint.ceiling_bytes)
         self._endpoint = endpoint
-        self._bridge: CallBridge | None = None
+        self._bridge: StreamHandler | None = None
 
     def on_ws_connected(self, transport: Any) -> None:
         super().on_ws_connected(transport)

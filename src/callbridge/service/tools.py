@@ -1,7 +1,7 @@
 """Function tools the model can call, declared with a decorator.
 
 ```python
-from callbridge.tools import ToolRegistry
+from callbridge.service.tools import ToolRegistry
 
 tools = ToolRegistry()
 
