@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 
 from callbridge.core import events as ev
-from callbridge.core.commands import Command, SendRealtime, SendTwilio
+from callbridge.core.commands import Command, RealtimeCommand, TwilioCommand
 from callbridge.core.context import AgentConfig, CallContext
 from callbridge.core.session import CallSession, SessionConfig
-from callbridge.realtime.dialect import to_beta
+from callbridge.realtime.client_events import client_event
+from callbridge.telephony.outbound import twilio_message
 from callbridge.telephony.params import StreamParameterSigner
 from callbridge.testing.conformance import validate_client_event, validate_twilio_message
 
@@ -66,11 +67,12 @@ class Harness:
             self.now = at
         commands = self.session.handle(event, self.now)
         for command in commands:
-            if isinstance(command, SendRealtime):
-                validate_client_event(command.event, "ga")
-                validate_client_event(to_beta(command.event), "beta")
-            elif isinstance(command, SendTwilio):
-                validate_twilio_message(command.message)
+            if isinstance(command, RealtimeCommand):
+                validate_client_event(client_event(command, "ga"), "ga")
+                validate_client_event(client_event(command, "beta"), "beta")
+            elif isinstance(command, TwilioCommand):
+                assert self.session.stream_sid is not None, "nothing goes to Twilio before its stream started"
+                validate_twilio_message(twilio_message(command, self.session.stream_sid))
         return commands
 
     def start_event(self, context: CallContext | None = None, call_sid: str = CALL_SID) -> ev.TwilioStart:
@@ -96,11 +98,11 @@ class Harness:
 
 
 def realtime_events(commands: list[Command]) -> list[dict[str, Any]]:
-    return [c.event for c in commands if isinstance(c, SendRealtime)]
+    return [client_event(c, "ga") for c in commands if isinstance(c, RealtimeCommand)]
 
 
 def twilio_messages(commands: list[Command]) -> list[dict[str, Any]]:
-    return [c.message for c in commands if isinstance(c, SendTwilio)]
+    return [twilio_message(c, STREAM_SID) for c in commands if isinstance(c, TwilioCommand)]
 
 
 def of_type(commands: list[Command], kind: str) -> list[dict[str, Any]]:

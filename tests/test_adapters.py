@@ -12,8 +12,10 @@ from twilio.request_validator import RequestValidator
 
 from callbridge.config import Settings
 from callbridge.core import events as ev
-from callbridge.core.context import CallContext, ContextItem, ParameterError
-from callbridge.realtime.dialect import ga_event_type, headers_for, to_beta
+from callbridge.core.commands import CreateItem, Message, UpdateSession
+from callbridge.core.context import AgentConfig, CallContext, ContextItem, ParameterError
+from callbridge.realtime.client_events import client_event, encode
+from callbridge.realtime.dialect import ga_event_type, headers_for
 from callbridge.realtime.protocol import SERVER_EVENT_TYPES, parse_server_event
 from callbridge.service.tools import ToolContext, ToolRegistry
 from callbridge.telephony.media_streams import parse_twilio_message
@@ -125,25 +127,27 @@ def test_malformed_realtime_event_is_an_error_not_an_exception() -> None:
         assert isinstance(parse_server_event(raw), ev.RealtimeError)
 
 
-def test_beta_mapping_of_session_update() -> None:
-    ga = {
-        "type": "session.update",
-        "session": {
-            "type": "realtime",
-            "model": "gpt-realtime",
-            "output_modalities": ["audio"],
-            "instructions": "Hi",
-            "audio": {
-                "input": {
-                    "format": {"type": "audio/pcmu"},
-                    "turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000},
-                    "transcription": {"model": "whisper-1"},
-                },
-                "output": {"format": {"type": "audio/pcmu"}, "voice": "alloy"},
-            },
+def test_session_update_in_each_dialect() -> None:
+    """The beta dialect is a serializer of its own: flat audio fields, format names, no idle timeout."""
+    agent = AgentConfig(
+        model="gpt-realtime",
+        voice="alloy",
+        transcription_model="whisper-1",
+        noise_reduction=None,
+        turn_detection={"type": "server_vad", "idle_timeout_ms": 5000},
+    )
+    command = UpdateSession("cb_1", agent, "Hi")
+    ga = client_event(command, "ga")
+    validate_client_event(ga, "ga")
+    assert ga["session"]["audio"] == {
+        "input": {
+            "format": {"type": "audio/pcmu"},
+            "turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000},
+            "transcription": {"model": "whisper-1"},
         },
+        "output": {"format": {"type": "audio/pcmu"}, "voice": "alloy"},
     }
-    beta = to_beta(ga)
+    beta = client_event(command, "beta")
     validate_client_event(beta, "beta")
     assert beta["session"] == {
         "modalities": ["audio", "text"],
@@ -154,6 +158,18 @@ def test_beta_mapping_of_session_update() -> None:
         "turn_detection": {"type": "server_vad"},
         "input_audio_transcription": {"model": "whisper-1"},
     }
+    assert orjson.loads(encode(command, "beta")) == beta
+
+
+def test_assistant_text_in_each_dialect() -> None:
+    command = CreateItem("cb_2", Message("assistant", "Hello"))
+    assert client_event(command, "ga")["item"]["content"] == [{"type": "output_text", "text": "Hello"}]
+    assert client_event(command, "beta")["item"]["content"] == [{"type": "text", "text": "Hello"}]
+    for dialect in ("ga", "beta"):
+        validate_client_event(client_event(command, dialect), dialect)
+
+
+def test_handshake_headers() -> None:
     assert headers_for("beta", "k") == {"Authorization": "Bearer k", "OpenAI-Beta": "realtime=v1"}
     assert headers_for("ga", "k") == {"Authorization": "Bearer k"}
 
@@ -231,21 +247,21 @@ def test_signatures() -> None:
 
 
 def test_stream_url_is_derived_from_the_public_url() -> None:
-    assert Settings(CALLBRIDGE_PUBLIC_URL="https://bridge.example/", _env_file=None).stream_url == (
+    assert Settings(public_url="https://bridge.example/", _env_file=None).stream_url == (
         "wss://bridge.example/twilio/media-stream"
     )
-    assert Settings(CALLBRIDGE_PUBLIC_URL="http://127.0.0.1:8080", _env_file=None).stream_url == (
+    assert Settings(public_url="http://127.0.0.1:8080", _env_file=None).stream_url == (
         "ws://127.0.0.1:8080/twilio/media-stream"
     )
     with pytest.raises(ValueError):
-        Settings(CALLBRIDGE_PUBLIC_URL="bridge.example", _env_file=None)
+        Settings(public_url="bridge.example", _env_file=None)
 
 
 def test_settings_build_the_agent() -> None:
     settings = Settings(
-        CALLBRIDGE_TURN_DETECTION="semantic_vad",
-        CALLBRIDGE_VAD_EAGERNESS="low",
-        CALLBRIDGE_TRANSCRIPTION_MODEL="",
+        turn_detection="semantic_vad",
+        vad_eagerness="low",
+        transcription_model="",
         _env_file=None,
     )
     agent = settings.agent()

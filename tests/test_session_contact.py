@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from callbridge.core import events as ev
-from callbridge.core.commands import EndCall, OpenRealtime, RecordEvent, RecordTranscript, RunTool, SendRealtime
+from callbridge.core.commands import EndCall, OpenRealtime, RealtimeCommand, RecordEvent, RecordTranscript, RunTool
 from callbridge.core.context import AgentConfig
 from callbridge.core.session import HISTORY_CHARS, IDLE_GOODBYE, ROLLOVER_HARD_STOP_S, UNTRANSCRIBED_TURN
 from callbridge.core.usage import TokenUsage
@@ -102,7 +102,7 @@ def test_every_client_event_names_itself(harness: Harness) -> None:
     commands = harness.go_live()
     commands += harness.handle(ev.TwilioMedia(audio(20)))
     commands += harness.handle(ev.TwilioDtmf("1"))
-    ids = [c.event["event_id"] for c in commands if isinstance(c, SendRealtime)]
+    ids = [c.event_id for c in commands if isinstance(c, RealtimeCommand)]
     assert len(ids) == len(set(ids)) >= 5
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from callbridge.core import events as ev
-from callbridge.core.commands import EndCall, SendRealtime, SendTwilio
+from callbridge.core.commands import CancelResponse, EndCall, PlayAudio, SendMark, TruncateItem
 from callbridge.core.context import AgentConfig
 from callbridge.core.session import b64_audio_bytes
 from callbridge.telephony.media_streams import parse_twilio_message
@@ -59,23 +59,20 @@ def test_any_event_sequence_keeps_the_session_sound(steps: list[tuple[ev.Event, 
     sent_bytes: dict[str, int] = {}  # per item, the agent audio relayed to Twilio
     for event, pause in steps:
         for command in harness.handle(event, at=harness.now + pause):  # Harness validates every wire message
-            if isinstance(command, SendRealtime) and command.event["type"] == "conversation.item.truncate":
-                item = command.event["item_id"]
+            if isinstance(command, TruncateItem):
+                item = command.item_id
                 assert item not in truncated, "an item is truncated at most once"
-                truncated[item] = command.event["audio_end_ms"]
-                assert 0 < command.event["audio_end_ms"] * 8 <= sent_bytes.get(item, 0), "never beyond what was sent"
-            if isinstance(command, SendRealtime) and command.event["type"] == "response.cancel":
+                truncated[item] = command.audio_end_ms
+                assert 0 < command.audio_end_ms * 8 <= sent_bytes.get(item, 0), "never beyond what was sent"
+            if isinstance(command, CancelResponse):
                 assert not server_cancels
             assert not isinstance(command, EndCall), "peer events alone never end a live call"
-            if isinstance(command, SendTwilio):
-                assert command.message["streamSid"] == harness.session.stream_sid
-                if command.message["event"] == "media":
-                    assert isinstance(event, ev.RealtimeAudioDelta)
-                    payload = command.message["media"]["payload"]
-                    sent_bytes[event.item_id] = sent_bytes.get(event.item_id, 0) + b64_audio_bytes(payload)
-                if command.message["event"] == "mark":  # a mark never names more than was sent
-                    item, end = command.message["mark"]["name"].rsplit(":", 1)
-                    assert int(end) == sent_bytes[item]
+            if isinstance(command, PlayAudio):
+                assert isinstance(event, ev.RealtimeAudioDelta)
+                sent_bytes[event.item_id] = sent_bytes.get(event.item_id, 0) + b64_audio_bytes(command.payload)
+            if isinstance(command, SendMark):  # a mark never names more than was sent
+                item, end = command.name.rsplit(":", 1)
+                assert int(end) == sent_bytes[item]
     assert harness.session.phase == "live"
 
 

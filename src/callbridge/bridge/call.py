@@ -17,35 +17,45 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
-import orjson
 import structlog
 
 from callbridge.core import events as ev
 from callbridge.core.commands import (
+    AppendAudio,
+    CancelResponse,
+    ClearAudio,
     Command,
+    CreateItem,
+    CreateResponse,
+    DeleteItem,
     EndCall,
     Log,
     Measure,
     OpenRealtime,
+    PlayAudio,
+    RealtimeCommand,
     RecordEvent,
     RecordTranscript,
     ResolveContext,
     RunTool,
-    SendRealtime,
-    SendTwilio,
+    SendMark,
     TransferCall,
+    TruncateItem,
+    TwilioCommand,
+    UpdateSession,
 )
 from callbridge.core.context import CallContext
 from callbridge.core.session import CallSession, SessionConfig
 from callbridge.core.transcript import TranscriptLine, TranscriptSink
 from callbridge.observability.metrics import RELAY_SAMPLE_EVERY
 from callbridge.realtime.client import ModelConnection, RealtimeEndpoint, connect
-from callbridge.realtime.dialect import to_beta
+from callbridge.realtime.client_events import encode as realtime_encode
 from callbridge.realtime.protocol import parse_server_event
 from callbridge.service.tools import ToolContext, ToolRegistry
 from callbridge.telephony.media_streams import parse_twilio_message
+from callbridge.telephony.outbound import encode as twilio_encode
 
 HangUp = Callable[[str], Awaitable[None]]
 """Ends a call through Twilio's REST API, by call SID."""
@@ -61,6 +71,21 @@ Authorize = Callable[[CallSession], Awaitable[CallContext | str | None]]
 """Checks an admitted call before the model is opened: a string is why it is refused; otherwise the call is let in,
 with its context as the service keeps it (a :class:`CallContext`) or as its stream parameters carried it
 (``None``)."""
+
+
+# For isinstance (a tuple is checked faster than a union); the unions' members, spelled out for mypy.
+_TWILIO_COMMANDS = (PlayAudio, SendMark, ClearAudio)
+_REALTIME_COMMANDS = (
+    AppendAudio,
+    UpdateSession,
+    CreateItem,
+    DeleteItem,
+    TruncateItem,
+    CreateResponse,
+    CancelResponse,
+)
+assert set(_TWILIO_COMMANDS) == set(get_args(TwilioCommand))
+assert set(_REALTIME_COMMANDS) == set(get_args(RealtimeCommand))
 
 
 class BridgeMetrics(Protocol):
@@ -289,14 +314,13 @@ class CallBridge:
             self._bound = True  # every line of the call from here on names it
             self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
         for command in commands:
-            # The audio path's two commands first, before the match of _perform tries nine patterns.
-            if isinstance(command, SendTwilio):
-                assert self._twilio is not None
-                self._twilio.send_text(orjson.dumps(command.message))
-            elif isinstance(command, SendRealtime):
+            # The commands for the two sockets first (the audio path's), before the match of _perform.
+            if isinstance(command, _TWILIO_COMMANDS):
+                assert self._twilio is not None and self.session.stream_sid is not None
+                self._twilio.send_text(twilio_encode(command, self.session.stream_sid))
+            elif isinstance(command, _REALTIME_COMMANDS):
                 if self._realtime is not None:
-                    wire = command.event if self._endpoint.dialect == "ga" else to_beta(command.event)
-                    self._realtime.send_text(orjson.dumps(wire))
+                    self._realtime.send_text(realtime_encode(command, self._endpoint.dialect))
             else:
                 self._perform(command)
         if self._timed_in is not None or self._timed_out is not None:  # one frame in 16 is being timed
@@ -332,7 +356,7 @@ class CallBridge:
     # ------------------------------------------------------------------------------------------------ commands
 
     def _perform(self, command: Command) -> None:
-        """Every command but the two sends, which :meth:`_process` performs itself."""
+        """Every command but those for the two sockets, which :meth:`_process` sends itself."""
         match command:
             case OpenRealtime(delay_s, replace):
                 if replace:

@@ -3,24 +3,129 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from callbridge.core.context import CallContext
+from callbridge.core.context import AgentConfig, CallContext
 from callbridge.core.transcript import TranscriptLine
 
-
-@dataclass(slots=True)  # not frozen: one is made per audio frame, and freezing costs 5x; never mutated
-class SendTwilio:
-    """A Media Streams message to Twilio (already in wire shape)."""
-
-    message: dict[str, Any]
+# ---------------------------------------------------------------------------------------------------- to Twilio
+# The media stream's three messages. The Twilio adapter serialises them (:mod:`callbridge.telephony.outbound`).
 
 
 @dataclass(slots=True)  # not frozen: one is made per audio frame, and freezing costs 5x; never mutated
-class SendRealtime:
-    """A Realtime client event in GA shape; the adapter maps it to the configured dialect."""
+class PlayAudio:
+    """Agent audio for the caller: base64 μ-law, as the model sent it."""
 
-    event: dict[str, Any]
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendMark:
+    """A mark after the audio sent so far: Twilio echoes it once the caller has heard up to here."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClearAudio:
+    """Drop the audio Twilio has buffered for the caller (a barge-in)."""
+
+
+TwilioCommand = PlayAudio | SendMark | ClearAudio
+
+
+# ---------------------------------------------------------------------------------------------------- to the model
+# The Realtime client events the session sends, each with its own ``event_id`` (an error names the one it is about).
+# ``operation`` is the protocol's name for it; the Realtime adapter gives each its JSON shape in the endpoint's
+# dialect (:mod:`callbridge.realtime.client_events`).
+
+
+@dataclass(slots=True)  # not frozen: one is made per audio frame; never mutated
+class AppendAudio:
+    """Caller audio for the model's input buffer: base64 μ-law, as Twilio sent it."""
+
+    event_id: str
+    audio: str
+    operation: ClassVar[str] = "input_audio_buffer.append"
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateSession:
+    """Configure the model's session for this call: the agent's settings, with the call's instructions."""
+
+    event_id: str
+    agent: AgentConfig
+    instructions: str
+    operation: ClassVar[str] = "session.update"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A conversation message: context, an earlier turn, a note about the call."""
+
+    role: Literal["system", "user", "assistant"]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionOutput:
+    """What a tool call returned, for the model."""
+
+    call_id: str
+    output: str
+
+
+ConversationItem = Message | FunctionOutput
+
+
+@dataclass(frozen=True, slots=True)
+class CreateItem:
+    event_id: str
+    item: ConversationItem
+    operation: ClassVar[str] = "conversation.item.create"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteItem:
+    """Take an item the caller heard nothing of out of the model's conversation."""
+
+    event_id: str
+    item_id: str
+    operation: ClassVar[str] = "conversation.item.delete"
+
+
+@dataclass(frozen=True, slots=True)
+class TruncateItem:
+    """Cut an agent item's audio (and its transcript) to what the caller heard."""
+
+    event_id: str
+    item_id: str
+    audio_end_ms: int
+    operation: ClassVar[str] = "conversation.item.truncate"
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResponse:
+    """Ask the model to respond; ``instructions`` replace the session's for this response only."""
+
+    event_id: str
+    instructions: str | None = None
+    operation: ClassVar[str] = "response.create"
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResponse:
+    """Stop the response in progress (``response_id``: that one only, if it is still the current one)."""
+
+    event_id: str
+    response_id: str | None = None
+    operation: ClassVar[str] = "response.cancel"
+
+
+RealtimeCommand = AppendAudio | UpdateSession | CreateItem | DeleteItem | TruncateItem | CreateResponse | CancelResponse
+
+
+# ---------------------------------------------------------------------------------------------------- to the driver
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +207,16 @@ class EndCall:
 
 
 Command = (
-    SendTwilio
-    | SendRealtime
+    PlayAudio
+    | SendMark
+    | ClearAudio
+    | AppendAudio
+    | UpdateSession
+    | CreateItem
+    | DeleteItem
+    | TruncateItem
+    | CreateResponse
+    | CancelResponse
     | OpenRealtime
     | ResolveContext
     | RecordTranscript

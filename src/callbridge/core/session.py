@@ -35,22 +35,34 @@ import json
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from callbridge.core import events as ev
 from callbridge.core.commands import (
+    AppendAudio,
+    CancelResponse,
+    ClearAudio,
     Command,
+    ConversationItem,
+    CreateItem,
+    CreateResponse,
+    DeleteItem,
     EndCall,
+    FunctionOutput,
     Log,
     Measure,
+    Message,
     OpenRealtime,
+    PlayAudio,
+    RealtimeCommand,
     RecordEvent,
     RecordTranscript,
     ResolveContext,
     RunTool,
-    SendRealtime,
-    SendTwilio,
+    SendMark,
     TransferCall,
+    TruncateItem,
+    UpdateSession,
 )
 from callbridge.core.context import (
     AgentConfig,
@@ -61,6 +73,8 @@ from callbridge.core.context import (
 )
 from callbridge.core.transcript import TranscriptLine, cut_to_heard
 from callbridge.core.usage import TokenUsage
+
+_Control = TypeVar("_Control", bound=RealtimeCommand)
 
 BYTES_PER_MS = 8  # G.711 μ-law, 8 kHz, one byte per sample
 BYTES_PER_SECOND = 8000
@@ -267,7 +281,7 @@ class CallSession:
         self._active_response: str | None = None
         self._interrupted_responses: set[str] = set()
         self._responses_with_audio: set[str] = set()
-        self._greeting_request: dict[str, Any] | None = None  # until a response with audio completes
+        self._greeting_request: str | None = None  # the greeting's instructions, until a response with audio completes
         self._retried_failure = False
         self._items: dict[str, _AgentItem] = {}  # agent items not yet settled
         self._current_item: _AgentItem | None = None
@@ -547,10 +561,8 @@ class CallSession:
             self._audio_offset_ms = event.timestamp_ms
         return [self._append(event.payload)]
 
-    def _append(self, payload: str) -> SendRealtime:
-        return SendRealtime(
-            {"type": "input_audio_buffer.append", "event_id": f"cb_{next(self._event_ids)}", "audio": payload}
-        )
+    def _append(self, payload: str) -> AppendAudio:
+        return AppendAudio(f"cb_{next(self._event_ids)}", payload)
 
     def _buffer_frame(self, event: ev.TwilioMedia) -> list[Command]:
         buffer = self._buffer
@@ -595,24 +607,26 @@ class CallSession:
             return [Log("twilio.dtmf_ignored", "info", {"digit": event.digit})]
         self._needs_response = True  # a caller who presses a key waits for an answer without speaking
         self._idle_prompts = 0
-        note = _message("user", f"[The caller pressed the key {event.digit} on their keypad.]")
+        note = Message("user", f"[The caller pressed the key {event.digit} on their keypad.]")
         return [
             Log("twilio.dtmf", "info", {"digit": event.digit}),
             RecordEvent("dtmf", {"digit": event.digit}),
-            self._send("conversation.item.create", item=note),
+            self._send(CreateItem(self._event_id(), note)),
             *self._continue_after_tools(),
         ]
 
     # ------------------------------------------------------------------------------------------------ Realtime
 
-    def _send(self, kind: str, **fields: Any) -> SendRealtime:
-        """A client event with its own ``event_id``, remembered for a while so that an error can name its cause."""
-        event_id = f"cb_{next(self._event_ids)}"
+    def _event_id(self) -> str:
+        return f"cb_{next(self._event_ids)}"
+
+    def _send(self, command: _Control) -> _Control:
+        """A client event, remembered for a while by its ``event_id`` so that an error can name its cause."""
         recent = self._control_events
-        recent[event_id] = kind
+        recent[command.event_id] = command.operation
         if len(recent) > 64:
             del recent[next(iter(recent))]
-        return SendRealtime({"type": kind, "event_id": event_id, **fields})
+        return command
 
     def _on_context_resolved(self, event: ev.ContextResolved) -> list[Command]:
         if self._context_ready:
@@ -634,40 +648,11 @@ class CallSession:
             return []
         self._configured = True
         update = self._session_update(self.agent, self.context or CallContext())
-        self._session_update_id = update.event["event_id"]
+        self._session_update_id = update.event_id
         return [update]
 
-    def _session_update(self, agent: AgentConfig, context: CallContext) -> SendRealtime:
-        audio_input: dict[str, Any] = {
-            "format": {"type": "audio/pcmu"},
-            "turn_detection": agent.turn_detection,
-        }
-        if agent.noise_reduction:
-            audio_input["noise_reduction"] = {"type": agent.noise_reduction}
-        if agent.transcription_model:
-            transcription: dict[str, Any] = {"model": agent.transcription_model}
-            if agent.transcription_language:
-                transcription["language"] = agent.transcription_language
-            if agent.transcription_prompt:
-                transcription["prompt"] = agent.transcription_prompt
-            audio_input["transcription"] = transcription
-        audio_output: dict[str, Any] = {"format": {"type": "audio/pcmu"}, "voice": agent.voice}
-        if agent.speed is not None:
-            audio_output["speed"] = agent.speed
-        session: dict[str, Any] = {
-            "type": "realtime",
-            "model": agent.model,
-            "output_modalities": ["audio"],
-            "instructions": context.instructions or agent.instructions,
-            "audio": {"input": audio_input, "output": audio_output},
-        }
-        if agent.max_output_tokens is not None:
-            session["max_output_tokens"] = agent.max_output_tokens
-        if agent.all_tools:
-            session["tools"] = agent.all_tools
-            if agent.tool_choice:
-                session["tool_choice"] = agent.tool_choice
-        return self._send("session.update", session=session)
+    def _session_update(self, agent: AgentConfig, context: CallContext) -> UpdateSession:
+        return self._send(UpdateSession(self._event_id(), agent, context.instructions or agent.instructions))
 
     def _on_session_updated(self, event: ev.RealtimeSessionUpdated, now: float) -> list[Command]:
         """The model confirmed the configuration: the call goes live, if the audio is what a phone carries."""
@@ -688,7 +673,7 @@ class CallSession:
         commands: list[Command] = []
         items = self._seed_items(context)
         items += [self._history_item(who, text) for who, text in self._history]
-        commands += [self._send("conversation.item.create", item=item) for item in items]
+        commands += [self._send(CreateItem(self._event_id(), item)) for item in items]
         if agent.speaks_first and not self._history:  # after a reconnect the conversation goes on, no new greeting
             self._greeting_request = self._greeting(agent, context)
             commands.append(self._response_create(self._greeting_request))
@@ -713,22 +698,22 @@ class CallSession:
         ]
 
     @staticmethod
-    def _seed_items(context: CallContext) -> list[dict[str, Any]]:
+    def _seed_items(context: CallContext) -> list[ConversationItem]:
         """Context as conversation items: facts about the call first, then earlier conversation."""
         facts = ["You placed this call." if context.direction == "outbound" else "The person called you."]
         if context.name:
             facts.append(f"You are speaking with {context.name}.")
         if context.person_number:
             facts.append(f"Their phone number is {context.person_number}.")
-        items = [_message("system", " ".join(facts))]
-        items.extend(_message(item.role, item.text) for item in context.items)
+        items: list[ConversationItem] = [Message("system", " ".join(facts))]
+        items.extend(Message(item.role, item.text) for item in context.items)
         return items
 
     @staticmethod
-    def _history_item(speaker: str, text: str) -> dict[str, Any]:
+    def _history_item(speaker: str, text: str) -> ConversationItem:
         if speaker == "agent":
-            return _message("assistant", text)
-        return _message("user", text or UNTRANSCRIBED_TURN)
+            return Message("assistant", text)
+        return Message("user", text or UNTRANSCRIBED_TURN)
 
     def _remember(self, speaker: str, text: str) -> None:
         """Keep a line for the replay into a new model session, within :data:`HISTORY_CHARS`."""
@@ -739,18 +724,16 @@ class CallSession:
             self._history_chars -= len(old) or len(UNTRANSCRIBED_TURN)
 
     @staticmethod
-    def _greeting(agent: AgentConfig, context: CallContext) -> dict[str, Any]:
-        """The body of the greeting's ``response.create`` (empty: the model greets as its instructions say)."""
+    def _greeting(agent: AgentConfig, context: CallContext) -> str | None:
+        """The greeting response's instructions (None: the model greets as its session's instructions say)."""
         greeting = context.greeting or agent.greeting
         if not greeting:
-            return {}
+            return None
         instructions = context.instructions or agent.instructions
-        return {"instructions": f"{instructions}\n\nStart the call now by saying exactly: {greeting}"}
+        return f"{instructions}\n\nStart the call now by saying exactly: {greeting}"
 
-    def _response_create(self, response: dict[str, Any] | None = None) -> SendRealtime:
-        if response:
-            return self._send("response.create", response=response)
-        return self._send("response.create")
+    def _response_create(self, instructions: str | None = None) -> CreateResponse:
+        return self._send(CreateResponse(self._event_id(), instructions or None))
 
     # ------------------------------------------------------------------------------------------------ agent audio
 
@@ -855,7 +838,7 @@ class CallSession:
             self._pending_marks.append(chunk)
         chunk.end_byte = item.forwarded_bytes
         self.stats.media_out += 1
-        commands.append(SendTwilio({"event": "media", "streamSid": self.stream_sid, "media": {"payload": payload}}))
+        commands.append(PlayAudio(payload))
         if chunk.end_byte - chunk.start_byte >= MARK_EVERY_BYTES:
             commands.extend(self._send_mark())
         return commands
@@ -866,7 +849,7 @@ class CallSession:
         if chunk is None:
             return []
         chunk.name = f"{chunk.item_id}:{chunk.end_byte}"
-        return [SendTwilio({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": chunk.name}})]
+        return [SendMark(chunk.name)]
 
     def _played_bytes(self, item_id: str, now: float) -> int:
         item = self._items.get(item_id)
@@ -896,7 +879,7 @@ class CallSession:
         heard = {item_id: self._played_bytes(item_id, now) for item_id in self._items}
         commands: list[Command] = []
         if self._pending_marks:
-            commands.append(SendTwilio({"event": "clear", "streamSid": self.stream_sid}))
+            commands.append(ClearAudio())
             self._flushed_marks.update(mark.name for mark in self._pending_marks if mark.name)
             if len(self._flushed_marks) > 4096:  # echoes Twilio never sent
                 self._flushed_marks.clear()
@@ -908,7 +891,7 @@ class CallSession:
             self._interrupted_responses.add(active)  # its late deltas must not reach the caller
             if not self.agent.server_cancels_on_speech:
                 self.stats.cancels += 1
-                commands.append(self._send("response.cancel"))
+                commands.append(self._send(CancelResponse(self._event_id())))
         taken_back: list[dict[str, Any]] = []
         for item in list(self._items.values()):
             if item.interrupted:
@@ -941,13 +924,11 @@ class CallSession:
             self.stats.deletions += 1
             self._deleted_items.add(item.item_id)
             item.recorded = True  # nothing of it was heard: no transcript line
-            return [self._send("conversation.item.delete", item_id=item.item_id)]
+            return [self._send(DeleteItem(self._event_id(), item.item_id))]
         commands: list[Command] = []
         if not (item.heard_bytes >= item.received_bytes and item.response_done):
             self.stats.truncations += 1
-            commands.append(
-                self._send("conversation.item.truncate", item_id=item.item_id, content_index=0, audio_end_ms=heard_ms)
-            )
+            commands.append(self._send(TruncateItem(self._event_id(), item.item_id, heard_ms)))
         commands.extend(self._record_agent_line(item, now))
         return commands
 
@@ -971,7 +952,7 @@ class CallSession:
             self._needs_response = True
             self._next_instructions = f"The caller has not answered. End the call by saying exactly: {IDLE_GOODBYE}"
             self.stats.cancels += 1
-            return [self._send("response.cancel", response_id=event.response_id)]
+            return [self._send(CancelResponse(self._event_id(), event.response_id))]
         if self._closing_stage == "awaiting_goodbye" and self._closing_response is None:
             self._closing_response = event.response_id
         return []
@@ -1004,7 +985,7 @@ class CallSession:
             for item_id in event.output_item_ids:
                 if item_id not in self._items and item_id not in self._deleted_items:
                     self.stats.deletions += 1
-                    commands.append(self._send("conversation.item.delete", item_id=item_id))
+                    commands.append(self._send(DeleteItem(self._event_id(), item_id)))
         for item_id in [item_id for item_id, owner in self._dropped_items.items() if owner == rid]:
             del self._dropped_items[item_id]
         self._deleted_items.difference_update(event.output_item_ids)
@@ -1152,7 +1133,7 @@ class CallSession:
             "A tool you called is still working. Tell the caller you are checking, in a few words, by saying "
             f"exactly: {TOOL_FILLER}"
         )
-        return [Log("tool.filler", "info", {}), self._response_create({"instructions": instructions})]
+        return [Log("tool.filler", "info", {}), self._response_create(instructions)]
 
     def _call_control(self, event: ev.RealtimeFunctionCallDone, now: float) -> list[Command]:
         """``end_call`` and ``transfer_call``: the model says a last sentence, then the call ends or moves on."""
@@ -1167,12 +1148,11 @@ class CallSession:
             output = {"ok": True, "instruction": "Say a short goodbye now; the call ends right after it."}
         self._needs_response = True
         result = _json(output)
-        item = {"type": "function_call_output", "call_id": event.call_id, "output": result}
         record = {"name": event.name, "arguments": event.arguments, "output": result, "ok": output["ok"]}
         return [
             Log("tool.call", "info", {"name": event.name, "call_id": event.call_id}),
             RecordEvent("tool_call", record),
-            self._send("conversation.item.create", item=item),
+            self._send(CreateItem(self._event_id(), FunctionOutput(event.call_id, result))),
             *self._continue_after_tools(),
         ]
 
@@ -1183,11 +1163,10 @@ class CallSession:
         if not self._running_tools:
             self._tools_since = None
         self._needs_response = True
-        output = {"type": "function_call_output", "call_id": event.call_id, "output": event.output}
         record = {"name": name, "arguments": arguments, "output": event.output, "ok": event.ok}
         return [
             RecordEvent("tool_call", record),
-            self._send("conversation.item.create", item=output),
+            self._send(CreateItem(self._event_id(), FunctionOutput(event.call_id, event.output))),
             *self._continue_after_tools(),
         ]
 
@@ -1199,7 +1178,7 @@ class CallSession:
         if self._closing is not None and not self._closing_stage:
             self._closing_stage = "awaiting_goodbye"
         instructions, self._next_instructions = self._next_instructions, None
-        return [self._response_create({"instructions": instructions} if instructions else None)]
+        return [self._response_create(instructions)]
 
     def _goodbye_overdue(self, now: float) -> list[Command]:
         self._closing_stage = "goodbye"
@@ -1369,8 +1348,3 @@ class CallSession:
 
 def _json(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"))
-
-
-def _message(role: str, text: str) -> dict[str, Any]:
-    content_type = "output_text" if role == "assistant" else "input_text"
-    return {"type": "message", "role": role, "content": [{"type": content_type, "text": text}]}
