@@ -9,7 +9,15 @@ import structlog
 from fastapi import FastAPI
 from picows import WSUpgradeRequest
 
-from callbridge.bridge import CallBridge, CallRegistry, ContextResolver, RealtimeEndpoint, TwilioLink
+from callbridge.bridge import (
+    CallBridge,
+    CallHooks,
+    CallLimits,
+    CallRegistry,
+    ContextResolver,
+    RealtimeEndpoint,
+    TwilioLink,
+)
 from callbridge.config import Settings
 from callbridge.core.context import CallContext
 from callbridge.core.session import CallSession, SessionConfig
@@ -69,17 +77,21 @@ class StreamCalls:
             self.endpoint,
             sink=self.app.state.sinks,
             tools=self.tools,
-            tool_timeout=self.settings.tool_timeout_seconds,
-            hang_up=rest.hang_up if rest else None,
-            transfer=services.transfer if rest else None,
-            resolve_context=self.resolver,
-            context_deadline=self.settings.context_timeout_seconds,
-            events=services.record_event,
-            fallback=services.fallback if rest else None,
-            authorize=authorize,
-            on_admitted=admitted,
+            hooks=CallHooks(
+                authorize=authorize,
+                resolve_context=self.resolver,
+                on_admitted=admitted,
+                events=services.record_event,
+                hang_up=rest.hang_up if rest else None,
+                transfer=services.transfer if rest else None,
+                fallback=services.fallback if rest else None,
+            ),
+            limits=CallLimits(
+                tool_timeout=self.settings.tool_timeout_seconds,
+                context_deadline=self.settings.context_timeout_seconds,
+                max_frame_bytes=self.settings.max_message_bytes,
+            ),
             metrics=self.metrics,
-            max_frame_bytes=self.settings.max_message_bytes,
         )
         self.registry.start(bridge, twilio, self.ended)
         return bridge

@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol, get_args
 
 import structlog
@@ -74,6 +75,11 @@ with its context as the service keeps it (a :class:`CallContext`) or as its stre
 
 
 # For isinstance (a tuple is checked faster than a union); the unions' members, spelled out for mypy.
+TOOL_TIMEOUT_S = 10.0
+"""How long a tool may run before the model hears that it failed (``CALLBRIDGE_TOOL_TIMEOUT_SECONDS``)."""
+CONTEXT_DEADLINE_S = 2.0
+"""How long the host application may take to add to a call's context (``CALLBRIDGE_CONTEXT_TIMEOUT_SECONDS``)."""
+
 _TWILIO_COMMANDS = (PlayAudio, SendMark, ClearAudio)
 _REALTIME_COMMANDS = (
     AppendAudio,
@@ -96,6 +102,33 @@ class BridgeMetrics(Protocol):
     def relayed(self, direction: str, seconds: float) -> None: ...
 
     def error(self, kind: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallHooks:
+    """What the host application does for a call. Each is optional: without it, the call does without."""
+
+    authorize: Authorize | None = None
+    """Checks an admitted call before the model is opened (default: a call whose parameters verified is in)."""
+    resolve_context: ContextResolver | None = None
+    """Adds to the call's context, within :attr:`CallLimits.context_deadline`."""
+    on_admitted: Callable[[CallSession], Awaitable[None]] | None = None
+    """Told once the call is let in (e.g. to put it on record)."""
+    events: EventSink | None = None
+    """Keeps the call's events (tool calls, barge-ins, key presses, errors)."""
+    hang_up: HangUp | None = None
+    transfer: Transfer | None = None
+    fallback: Fallback | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallLimits:
+    """How long a call waits for the host application, and how large a frame it takes."""
+
+    tool_timeout: float = TOOL_TIMEOUT_S
+    context_deadline: float = CONTEXT_DEADLINE_S
+    max_frame_bytes: int | None = None
+    """Larger Twilio frames are counted and dropped unparsed (None: no limit but the WebSocket's)."""
 
 
 class TwilioLink(Protocol):
@@ -123,34 +156,28 @@ class CallBridge:
         *,
         sink: TranscriptSink,
         tools: ToolRegistry | None = None,
-        tool_timeout: float = 10.0,
-        hang_up: HangUp | None = None,
-        transfer: Transfer | None = None,
-        resolve_context: ContextResolver | None = None,
-        context_deadline: float = 2.0,
-        events: EventSink | None = None,
-        fallback: Fallback | None = None,
-        authorize: Authorize | None = None,
-        on_admitted: Callable[[CallSession], Awaitable[None]] | None = None,
+        hooks: CallHooks | None = None,
+        limits: CallLimits | None = None,
         metrics: BridgeMetrics | None = None,
-        max_frame_bytes: int | None = None,
         logger: structlog.stdlib.BoundLogger | None = None,
     ) -> None:
         self.session = CallSession(session_config)
         self._endpoint = realtime
         self._sink = sink
         self._tools = tools or ToolRegistry()
-        self._tool_timeout = tool_timeout
-        self._hang_up = hang_up
-        self._transfer = transfer
-        self._resolve_context = resolve_context
-        self._context_deadline = context_deadline
-        self._events = events
-        self._fallback = fallback
-        self._authorize: Authorize | None = authorize or _admit_as_signed
-        self._on_admitted = on_admitted
+        hooks = hooks or CallHooks()
+        limits = limits or CallLimits()
+        self._tool_timeout = limits.tool_timeout
+        self._hang_up = hooks.hang_up
+        self._transfer = hooks.transfer
+        self._resolve_context = hooks.resolve_context
+        self._context_deadline = limits.context_deadline
+        self._events = hooks.events
+        self._fallback = hooks.fallback
+        self._authorize: Authorize | None = hooks.authorize or _admit_as_signed
+        self._on_admitted = hooks.on_admitted
         self._metrics = metrics
-        self._max_frame_bytes = max_frame_bytes  # larger Twilio frames are counted and dropped unparsed
+        self._max_frame_bytes = limits.max_frame_bytes
         # The frame being timed through the bridge, per direction: (event, when it was read).
         self._timed_in: tuple[ev.Event, float] | None = None
         self._timed_out: tuple[ev.Event, float] | None = None
