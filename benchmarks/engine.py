@@ -68,13 +68,13 @@ async def round_of_calls(calls: int, engine_url: str, utterances: list[Utterance
     token, sock = secrets.token_hex(16), _bound_socket()
     port = sock.getsockname()[1]
     settings = Settings(
-        OPENAI_API_KEY="unused",
-        CALLBRIDGE_REALTIME_URL=engine_url,
-        CALLBRIDGE_PUBLIC_URL=f"http://127.0.0.1:{port}",
-        TWILIO_AUTH_TOKEN=token,
-        CALLBRIDGE_SECRET=secrets.token_hex(16),
-        CALLBRIDGE_AGENT_GREETING="Hello, thanks for calling Bright Dental. How can I help you today?",
-        CALLBRIDGE_DATABASE_URL=f"sqlite+aiosqlite:///{tempfile.mkdtemp()}/bench.db",
+        openai_api_key="unused",
+        realtime_url=engine_url,
+        public_url=f"http://127.0.0.1:{port}",
+        twilio_auth_token=token,
+        secret=secrets.token_hex(16),
+        agent_greeting="Hello, thanks for calling Bright Dental. How can I help you today?",
+        database_url=f"sqlite+aiosqlite:///{tempfile.mkdtemp()}/bench.db",
         _env_file=None,
     )
     sink = LiveTranscriptSink(None)

@@ -56,7 +56,7 @@ vad_eagerness = "low"
 def test_agents_file(tmp_path: Path) -> None:
     path = tmp_path / "agents.toml"
     path.write_text(AGENTS)
-    settings = Settings(CALLBRIDGE_AGENT_VOICE="cedar", _env_file=None)
+    settings = Settings(agent_voice="cedar", _env_file=None)
     directory = load_agents(settings, registry, path)
     reception, reminders = directory.get("reception"), directory.get("reminders")
     assert reception is not None and reminders is not None
@@ -79,7 +79,7 @@ def test_session_settings_per_agent_and_as_defaults(tmp_path: Path) -> None:
         'tool_choice = "required"\ntool_filler_after_ms = 800\n'
         "[agents.b]\n"
     )
-    settings = Settings(CALLBRIDGE_NOISE_REDUCTION="off", CALLBRIDGE_IDLE_TIMEOUT_MS="9000", _env_file=None)
+    settings = Settings(noise_reduction="off", idle_timeout_ms=9000, _env_file=None)
     directory = load_agents(settings, registry, path)
     a, b = directory.get("a"), directory.get("b")
     assert a is not None and b is not None
@@ -101,7 +101,7 @@ def test_session_settings_per_agent_and_as_defaults(tmp_path: Path) -> None:
 
 def test_idle_timeout_needs_server_vad() -> None:
     with pytest.raises(ValueError, match="CALLBRIDGE_IDLE_TIMEOUT_MS"):
-        Settings(CALLBRIDGE_IDLE_TIMEOUT_MS="6000", CALLBRIDGE_TURN_DETECTION="semantic_vad", _env_file=None)
+        Settings(idle_timeout_ms=6000, turn_detection="semantic_vad", _env_file=None)
 
 
 def test_agents_file_errors(tmp_path: Path) -> None:
@@ -176,9 +176,9 @@ async def test_agent_twiml_for_host_apps(tmp_path: Path) -> None:
 
     database = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
     settings = Settings(
-        CALLBRIDGE_SECRET="shared",
-        CALLBRIDGE_PUBLIC_URL="https://bridge.example",
-        CALLBRIDGE_DATABASE_URL=database,
+        secret="shared",
+        public_url="https://bridge.example",
+        database_url=database,
         _env_file=None,
     )
     twiml = await agent_twiml(settings, CallContext(call_sid="CA1", name="Ada"), say="One moment.")

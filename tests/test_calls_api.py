@@ -220,9 +220,9 @@ async def test_token_usage_on_record_and_in_the_post_call_webhook(kind: str, tmp
     """The tokens a call used are kept when it ends: ``GET /api/calls/{sid}`` and the webhook's call carry them."""
     async with database(kind, tmp_path) as db:
         settings = Settings(
-            CALLBRIDGE_API_TOKEN=API_TOKEN,
-            CALLBRIDGE_DATABASE_URL=db,
-            CALLBRIDGE_WEBHOOK_URL="https://host.example/hooks/calls",
+            api_token=API_TOKEN,
+            database_url=db,
+            webhook_url="https://host.example/hooks/calls",
             _env_file=None,
         )
         store = await Store.open(db)

@@ -301,7 +301,7 @@ async def test_workers_share_the_port_and_drain_together(tmp_path: Path) -> None
 
 
 async def test_a_database_outage_refuses_only_the_parameters_that_need_the_record(tmp_path: Path) -> None:
-    settings = Settings(CALLBRIDGE_SECRET="s" * 32, CALLBRIDGE_DATABASE_URL=f"sqlite:///{tmp_path / 'calls.db'}")
+    settings = Settings(secret="s" * 32, database_url=f"sqlite:///{tmp_path / 'calls.db'}")
     store = await Store.open(settings.database_url)
     services = CallServices(
         settings, store, StreamParameterSigner("s" * 32, 600), load_agents(settings, ToolRegistry(), None), None

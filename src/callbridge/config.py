@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit
@@ -10,131 +11,121 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from callbridge.core.context import AgentConfig
+from callbridge.core.session import SessionConfig
+from callbridge.realtime.client import CONNECT_TIMEOUT_S, RealtimeEndpoint
+from callbridge.realtime.dialect import Dialect
 
 DEFAULT_REALTIME_URL = "wss://api.openai.com/v1/realtime"
 
 
-class Settings(BaseSettings):
-    """Every setting of callbridge. Environment names are listed in the README's configuration table."""
+def _default(cls: type[Any], name: str) -> Any:
+    """The default the dataclass ``cls`` gives its field ``name``: where that default is written, once."""
+    (field,) = (field for field in dataclasses.fields(cls) if field.name == name)
+    return field.default
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+_AGENT = AgentConfig()
+"""The core's default agent: the agent settings default to its values."""
+
+
+class Settings(BaseSettings):
+    """Every setting of callbridge, read from ``CALLBRIDGE_`` + the field's name in upper case.
+
+    The environment names are listed in the README's configuration table. Defaults that the core or the Realtime
+    client define (the agent, the session's timings, the connect timeout) are taken from there, not written again.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="CALLBRIDGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
 
     # --- the model ---
+    # OPENAI_API_KEY and the TWILIO_* variables keep the names OpenAI's and Twilio's own tools read, without the
+    # prefix: those fields name their variable explicitly. Each field is its variable's name in lower case, so in code
+    # it is set like any other (``Settings(openai_api_key=...)``).
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
-    realtime_url: str | None = Field(default=None, validation_alias="CALLBRIDGE_REALTIME_URL")
-    realtime_model: str = Field(default="gpt-realtime-1.5", validation_alias="CALLBRIDGE_REALTIME_MODEL")
-    realtime_dialect: Literal["ga", "beta"] = Field(default="ga", validation_alias="CALLBRIDGE_REALTIME_DIALECT")
-    realtime_connect_timeout_seconds: float = Field(
-        default=5.0, gt=0, validation_alias="CALLBRIDGE_REALTIME_CONNECT_TIMEOUT_SECONDS"
-    )
-    realtime_reconnect_deadline_seconds: float = Field(
-        default=10.0, gt=0, validation_alias="CALLBRIDGE_REALTIME_RECONNECT_DEADLINE_SECONDS"
-    )
+    realtime_url: str | None = None
+    realtime_model: str = _AGENT.model
+    realtime_dialect: Dialect = _default(RealtimeEndpoint, "dialect")
+    realtime_connect_timeout_seconds: float = Field(default=CONNECT_TIMEOUT_S, gt=0)
+    realtime_reconnect_deadline_seconds: float = Field(default=_default(SessionConfig, "reconnect_deadline_s"), gt=0)
     """How long a call waits for the model (at start or after losing it) before the caller gets the fallback."""
-    realtime_ready_timeout_seconds: float = Field(
-        default=8.0, gt=0, validation_alias="CALLBRIDGE_REALTIME_READY_TIMEOUT_SECONDS"
-    )
+    realtime_ready_timeout_seconds: float = Field(default=_default(SessionConfig, "ready_timeout_s"), gt=0)
     """From the stream's start to a model session that confirmed its configuration; past it, the fallback."""
-    realtime_rollover_seconds: float = Field(
-        default=55 * 60, gt=0, validation_alias="CALLBRIDGE_REALTIME_ROLLOVER_SECONDS"
-    )
+    realtime_rollover_seconds: float = Field(default=_default(SessionConfig, "rollover_after_s"), gt=0)
     """Move a long call to a fresh model session at the first quiet moment after this long (OpenAI's limit: 60 min)."""
 
     # --- Twilio and the public face ---
-    public_url: str = Field(default="http://127.0.0.1:8080", validation_alias="CALLBRIDGE_PUBLIC_URL")
-    secret: SecretStr | None = Field(default=None, validation_alias="CALLBRIDGE_SECRET")
-    stream_parameters_ttl_seconds: int = Field(
-        default=600, gt=0, validation_alias="CALLBRIDGE_STREAM_PARAMETERS_TTL_SECONDS"
-    )
+    public_url: str = "http://127.0.0.1:8080"
+    secret: SecretStr | None = None
+    stream_parameters_ttl_seconds: int = Field(default=600, gt=0)
     twilio_account_sid: str | None = Field(default=None, validation_alias="TWILIO_ACCOUNT_SID")
     twilio_auth_token: SecretStr | None = Field(default=None, validation_alias="TWILIO_AUTH_TOKEN")
+    # The variable is CALLBRIDGE_SAY, but the field keeps its longer name, which says when it is said and under which
+    # callbridge.service.calls reads it: it names its variable explicitly, and code sets it by that name too
+    # (``Settings(CALLBRIDGE_SAY=...)``).
     say_before_connect: str | None = Field(default=None, validation_alias="CALLBRIDGE_SAY")
-    on_model_end: Literal["close_stream", "hangup"] = Field(
-        default="close_stream", validation_alias="CALLBRIDGE_ON_MODEL_END"
-    )
-    max_calls: int = Field(default=200, ge=1, validation_alias="CALLBRIDGE_MAX_CALLS")
+    on_model_end: Literal["close_stream", "hangup"] = "close_stream"
+    max_calls: int = Field(default=200, ge=1)
     """Concurrent calls one process carries; past it new calls hear the fallback and are refused."""
-    fallback_say: str = Field(
-        default="Sorry, our assistant is not available right now. Please call again later.",
-        validation_alias="CALLBRIDGE_FALLBACK_SAY",
-    )
-    fallback_transfer_to: str | None = Field(default=None, validation_alias="CALLBRIDGE_FALLBACK_TRANSFER_TO")
+    fallback_say: str = "Sorry, our assistant is not available right now. Please call again later."
+    fallback_transfer_to: str | None = None
     """A number to dial after the fallback message instead of hanging up: callers reach a human, not a dead end."""
-    drain_seconds: float = Field(default=60.0, ge=0, validation_alias="CALLBRIDGE_DRAIN_SECONDS")
+    drain_seconds: float = Field(default=60.0, ge=0)
     """On SIGTERM, how long live calls may go on before they are handed the fallback and the process exits."""
-    dev_disable_signatures: bool = Field(default=False, validation_alias="CALLBRIDGE_DEV_DISABLE_SIGNATURES")
+    dev_disable_signatures: bool = False
     """Local development only: accept Twilio requests without a valid ``X-Twilio-Signature``."""
-    max_message_bytes: int = Field(default=256 * 1024, gt=1024, validation_alias="CALLBRIDGE_MAX_MESSAGE_BYTES")
-    max_request_bytes: int = Field(default=1024 * 1024, gt=1024, validation_alias="CALLBRIDGE_MAX_REQUEST_BYTES")
+    max_message_bytes: int = Field(default=256 * 1024, gt=1024)
+    max_request_bytes: int = Field(default=1024 * 1024, gt=1024)
     """Largest HTTP request body (webhooks, REST API): past it, 413."""
-    pre_ready_buffer_ms: int = Field(default=5000, ge=0, validation_alias="CALLBRIDGE_PRE_READY_BUFFER_MS")
+    pre_ready_buffer_ms: int = Field(default=_default(SessionConfig, "pre_ready_buffer_ms"), ge=0)
 
     twilio_api_base_url: str | None = Field(default=None, validation_alias="TWILIO_API_BASE_URL")
     """Test-only: where Twilio REST requests go instead of Twilio (a local fake)."""
 
     # --- records, the REST API, the host application ---
-    database_url: str = Field(default="sqlite+aiosqlite:///callbridge.db", validation_alias="CALLBRIDGE_DATABASE_URL")
-    api_token: SecretStr | None = Field(default=None, validation_alias="CALLBRIDGE_API_TOKEN")
-    agents_file: Path | None = Field(default=None, validation_alias="CALLBRIDGE_AGENTS_FILE")
-    context_url: str | None = Field(default=None, validation_alias="CALLBRIDGE_CONTEXT_URL")
-    context_function: str | None = Field(default=None, validation_alias="CALLBRIDGE_CONTEXT_FUNCTION")
-    context_timeout_seconds: float = Field(default=2.0, gt=0, validation_alias="CALLBRIDGE_CONTEXT_TIMEOUT_SECONDS")
-    webhook_url: str | None = Field(default=None, validation_alias="CALLBRIDGE_WEBHOOK_URL")
-    webhook_secret: SecretStr | None = Field(default=None, validation_alias="CALLBRIDGE_WEBHOOK_SECRET")
+    database_url: str = "sqlite+aiosqlite:///callbridge.db"
+    api_token: SecretStr | None = None
+    agents_file: Path | None = None
+    context_url: str | None = None
+    context_function: str | None = None
+    context_timeout_seconds: float = Field(default=2.0, gt=0)
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
 
     # --- the agent ---
-    agent_instructions: str = Field(
-        default=(
-            "You are a friendly, efficient phone agent. Keep every answer short and natural: this is a phone "
-            "call. Ask one question at a time."
-        ),
-        validation_alias="CALLBRIDGE_AGENT_INSTRUCTIONS",
-    )
-    agent_voice: str = Field(default="marin", validation_alias="CALLBRIDGE_AGENT_VOICE")
-    agent_greeting: str | None = Field(
-        default="Hello, thanks for calling. How can I help you today?",
-        validation_alias="CALLBRIDGE_AGENT_GREETING",
-    )
-    agent_speaks_first: bool = Field(default=True, validation_alias="CALLBRIDGE_AGENT_SPEAKS_FIRST")
-    turn_detection: Literal["server_vad", "semantic_vad"] = Field(
-        default="server_vad", validation_alias="CALLBRIDGE_TURN_DETECTION"
-    )
-    vad_threshold: float = Field(default=0.5, ge=0, le=1, validation_alias="CALLBRIDGE_VAD_THRESHOLD")
-    vad_prefix_padding_ms: int = Field(default=300, ge=0, validation_alias="CALLBRIDGE_VAD_PREFIX_PADDING_MS")
-    vad_silence_duration_ms: int = Field(default=500, ge=0, validation_alias="CALLBRIDGE_VAD_SILENCE_DURATION_MS")
-    vad_eagerness: Literal["low", "medium", "high", "auto"] = Field(
-        default="auto", validation_alias="CALLBRIDGE_VAD_EAGERNESS"
-    )
-    vad_interrupt_response: bool = Field(default=True, validation_alias="CALLBRIDGE_VAD_INTERRUPT_RESPONSE")
-    transcription_model: str | None = Field(default="gpt-transcribe", validation_alias="CALLBRIDGE_TRANSCRIPTION_MODEL")
-    transcription_language: str | None = Field(
-        default=None, max_length=16, validation_alias="CALLBRIDGE_TRANSCRIPTION_LANGUAGE"
-    )
+    agent_instructions: str = _AGENT.instructions
+    agent_voice: str = _AGENT.voice
+    agent_greeting: str | None = "Hello, thanks for calling. How can I help you today?"
+    """The core's agent has no scripted greeting (the model greets as its instructions say); the service's has."""
+    agent_speaks_first: bool = _AGENT.speaks_first
+    turn_detection: Literal["server_vad", "semantic_vad"] = _AGENT.turn_detection["type"]
+    vad_threshold: float = Field(default=0.5, ge=0, le=1)
+    vad_prefix_padding_ms: int = Field(default=300, ge=0)
+    vad_silence_duration_ms: int = Field(default=500, ge=0)
+    vad_eagerness: Literal["low", "medium", "high", "auto"] = "auto"
+    vad_interrupt_response: bool = True
+    transcription_model: str | None = _AGENT.transcription_model
+    transcription_language: str | None = Field(default=None, max_length=16)
     """ISO-639-1 code of the callers' language (``en``): better and faster transcription."""
-    transcription_prompt: str | None = Field(
-        default=None, max_length=1000, validation_alias="CALLBRIDGE_TRANSCRIPTION_PROMPT"
-    )
+    transcription_prompt: str | None = Field(default=None, max_length=1000)
     """Words the transcription should expect: names, products, how numbers are read."""
-    noise_reduction: Literal["near_field", "far_field", "off"] = Field(
-        default="far_field", validation_alias="CALLBRIDGE_NOISE_REDUCTION"
-    )
-    idle_timeout_ms: int | None = Field(default=None, ge=5000, le=30000, validation_alias="CALLBRIDGE_IDLE_TIMEOUT_MS")
+    noise_reduction: Literal["near_field", "far_field", "off"] = _default(AgentConfig, "noise_reduction")
+    idle_timeout_ms: int | None = Field(default=None, ge=5000, le=30000)
     """Server VAD: re-prompt a caller silent this long after the agent finished."""
-    idle_hangup_after: int = Field(default=2, ge=0, validation_alias="CALLBRIDGE_IDLE_HANGUP_AFTER")
+    idle_hangup_after: int = Field(default=_AGENT.idle_hangup_after, ge=0)
     """Unanswered re-prompts before the agent says goodbye and ends the call."""
-    voice_speed: float | None = Field(default=None, ge=0.25, le=1.5, validation_alias="CALLBRIDGE_VOICE_SPEED")
-    max_output_tokens: int | None = Field(default=None, ge=1, le=4096, validation_alias="CALLBRIDGE_MAX_OUTPUT_TOKENS")
-    tool_choice: Literal["auto", "none", "required"] | None = Field(
-        default=None, validation_alias="CALLBRIDGE_TOOL_CHOICE"
-    )
-    tools: str | None = Field(default=None, validation_alias="CALLBRIDGE_TOOLS")
-    tool_timeout_seconds: float = Field(default=10.0, gt=0, validation_alias="CALLBRIDGE_TOOL_TIMEOUT_SECONDS")
-    tool_filler_after_ms: int = Field(default=1500, ge=0, validation_alias="CALLBRIDGE_TOOL_FILLER_AFTER_MS")
+    voice_speed: float | None = Field(default=None, ge=0.25, le=1.5)
+    max_output_tokens: int | None = Field(default=None, ge=1, le=4096)
+    tool_choice: Literal["auto", "none", "required"] | None = None
+    tools: str | None = None
+    tool_timeout_seconds: float = Field(default=10.0, gt=0)
+    tool_filler_after_ms: int = Field(default=_AGENT.tool_filler_after_ms, ge=0)
     """A tool still running this long: the model says a short filler once (0: never)."""
 
     # --- operations ---
-    log_format: Literal["console", "json"] = Field(default="console", validation_alias="CALLBRIDGE_LOG_FORMAT")
-    log_level: str = Field(default="info", validation_alias="CALLBRIDGE_LOG_LEVEL")
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "info"
 
     @field_validator(
         "transcription_model",
@@ -159,6 +150,18 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_environment_names(cls, data: Any) -> Any:
+        """``Settings(CALLBRIDGE_AGENT_VOICE=...)``: refused, not ignored. In code a setting is named by its field."""
+        prefix = cls.model_config.get("env_prefix", "").lower()
+        for key in data if isinstance(data, dict) else ():
+            name = str(key).lower()
+            field = cls.model_fields.get(name.removeprefix(prefix))
+            if name.startswith(prefix) and field is not None and field.validation_alias is None:
+                raise ValueError(f"{key} is the environment's name: in code, name the field ({name[len(prefix) :]})")
+        return data
 
     @field_validator("public_url")
     @classmethod

@@ -11,7 +11,10 @@ from typing import Any, Literal, Protocol
 class AgentConfig:
     """How the agent behaves on a call; mapped onto ``session.update`` by the session."""
 
-    instructions: str = "You are a helpful phone agent. Keep answers short: this is a phone call."
+    instructions: str = (
+        "You are a friendly, efficient phone agent. Keep every answer short and natural: this is a phone call. "
+        "Ask one question at a time."
+    )
     model: str = "gpt-realtime-1.5"
     voice: str = "marin"
     greeting: str | None = None

@@ -197,13 +197,13 @@ async def place_demo_call(
     await asyncio.to_thread(output.mkdir, parents=True, exist_ok=True)
     folder = await asyncio.to_thread(output.resolve)
     settings = Settings(
-        OPENAI_API_KEY=None,
-        CALLBRIDGE_REALTIME_URL=None,  # → the local engine
-        CALLBRIDGE_PUBLIC_URL=f"http://127.0.0.1:{port}",
-        TWILIO_AUTH_TOKEN=token,
-        CALLBRIDGE_SECRET=secrets.token_hex(16),
-        CALLBRIDGE_AGENT_GREETING="Hello, thanks for calling Bright Dental. How can I help you today?",
-        CALLBRIDGE_DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'callbridge.db'}",  # the default store, locally
+        openai_api_key=None,
+        realtime_url=None,  # → the local engine
+        public_url=f"http://127.0.0.1:{port}",
+        twilio_auth_token=token,
+        secret=secrets.token_hex(16),
+        agent_greeting="Hello, thanks for calling Bright Dental. How can I help you today?",
+        database_url=f"sqlite+aiosqlite:///{folder / 'callbridge.db'}",  # the default store, locally
         _env_file=None,
     )
     if console:

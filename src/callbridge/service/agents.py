@@ -123,27 +123,16 @@ _SETTING_OF = {
 def _merged(settings: Settings, updates: dict[str, Any]) -> Settings:
     """The settings with an agent's values instead, validated as the settings are (ranges, choices, consistency).
 
-    Validated by environment name, as ``Settings`` reads them, and without reading the environment again.
+    Validated by field name, and without reading the environment again.
     """
-    values = {**settings.model_dump(), **updates}
-    by_name = {
-        str(Settings.model_fields[field].validation_alias or field): value
-        for field, value in values.items()
-        if field in Settings.model_fields
-    }
-    return Settings.model_validate(by_name)
+    return Settings.model_validate({**settings.model_dump(), **updates}, by_name=True, by_alias=False)
 
 
 def _first_error(exc: ValidationError) -> str:
     """The first problem, named as the agents file names it (``agents.reception.vad_threshold``, or the setting)."""
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error["loc"])
-    setting_names = {
-        str(field.validation_alias): next((key for key, name in _SETTING_OF.items() if name == field_name), field_name)
-        for field_name, field in Settings.model_fields.items()
-        if field.validation_alias
-    }
-    where = setting_names.get(where, where)
+    where = next((key for key, name in _SETTING_OF.items() if name == where), where)
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"{where}: {message}" if where else message
 
