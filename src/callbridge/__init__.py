@@ -11,18 +11,33 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from callbridge.api.app import create_app
-    from callbridge.bridge import CallBridge, CallRegistry
+    from callbridge.bridge import CallBridge, CallHooks, CallLimits, CallRegistry, RealtimeEndpoint
     from callbridge.config import Settings
     from callbridge.core.session import CallSession
-    from callbridge.service.tools import ToolRegistry
+    from callbridge.service.tools import ToolContext, ToolRegistry
 
-__all__ = ["CallBridge", "CallRegistry", "CallSession", "Settings", "ToolRegistry", "create_app"]
+__all__ = [
+    "CallBridge",
+    "CallHooks",
+    "CallLimits",
+    "CallRegistry",
+    "CallSession",
+    "RealtimeEndpoint",
+    "Settings",
+    "ToolContext",
+    "ToolRegistry",
+    "create_app",
+]
 
 _MODULES = {
     "CallBridge": "callbridge.bridge",
+    "CallHooks": "callbridge.bridge",
+    "CallLimits": "callbridge.bridge",
     "CallRegistry": "callbridge.bridge",
+    "RealtimeEndpoint": "callbridge.realtime.client",
     "CallSession": "callbridge.core.session",
     "Settings": "callbridge.config",
+    "ToolContext": "callbridge.service.tools",
     "ToolRegistry": "callbridge.service.tools",
     "create_app": "callbridge.api.app",
 }
