@@ -62,22 +62,34 @@ def _encoders() -> tuple[Callable[[Any, str], bytes], Callable[[Any], bytes], Ca
 
 
 def run(frames: int, repeat: int) -> dict[str, list[float]]:
-    from tests.conftest import Harness
-
     from callbridge.core import events as ev
+    from callbridge.core.context import AgentConfig, CallContext
+    from callbridge.core.session import CallSession, SessionConfig
     from callbridge.realtime.protocol import parse_server_event
     from callbridge.telephony.media_streams import parse_twilio_message
+
+    def live_session(now: float) -> CallSession:
+        """A session past admission and the model's confirmation, as a verified call's would be."""
+        context = CallContext(call_sid="CA" + "1" * 32, caller="+15550100001", called="+15550100002")
+        session = CallSession(SessionConfig(agent=AgentConfig(), verify_parameters=lambda parameters, sid: context))
+        for event in (
+            ev.TwilioConnected(),
+            ev.TwilioStart("MZ" + "2" * 32, context.call_sid or "", custom_parameters={}),
+            ev.RealtimeConnected(),
+            ev.RealtimeSessionUpdated(),
+        ):
+            session.handle(event, now)
+        assert session.phase == "live"
+        return session
 
     twilio_encode, realtime_encode, is_twilio, orjson = _encoders()
     payload = base64.b64encode(bytes([0x7F]) * 160).decode()
     figures: dict[str, list[float]] = {"caller_to_model_us": [], "model_to_caller_us": []}
     for _ in range(repeat):
-        harness = Harness()
-        harness.go_live()
-        session = harness.session
+        now = 1000.0
+        session = live_session(now)
         sid = session.stream_sid
         assert sid is not None
-        now = harness.now
         media = [
             orjson.dumps(
                 {

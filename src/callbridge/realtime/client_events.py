@@ -69,69 +69,66 @@ def _item(item: ConversationItem, dialect: Dialect) -> dict[str, Any]:
     return {"type": "function_call_output", "call_id": item.call_id, "output": item.output}
 
 
+def _present(**fields: Any) -> dict[str, Any]:
+    """The fields that have a value: what the agent leaves out, the server's defaults decide."""
+    return {key: value for key, value in fields.items() if value is not None and value != ""}
+
+
 def _transcription(agent: AgentConfig) -> dict[str, Any] | None:
     if not agent.transcription_model:
         return None
-    transcription: dict[str, Any] = {"model": agent.transcription_model}
-    if agent.transcription_language:
-        transcription["language"] = agent.transcription_language
-    if agent.transcription_prompt:
-        transcription["prompt"] = agent.transcription_prompt
-    return transcription
+    return _present(
+        model=agent.transcription_model, language=agent.transcription_language, prompt=agent.transcription_prompt
+    )
+
+
+def _tools(agent: AgentConfig) -> dict[str, Any]:
+    if not agent.all_tools:
+        return {}
+    return _present(tools=agent.all_tools, tool_choice=agent.tool_choice)
+
+
+def _noise_reduction(agent: AgentConfig) -> dict[str, str] | None:
+    return {"type": agent.noise_reduction} if agent.noise_reduction else None
 
 
 def _ga_session(agent: AgentConfig, instructions: str) -> dict[str, Any]:
     audio_format = {"type": PHONE_AUDIO_FORMAT}
-    audio_input: dict[str, Any] = {"format": audio_format, "turn_detection": agent.turn_detection}
-    if agent.noise_reduction:
-        audio_input["noise_reduction"] = {"type": agent.noise_reduction}
-    if (transcription := _transcription(agent)) is not None:
-        audio_input["transcription"] = transcription
-    audio_output: dict[str, Any] = {"format": audio_format, "voice": agent.voice}
-    if agent.speed is not None:
-        audio_output["speed"] = agent.speed
-    session: dict[str, Any] = {
+    audio_input = {
+        "format": audio_format,
+        "turn_detection": agent.turn_detection,
+        **_present(noise_reduction=_noise_reduction(agent), transcription=_transcription(agent)),
+    }
+    audio_output = {"format": audio_format, "voice": agent.voice, **_present(speed=agent.speed)}
+    return {
         "type": "realtime",
         "model": agent.model,
         "output_modalities": ["audio"],
         "instructions": instructions,
         "audio": {"input": audio_input, "output": audio_output},
+        **_present(max_output_tokens=agent.max_output_tokens),
+        **_tools(agent),
     }
-    if agent.max_output_tokens is not None:
-        session["max_output_tokens"] = agent.max_output_tokens
-    if agent.all_tools:
-        session["tools"] = agent.all_tools
-        if agent.tool_choice:
-            session["tool_choice"] = agent.tool_choice
-    return session
 
 
 def _beta_session(agent: AgentConfig, instructions: str) -> dict[str, Any]:
     """The beta session: flat audio fields, and no idle timeout (a GA addition the beta server refuses)."""
     audio_format = GA_TO_BETA_AUDIO_FORMAT[PHONE_AUDIO_FORMAT]
     turn_detection = agent.turn_detection
-    session: dict[str, Any] = {
+    if turn_detection:
+        turn_detection = {key: value for key, value in turn_detection.items() if key != "idle_timeout_ms"}
+    return {
         "modalities": ["audio", "text"],
         "instructions": instructions,
         "input_audio_format": audio_format,
         "output_audio_format": audio_format,
         "voice": agent.voice,
-        "turn_detection": (
-            {key: value for key, value in turn_detection.items() if key != "idle_timeout_ms"}
-            if turn_detection
-            else None
+        "turn_detection": turn_detection or None,
+        **_present(
+            input_audio_transcription=_transcription(agent),
+            input_audio_noise_reduction=_noise_reduction(agent),
+            speed=agent.speed,
+            max_response_output_tokens=agent.max_output_tokens,
         ),
+        **_tools(agent),
     }
-    if (transcription := _transcription(agent)) is not None:
-        session["input_audio_transcription"] = transcription
-    if agent.noise_reduction:
-        session["input_audio_noise_reduction"] = {"type": agent.noise_reduction}
-    if agent.speed is not None:
-        session["speed"] = agent.speed
-    if agent.max_output_tokens is not None:
-        session["max_response_output_tokens"] = agent.max_output_tokens
-    if agent.all_tools:
-        session["tools"] = agent.all_tools
-        if agent.tool_choice:
-            session["tool_choice"] = agent.tool_choice
-    return session
