@@ -222,3 +222,18 @@ def test_serve_stops_at_once_on_a_bad_agents_file(workers: str, tmp_path: Path) 
     assert done.returncode == 2
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "agent 'reception': vad_threshold" in lines[0] and "agents.toml" in lines[0]
+
+
+def test_serve_names_the_variable_of_a_bad_setting(tmp_path: Path) -> None:
+    environment = {**os.environ, "CALLBRIDGE_VAD_THRESHOLD": "7", "CALLBRIDGE_DATABASE_URL": "sqlite://"}
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("callbridge")), "serve", "--port", "9"],
+        env=environment,
+        capture_output=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert done.stderr.decode().strip().splitlines() == [
+        "error: CALLBRIDGE_VAD_THRESHOLD: Input should be less than or equal to 1"
+    ]

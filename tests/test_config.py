@@ -95,7 +95,7 @@ def test_a_value_in_the_environment_reaches_its_field(monkeypatch: pytest.Monkey
     settings = Settings(_env_file=None)
     assert settings.openai_api_key == SecretStr("sk-test") and settings.twilio_auth_token == SecretStr("token")
     assert (settings.twilio_account_sid, settings.twilio_api_base_url) == ("AC1", "http://127.0.0.1:9")
-    assert settings.say_before_connect == "One moment."
+    assert settings.say == "One moment."
     assert (settings.agent_voice, settings.agent_speaks_first) == ("cedar", False)
     assert (settings.vad_threshold, settings.realtime_connect_timeout_seconds) == (0.7, 2.5)
     assert settings.agents_file == tmp_path / "agents.toml" and settings.transcription_model is None
@@ -120,7 +120,7 @@ def test_in_code_a_setting_is_named_by_its_field() -> None:
         SecretStr("sk-test"),
         "AC1",
     )
-    assert Settings(CALLBRIDGE_SAY="One moment.", _env_file=None).say_before_connect == "One moment."
+    assert Settings(say="One moment.", _env_file=None).say == "One moment."
     # The environment's name of a field is refused, not silently ignored.
     with pytest.raises(ValidationError, match=r"CALLBRIDGE_AGENT_VOICE .*\(agent_voice\)"):
         Settings(CALLBRIDGE_AGENT_VOICE="cedar", _env_file=None)

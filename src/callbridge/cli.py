@@ -44,6 +44,7 @@ def _check_settings() -> None:
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"])
+            where = Settings.variable(where) if where in Settings.model_fields else where
             message = str(error["msg"]).removeprefix("Value error, ")
             typer.echo(f"error: {where + ': ' if where else ''}{message}", err=True)
         raise typer.Exit(2) from None

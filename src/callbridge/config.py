@@ -61,10 +61,8 @@ class Settings(BaseSettings):
     stream_parameters_ttl_seconds: int = Field(default=600, gt=0)
     twilio_account_sid: str | None = Field(default=None, validation_alias="TWILIO_ACCOUNT_SID")
     twilio_auth_token: SecretStr | None = Field(default=None, validation_alias="TWILIO_AUTH_TOKEN")
-    # The variable is CALLBRIDGE_SAY, but the field keeps its longer name, which says when it is said and under which
-    # callbridge.service.calls reads it: it names its variable explicitly, and code sets it by that name too
-    # (``Settings(CALLBRIDGE_SAY=...)``).
-    say_before_connect: str | None = Field(default=None, validation_alias="CALLBRIDGE_SAY")
+    say: str | None = None
+    """Said to the caller (``<Say>``) before the stream connects."""
     on_model_end: Literal["close_stream", "hangup"] = "close_stream"
     max_calls: int = Field(default=200, ge=1)
     """Concurrent calls one process carries; past it new calls hear the fallback and are refused."""
@@ -135,7 +133,7 @@ class Settings(BaseSettings):
         "voice_speed",
         "max_output_tokens",
         "tool_choice",
-        "say_before_connect",
+        "say",
         "agent_greeting",
         "tools",
         "realtime_url",
@@ -150,6 +148,14 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @classmethod
+    def variable(cls, field: str) -> str:
+        """The environment variable that sets ``field`` (what an operator is told to fix)."""
+        info = cls.model_fields.get(field)
+        if info is not None and isinstance(info.validation_alias, str):
+            return info.validation_alias
+        return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
 
     @model_validator(mode="before")
     @classmethod

@@ -22,6 +22,7 @@ from typing import Any, Protocol, get_args
 
 import structlog
 
+from callbridge.config import Settings
 from callbridge.core import events as ev
 from callbridge.core.commands import (
     AppendAudio,
@@ -75,9 +76,9 @@ with its context as the service keeps it (a :class:`CallContext`) or as its stre
 
 
 # For isinstance (a tuple is checked faster than a union); the unions' members, spelled out for mypy.
-TOOL_TIMEOUT_S = 10.0
+TOOL_TIMEOUT_S: float = Settings.model_fields["tool_timeout_seconds"].default
 """How long a tool may run before the model hears that it failed (``CALLBRIDGE_TOOL_TIMEOUT_SECONDS``)."""
-CONTEXT_DEADLINE_S = 2.0
+CONTEXT_DEADLINE_S: float = Settings.model_fields["context_timeout_seconds"].default
 """How long the host application may take to add to a call's context (``CALLBRIDGE_CONTEXT_TIMEOUT_SECONDS``)."""
 
 _TWILIO_COMMANDS = (PlayAudio, SendMark, ClearAudio)

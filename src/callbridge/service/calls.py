@@ -71,7 +71,7 @@ def _stream_twiml(settings: Settings, signer: StreamParameterSigner, context: Ca
     return connect_stream_twiml(
         settings.stream_url,
         parameters,
-        say=say or settings.say_before_connect,
+        say=say or settings.say,
         status_callback=f"{settings.public_url}/twilio/stream-status",
     )
 
