@@ -20,6 +20,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 
 from callbridge.testing.fake_twilio import FakeTwilio
+from support import free_port
 
 from conftest import secret
 
@@ -34,29 +35,28 @@ API_TOKEN = secret("fuzz-api-token")
 def fake_twilio_url() -> Iterator[str]:
     """A fake Twilio REST API on its own event loop, in a thread (schemathesis drives the API synchronously)."""
     loop = asyncio.new_event_loop()
-    ready: list[str] = []
+    urls: list[str] = []
+    ready = threading.Event()
     stop = asyncio.Event()
 
     async def run() -> None:
         async with FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio:
-            ready.append(twilio.base_url)
+            urls.append(twilio.base_url)
+            ready.set()
             await stop.wait()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
     thread.start()
-    while not ready:
-        time.sleep(0.01)
-    yield ready[0]
+    assert ready.wait(10), "the fake Twilio REST API did not start"
+    yield urls[0]
     loop.call_soon_threadsafe(stop.set)
     thread.join(5)
 
 
 @pytest.fixture(scope="module")
 def api_url(fake_twilio_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from test_end_to_end import _free_port
-
     folder = tmp_path_factory.mktemp("fuzz")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     environment = {
         **os.environ,
@@ -84,6 +84,8 @@ def api_url(fake_twilio_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
                     break
             except httpx.TransportError:
                 time.sleep(0.05)
+        else:
+            raise RuntimeError(f"callbridge serve did not start: {(folder / 'serve.log').read_text()}")
         yield url
     finally:
         process.terminate()

@@ -292,7 +292,7 @@ async def test_protocol_errors_and_server_close(serve: Serve) -> None:
     assert [error[:5] for error in rec.protocol_errors] == ["31950"] + ["31951"] * 6
     assert rec.marks_played == ["ok"] and rec.received_audio_bytes == 0
     assert (rec.ended_by, rec.close_code, rec.close_reason) == ("server", 1008, "go away")
-    assert rec.duration_s < 1
+    assert len(rec.sent_audio) < len(silence(2000))  # it stopped streaming at the close, well before its 2 s script
     assert all(m["event"] != "stop" for m in bridge.messages)
 
 
@@ -307,7 +307,8 @@ async def test_hang_up_after_script_and_max_duration(serve: Serve) -> None:
     bridge = FakeBridge()
     caller = SimulatedCaller(await serve(bridge), AUTH_TOKEN)
     rec = await caller.place_call(CallScript([Pause(10_000)]), max_duration_s=0.3)
-    assert rec.ended_by == "timeout" and rec.duration_s < 0.5
+    # A 20 ms frame is sent only when due before the deadline, and the first is due after dialling: at most 300 ms.
+    assert rec.ended_by == "timeout" and len(rec.sent_audio) <= len(silence(300))
     assert bridge.messages[-1]["event"] == "stop"
 
 

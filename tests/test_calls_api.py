@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
@@ -37,41 +34,25 @@ from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
-from callbridge.testing.fake_twilio import FakeTwilio
-from test_end_to_end import AUTH_TOKEN, Service, no_live_call, serve, wait_closed
-
-from conftest import secret
+from support import (
+    ACCOUNT_SID,
+    API_TOKEN,
+    AUTH_TOKEN,
+    CALLBRIDGE,
+    WEBHOOK_SECRET,
+    Service,
+    api,
+    free_port,
+    no_live_call,
+    service,
+    stream_of,
+    wait_closed,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-ACCOUNT_SID = "AC" + "7" * 32
-API_TOKEN = secret("api-" + secrets.token_hex(8))
-WEBHOOK_SECRET = secret("hook-" + secrets.token_hex(8))
-CALLBRIDGE = Path(sys.executable).with_name("callbridge")
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-
-RESOLVER = """
-import asyncio
-
-async def resolve(context):
-    if context.caller == "+15550100666":  # a host app that hangs
-        await asyncio.sleep(30)
-    if context.reference == "customer-42":
-        return {
-            "name": "Ada",
-            "greeting": "Hello Ada, this is Bright Dental calling about your appointment tomorrow.",
-            "items": [{"role": "user", "text": "Last visit: a cleaning in May."}],
-        }
-    return None
-"""
-
-AGENTS = """
-default_agent = "reception"
-
-[agents.reception]
-tools = ["end_call", "transfer_call"]
-transfer_number = "+15550109999"
-"""
 
 
 @contextlib.asynccontextmanager
@@ -91,38 +72,6 @@ async def database(kind: str, tmp_path: Path) -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
-
-
-@contextlib.asynccontextmanager
-async def service(
-    tmp_path: Path, behavior: FakeBehavior, db: str, *, workers: str = "1", **env: str
-) -> AsyncIterator[tuple[Service, FakeTwilio]]:
-    (tmp_path / "host_app.py").write_text(RESOLVER)
-    (tmp_path / "agents.toml").write_text(AGENTS)
-    async with FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio:
-        environment = {
-            "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-            "TWILIO_API_BASE_URL": twilio.base_url,
-            "CALLBRIDGE_API_TOKEN": API_TOKEN,
-            "CALLBRIDGE_DATABASE_URL": db,
-            "CALLBRIDGE_CONTEXT_FUNCTION": "host_app:resolve",
-            "CALLBRIDGE_AGENTS_FILE": str(tmp_path / "agents.toml"),
-            "CALLBRIDGE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-            **env,
-        }
-        async with serve(tmp_path, behavior, workers=workers, **environment) as running:
-            yield running, twilio
-
-
-def api(running: Service) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=running.base_url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10)
-
-
-def stream_of(twiml: str) -> tuple[str, dict[str, str]]:
-    stream = ET.fromstring(twiml).find("Connect/Stream")
-    assert stream is not None
-    return stream.attrib["url"], {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
 
 
 async def twilio_status(running: Service, call_sid: str, status: str) -> None:
@@ -355,8 +304,9 @@ class Receiver:
 async def receiving(receiver: Receiver, port: int) -> AsyncIterator[None]:
     server = uvicorn.Server(uvicorn.Config(receiver.app, host="127.0.0.1", port=port, log_config=None))
     task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: server.started or task.done(), what="the webhook receiver started")  # no event to await
+    if task.done():
+        task.result()  # it failed to start: its error
     try:
         yield
     finally:
@@ -364,18 +314,8 @@ async def receiving(receiver: Receiver, port: int) -> AsyncIterator[None]:
         await task
 
 
-async def wait_for(condition: Any, seconds: float) -> None:
-    for _ in range(int(seconds / 0.1)):
-        if condition():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 async def test_post_call_webhook_is_signed_retried_and_survives_a_restart(tmp_path: Path) -> None:
-    from test_end_to_end import _free_port
-
-    port = _free_port()
+    port = free_port()
     behavior = FakeBehavior(transcripts=["Hello."], ms_per_char=20)
     db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
     hook = {"CALLBRIDGE_WEBHOOK_URL": f"http://127.0.0.1:{port}/hooks/calls"}
@@ -384,7 +324,7 @@ async def test_post_call_webhook_is_signed_retried_and_survives_a_restart(tmp_pa
     receiver = Receiver(failures=2)  # the host app is flaky: two 503s, then it accepts
     async with receiving(receiver, port), service(tmp_path, behavior, db, **hook) as (running, _):
         first = await running.caller().place_call(script, max_duration_s=30)
-        await wait_for(lambda: receiver.received, 15)
+        await wait_until(lambda: receiver.received, 15, what="the webhook delivered")
     body, signature = receiver.received[0]
     assert verify_signature(WEBHOOK_SECRET, body, signature)
     payload = json.loads(body)
@@ -398,7 +338,7 @@ async def test_post_call_webhook_is_signed_retried_and_survives_a_restart(tmp_pa
         await running.wait_for_logs("webhook.failed", 1)
     later = Receiver(failures=0)
     async with receiving(later, port), service(tmp_path, behavior, db, **hook):
-        await wait_for(lambda: later.received, 15)
+        await wait_until(lambda: later.received, 15, what="the webhook delivered after the restart")
     assert json.loads(later.received[0][0])["call"]["call_sid"] == second.call_sid
 
 

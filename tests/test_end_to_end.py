@@ -6,15 +6,8 @@ import asyncio
 import base64
 import json
 import os
-import secrets
-import socket
-import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
@@ -25,195 +18,38 @@ from twilio.request_validator import RequestValidator
 
 from callbridge.telephony import g711 as audio
 from callbridge.telephony.params import PARAMETER_NAME
-from callbridge.testing.caller import (
-    CallRecording,
-    CallScript,
-    HangUp,
-    Pause,
-    Say,
-    SayWhenHearing,
-    SimulatedCaller,
-    Step,
+from callbridge.testing.caller import CallRecording, CallScript, HangUp, Pause, Say, SayWhenHearing, Step
+from callbridge.testing.fake_realtime import FakeBehavior
+from support import (
+    AUTH_TOKEN,
+    CALLBRIDGE,
+    GREETING,
+    Service,
+    agent_items,
+    assert_conformant,
+    assert_greeting_heard_then_cut_at_what_was_heard,
+    assert_opening_hours_transcript,
+    free_port,
+    opening_hours,
+    serve,
+    wait_closed,
+    wait_until,
 )
-from callbridge.testing.conformance import validate_client_event
-from callbridge.testing.fake_realtime import FakeBehavior, FakeRealtimeServer, FakeSession
-
-from conftest import secret
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-AUTH_TOKEN = secret("e2e-twilio-token-" + secrets.token_hex(8))
-SECRET = secret("e2e-callbridge-secret-" + secrets.token_hex(8))
-OPENAI_KEY = secret("sk-e2e-" + secrets.token_hex(16))
-CALLBRIDGE = Path(sys.executable).with_name("callbridge")
-GREETING = "Hello, you have reached the test line."
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Service:
-    """A running ``callbridge serve`` subprocess and its JSON log."""
-
-    base_url: str
-    log_path: Path
-    fake: FakeRealtimeServer
-    process: asyncio.subprocess.Process
-    _logs: list[dict[str, Any]] = field(default_factory=list)
-
-    def logs(self, event: str | None = None) -> list[dict[str, Any]]:
-        lines = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
-        return [line for line in lines if event is None or line.get("event") == event]
-
-    async def wait_for_logs(self, event: str, count: int, seconds: float = 5.0, **fields: Any) -> list[dict[str, Any]]:
-        """The log lines of ``event`` (with these ``fields``, if given) once there are ``count`` of them (calls
-        finish asynchronously)."""
-
-        def matching() -> list[dict[str, Any]]:
-            return [line for line in self.logs(event) if all(line.get(k) == v for k, v in fields.items())]
-
-        deadline = time.monotonic() + seconds
-        while len(lines := matching()) < count and time.monotonic() < deadline:  # noqa: ASYNC110 - a file
-            await asyncio.sleep(0.05)
-        return lines
-
-    def caller(self) -> SimulatedCaller:
-        return SimulatedCaller(self.base_url, AUTH_TOKEN)
-
-
-@asynccontextmanager
-async def serve(tmp_path: Path, behavior: FakeBehavior, *, workers: str = "1", **env: str) -> AsyncIterator[Service]:
-    async with FakeRealtimeServer(behavior) as fake:
-        port = _free_port()
-        base_url = f"http://127.0.0.1:{port}"
-        environment = {
-            **os.environ,
-            "CALLBRIDGE_PUBLIC_URL": base_url,
-            "CALLBRIDGE_REALTIME_URL": fake.url,
-            "CALLBRIDGE_SECRET": SECRET,
-            "OPENAI_API_KEY": OPENAI_KEY,  # sent to the fake; it must never show in a log
-            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-            "CALLBRIDGE_DRAIN_SECONDS": "5",
-            "CALLBRIDGE_LOG_FORMAT": "json",
-            "CALLBRIDGE_AGENT_GREETING": GREETING,
-            **env,
-        }
-        log_path = tmp_path / f"serve-{port}.log"
-        with log_path.open("wb") as log:
-            process = await asyncio.create_subprocess_exec(
-                *(str(CALLBRIDGE), "serve", "--port", str(port), "--workers", workers),
-                env=environment,
-                stdout=log,
-                stderr=log,
-                cwd=tmp_path,
-            )
-        service = Service(base_url, log_path, fake, process)
-        try:
-            async with httpx.AsyncClient() as client:
-                for _ in range(200):
-                    if process.returncode is not None:
-                        raise RuntimeError(f"callbridge serve exited: {log_path.read_text()}")
-                    try:
-                        if (await client.get(f"{base_url}/healthz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.05)
-                else:
-                    raise RuntimeError("callbridge serve did not start")
-            yield service
-        finally:
-            if process.returncode is None:
-                process.terminate()  # drains: a call still live gets the fallback first
-                try:
-                    await asyncio.wait_for(process.wait(), 20)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
-
-
-async def no_live_call(running: Service) -> None:
-    """Until the service carries no call (its record written): ``/readyz`` counts the live calls."""
-    async with httpx.AsyncClient() as client:
-        for _ in range(100):
-            if (await client.get(f"{running.base_url}/readyz")).json()["active_calls"] == 0:
-                return
-            await asyncio.sleep(0.05)
-    raise AssertionError("a call is still live")
-
-
-async def until(condition: Callable[[], object], seconds: float = 10.0) -> None:
-    """Poll ``condition`` (state another task or process changes, with nothing to await on)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.01)
-
-
-async def wait_closed(sessions: list[FakeSession], seconds: float = 3.0) -> None:
-    await asyncio.wait_for(asyncio.gather(*(session.closed.wait() for session in sessions)), seconds)
-
-
-def agent_items(session: FakeSession) -> list[tuple[str, int]]:
-    """(item_id, audio bytes) of each agent audio item the fake streamed, in order."""
-    sizes: dict[str, int] = {}
-    for event in session.server_events:
-        if event["type"] in ("response.output_audio.delta", "response.audio.delta"):
-            sizes[event["item_id"]] = sizes.get(event["item_id"], 0) + len(base64.b64decode(event["delta"]))
-    return list(sizes.items())
-
-
-def assert_greeting_heard_then_cut_at_what_was_heard(recording: CallRecording, session: FakeSession) -> None:
-    """The opening-hours call: the greeting heard in full, then one barge-in that cleared Twilio's buffer and
-    truncated the answer at what the caller actually heard."""
-    _greeting_item, greeting_bytes = agent_items(session)[0]
-    assert len(recording.heard_audio) >= greeting_bytes
-    (clear,) = recording.clears
-    (truncation,) = session.truncations
-    interrupted_item, interrupted_bytes = agent_items(session)[1]
-    assert truncation["item_id"] == interrupted_item
-    heard_of_item_ms = (clear.heard_bytes_at_clear - greeting_bytes) / audio.BYTES_PER_MS
-    assert abs(truncation["audio_end_ms"] - heard_of_item_ms) <= 60, (truncation, heard_of_item_ms)
-    assert 0 < truncation["audio_end_ms"] < interrupted_bytes / audio.BYTES_PER_MS
-    assert recording.marks_flushed  # Twilio echoes pending marks on clear; they were not counted as played
-
-
-def assert_opening_hours_transcript(lines: list[dict[str, Any]]) -> None:
-    """The opening-hours call's logged transcript lines: both sides, the agent's answer marked interrupted."""
-    assert [(line["speaker"], line["interrupted"]) for line in lines if line["speaker"] == "agent"] == [
-        ("agent", False),
-        ("agent", True),
-        ("agent", False),
-    ]
-    texts = {line["text"] for line in lines}
-    assert GREETING in texts
-    assert {"I would like to know your opening hours.", "Stop, just the weekend please."} <= texts
-
-
-def assert_conformant(session: FakeSession) -> None:
-    assert session.errors == [], session.errors
-    for event in session.client_events:
-        validate_client_event(event, session.dialect)
-
-
-def opening_hours() -> FakeBehavior:
-    """A caller asks for the opening hours, then barges in on the long answer to ask about the weekend."""
-    return FakeBehavior(
-        transcripts=["I would like to know your opening hours.", "Stop, just the weekend please."],
-        reply=lambda text: (
-            "We are open on Saturdays from nine until one."
-            if "weekend" in text
-            else "We are open Monday to Friday from eight in the morning until six in the evening, "
-            "and on Saturdays from nine until one."
-        ),
-        greeting=GREETING,
-        ms_per_char=40,
-    )
+# test_hostile.py imports these from this module; they live in support.
+__all__ = [
+    "AUTH_TOKEN",
+    "Service",
+    "agent_items",
+    "assert_conformant",
+    "assert_greeting_heard_then_cut_at_what_was_heard",
+    "assert_opening_hours_transcript",
+    "opening_hours",
+    "serve",
+    "wait_closed",
+]
 
 
 @pytest.fixture
@@ -420,18 +256,17 @@ async def test_model_connection_lost_mid_call_reconnects_with_the_conversation(
             HangUp(),
         ]
         call = asyncio.create_task(service.caller().place_call(CallScript(steps), max_duration_s=40))
-        await until(lambda: service.fake.sessions)
+        await wait_until(lambda: service.fake.sessions, what="the first connection to the model")
         behavior.close_after_s = None  # the next session stays up
         first = service.fake.sessions[0]
-        await first.closed.wait()
-        lost_at = time.monotonic()
-        await until(lambda: len(service.fake.sessions) > 1 and service.fake.sessions[1].audio)
-        resumed_after = time.monotonic() - lost_at
         recording = await call
         second = service.fake.sessions[1]
-        await wait_closed([second])
+        await wait_closed([first, second])
         summaries = await service.wait_for_logs("call.summary", 1)
-    assert resumed_after < 2.0  # caller audio reaches the new session within 2 s
+        retries = service.logs("realtime.retry")
+    # The model came back at once: one reconnection, on the first attempt, with no backoff delay (what the service
+    # decided, not a time measured across processes); the audio check below shows nothing was lost meanwhile.
+    assert [(line["attempt"], line["delay_s"]) for line in retries] == [(1, 0.0)]
     assert_conformant(second)
     replayed = [
         (event["item"]["role"], event["item"]["content"][0]["text"])
@@ -449,21 +284,21 @@ async def test_model_connection_lost_mid_call_reconnects_with_the_conversation(
 async def test_model_gone_for_good_ends_the_call(tmp_path: Path, behavior: FakeBehavior) -> None:
     async with serve(tmp_path, behavior) as service:
         call = asyncio.create_task(service.caller().place_call(CallScript([Pause(30000)]), max_duration_s=40))
-        await until(lambda: service.fake.sessions)
-        await asyncio.sleep(1.0)
+        # The call is live: the caller's audio reaches the model.
+        await wait_until(lambda: service.fake.sessions and service.fake.sessions[0].audio, what="caller audio relayed")
         await service.fake.stop()  # the model's server goes away and does not come back
         recording = await call
         summaries = await service.wait_for_logs("call.summary", 1)
         retries = service.logs("realtime.retry")
     assert recording.close_code == 1000  # the stream is closed so the TwiML after <Connect> runs
-    assert recording.duration_s < 15
+    assert recording.ended_by == "server"  # by the service, after its retries: not the 30 s script or the 40 s limit
     assert [summary["reason"] for summary in summaries] == ["realtime_unavailable"]
     assert [line["attempt"] for line in retries] == [1, 2, 3, 4]
 
 
 async def test_model_unreachable_ends_the_call(tmp_path: Path, behavior: FakeBehavior) -> None:
     async with serve(
-        tmp_path, behavior, CALLBRIDGE_REALTIME_URL=f"ws://127.0.0.1:{_free_port()}/v1/realtime"
+        tmp_path, behavior, CALLBRIDGE_REALTIME_URL=f"ws://127.0.0.1:{free_port()}/v1/realtime"
     ) as service:
         recording = await service.caller().place_call(CallScript([Pause(20000)]), max_duration_s=30)
         summaries = await service.wait_for_logs("call.summary", 1)

@@ -17,9 +17,7 @@ from callbridge.telephony.params import MAX_PARAMETER_CHARS, PARAMETER_NAME
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say, SayWhenHearing
 from callbridge.testing.conformance import validate_client_event
 from callbridge.testing.fake_realtime import FakeBehavior, FakeSession
-from test_calls_api import api, service, stream_of
-from test_end_to_end import CALLBRIDGE, GREETING, Service
-from test_resilience import FALLBACK_SAY, redirects, twilio_call
+from support import CALLBRIDGE, FALLBACK_SAY, GREETING, Service, api, redirects, service, stream_of, twilio_call
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

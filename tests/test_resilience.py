@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,25 +22,25 @@ from callbridge.service.tools import ToolRegistry
 from callbridge.store.repository import Store
 from callbridge.telephony import g711 as audio
 from callbridge.telephony.params import StreamParameterSigner
-from callbridge.telephony.rest import TwilioCalls
 from callbridge.testing.caller import CallRecording, CallRefused, CallScript, HangUp, Pause, Say, Step
 from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeTwilio
-from test_calls_api import ACCOUNT_SID, api, service
-from test_end_to_end import AUTH_TOKEN, GREETING, Service, _free_port, no_live_call, serve, until
+from support import (
+    AUTH_TOKEN,
+    FALLBACK_SAY,
+    GREETING,
+    Service,
+    api,
+    free_port,
+    no_live_call,
+    redirects,
+    serve,
+    service,
+    twilio_call,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-FALLBACK_SAY = "Sorry, our assistant is not available right now. Please call again later."
-
-
-async def twilio_call(twilio: FakeTwilio) -> str:
-    """A call (fake) Twilio knows, in progress, so callbridge can redirect or hang it up."""
-    rest = TwilioCalls(ACCOUNT_SID, AUTH_TOKEN, api_base_url=twilio.base_url)
-    call_sid = await rest.create(to="+15550100002", from_="+15550100001", twiml="<Response/>")
-    await rest.aclose()
-    twilio.calls[call_sid].status = "in-progress"
-    return call_sid
 
 
 async def waiting_calls(
@@ -54,16 +53,12 @@ async def waiting_calls(
         asyncio.create_task(caller.place_call(CallScript([Pause(60000)]), call_sid=sid, max_duration_s=70))
         for sid in sids
     ]
-    await until(lambda: len(running.fake.sessions) == count and all(s.audio for s in running.fake.sessions), 20)
+    await wait_until(
+        lambda: len(running.fake.sessions) == count and all(s.audio for s in running.fake.sessions),
+        20,
+        what=f"the audio of {count} callers reaching the model",
+    )
     return sids, calls
-
-
-def redirects(twilio: FakeTwilio, call_sid: str) -> list[ET.Element]:
-    return [
-        ET.fromstring(request.form["Twiml"][0])
-        for request in twilio.requests
-        if request.path.endswith(f"/Calls/{call_sid}.json") and "Twiml" in request.form
-    ]
 
 
 async def test_replayed_and_expired_stream_parameters_refuse_the_call(tmp_path: Path) -> None:
@@ -89,7 +84,7 @@ async def test_replayed_and_expired_stream_parameters_refuse_the_call(tmp_path: 
         live = asyncio.create_task(
             caller.place_call(CallScript([Pause(2500), HangUp()]), twiml=twiml_a, call_sid=a, max_duration_s=20)
         )
-        await until(lambda: running.fake.sessions)
+        await wait_until(lambda: running.fake.sessions, what="the rightful call reaching the model")
         twice = await caller.place_call(wait, twiml=twiml_a, call_sid=a, max_duration_s=10)
         assert (await live).ended_by == "caller"
         await no_live_call(running)
@@ -127,7 +122,7 @@ async def test_replayed_and_expired_stream_parameters_refuse_the_call(tmp_path: 
 async def test_model_unreachable_hands_the_caller_to_the_fallback(tmp_path: Path) -> None:
     db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
     env = {
-        "CALLBRIDGE_REALTIME_URL": f"ws://127.0.0.1:{_free_port()}/v1/realtime",
+        "CALLBRIDGE_REALTIME_URL": f"ws://127.0.0.1:{free_port()}/v1/realtime",
         "CALLBRIDGE_REALTIME_RECONNECT_DEADLINE_SECONDS": "2",
         "CALLBRIDGE_FALLBACK_TRANSFER_TO": "+15550109999",
     }

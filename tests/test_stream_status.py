@@ -16,7 +16,7 @@ from twilio.request_validator import RequestValidator
 from callbridge.telephony.twiml import connect_stream_twiml
 from callbridge.testing.caller import STREAM_ERRORS, CallRefused, CallScript, HangUp, Pause
 from callbridge.testing.fake_realtime import FakeBehavior
-from test_end_to_end import AUTH_TOKEN, Service, serve
+from support import AUTH_TOKEN, Service, serve
 
 from conftest import secret
 
