@@ -24,7 +24,6 @@ from support import (
     AUTH_TOKEN,
     CALLBRIDGE,
     GREETING,
-    Service,
     agent_items,
     assert_conformant,
     assert_greeting_heard_then_cut_at_what_was_heard,
@@ -37,19 +36,6 @@ from support import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-# test_hostile.py imports these from this module; they live in support.
-__all__ = [
-    "AUTH_TOKEN",
-    "Service",
-    "agent_items",
-    "assert_conformant",
-    "assert_greeting_heard_then_cut_at_what_was_heard",
-    "assert_opening_hours_transcript",
-    "opening_hours",
-    "serve",
-    "wait_closed",
-]
 
 
 @pytest.fixture

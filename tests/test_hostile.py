@@ -40,7 +40,7 @@ from callbridge.telephony import g711 as sound
 from callbridge.telephony.media_streams import parse_twilio_message
 from callbridge.telephony.params import PARAMETER_NAME
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say, SayWhenHearing, Step
-from test_end_to_end import (
+from support import (
     AUTH_TOKEN,
     Service,
     agent_items,
