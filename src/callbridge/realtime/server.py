@@ -42,7 +42,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from callbridge.realtime.conformance import ConformanceError, Dialect, validate_client_event
+from callbridge.realtime.conformance import ConformanceError, validate_client_event
+from callbridge.realtime.dialect import BETA_TO_GA_AUDIO_FORMAT, BETA_TO_GA_EVENT_NAMES, Dialect
 from callbridge.telephony.g711 import BYTES_PER_MS, DECODE_TABLE, pcm16_to_ulaw
 
 __all__ = [
@@ -72,19 +73,13 @@ _QUOTA_ERROR = (
 )
 _BETA_DISABLED = "The Realtime Beta API is no longer supported. Please use /v1/realtime for the GA API."
 _SESSION_EXPIRED = "Your session hit the maximum duration of 60 minutes."
-_BETA_NAMES = {
-    "response.output_audio.delta": "response.audio.delta",
-    "response.output_audio.done": "response.audio.done",
-    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
-    "response.output_audio_transcript.done": "response.audio_transcript.done",
-}
+_BETA_NAMES = {ga: beta for beta, ga in BETA_TO_GA_EVENT_NAMES.items()}
 BUILTIN_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 """The service's built-in voices; any other voice must be a custom ``{"id": ...}`` voice."""
 _SPEED_RANGE = (0.25, 1.5)
 _MAX_OUTPUT_TOKENS_RANGE = (1, 4096)
 
-# Wire formats: the GA name, and bytes per millisecond of audio in it.
-_BETA_FORMATS = {"g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma", "pcm16": "audio/pcm"}
+# Wire formats: bytes per millisecond of audio in each (by its GA name).
 _BYTES_PER_MS = {"audio/pcmu": BYTES_PER_MS, "audio/pcma": BYTES_PER_MS, "audio/pcm": 48}
 _PCM_FRAME = 6  # one 8 kHz μ-law sample is three 16-bit samples at 24 kHz
 
@@ -592,13 +587,13 @@ class _Connection:
     def _input_format(self) -> str:
         if self.ga:
             return str(self.config["audio"]["input"]["format"]["type"])
-        return _BETA_FORMATS[self.config["input_audio_format"]]
+        return BETA_TO_GA_AUDIO_FORMAT[self.config["input_audio_format"]]
 
     @property
     def _output_format(self) -> str:
         if self.ga:
             return str(self.config["audio"]["output"]["format"]["type"])
-        return _BETA_FORMATS[self.config["output_audio_format"]]
+        return BETA_TO_GA_AUDIO_FORMAT[self.config["output_audio_format"]]
 
     @property
     def _max_output_tokens(self) -> int | str:
