@@ -19,14 +19,21 @@ class TwilioConnected:
     """The ``connected`` message Twilio sends first."""
 
 
+TWILIO_PHONE_AUDIO = "audio/x-mulaw"
+"""Twilio's name for G.711 μ-law at 8 kHz, the audio of its media streams."""
+REALTIME_PHONE_AUDIO = "audio/pcmu"
+"""The Realtime API's (GA) name for the same audio: the format callbridge asks the model for, both ways."""
+PHONE_SAMPLE_RATE = 8000
+
+
 @dataclass(frozen=True, slots=True)
 class TwilioStart:
     stream_sid: str
     call_sid: str
     account_sid: str = ""
     custom_parameters: dict[str, str] = field(default_factory=dict)
-    encoding: str = "audio/x-mulaw"
-    sample_rate: int = 8000
+    encoding: str = TWILIO_PHONE_AUDIO
+    sample_rate: int = PHONE_SAMPLE_RATE
 
 
 @dataclass(slots=True)  # not frozen: one is made per audio frame, and freezing costs 5x; never mutated
@@ -94,8 +101,8 @@ class RealtimeSessionCreated:
 class RealtimeSessionUpdated:
     """The model confirmed the session's configuration; the formats are GA names (``audio/pcmu``)."""
 
-    input_format: str = "audio/pcmu"
-    output_format: str = "audio/pcmu"
+    input_format: str = REALTIME_PHONE_AUDIO
+    output_format: str = REALTIME_PHONE_AUDIO
 
 
 @dataclass(frozen=True, slots=True)

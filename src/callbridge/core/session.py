@@ -510,7 +510,7 @@ class CallSession:
         self.stream_sid = event.stream_sid
         self.call_sid = event.call_sid
         self._t0 = now
-        if event.encoding != "audio/x-mulaw" or event.sample_rate != 8000:
+        if event.encoding != ev.TWILIO_PHONE_AUDIO or event.sample_rate != ev.PHONE_SAMPLE_RATE:
             return self._refuse(f"unsupported media format {event.encoding}/{event.sample_rate}", now)
         try:
             self.context = self.config.verify_parameters(event.custom_parameters, event.call_sid)
@@ -658,7 +658,7 @@ class CallSession:
         """The model confirmed the configuration: the call goes live, if the audio is what a phone carries."""
         if self.phase != "connecting" or not self._configured:
             return []
-        if event.input_format != "audio/pcmu" or event.output_format != "audio/pcmu":
+        if event.input_format != ev.REALTIME_PHONE_AUDIO or event.output_format != ev.REALTIME_PHONE_AUDIO:
             formats = f"input {event.input_format}, output {event.output_format}"
             return self._session_rejected(
                 "unsupported_audio_format", f"the session's audio is {formats}, not audio/pcmu", "session.audio", now

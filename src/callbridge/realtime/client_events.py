@@ -26,7 +26,8 @@ from callbridge.core.commands import (
     UpdateSession,
 )
 from callbridge.core.context import AgentConfig
-from callbridge.realtime.dialect import GA_TO_BETA_AUDIO_FORMAT, PHONE_AUDIO_FORMAT, Dialect
+from callbridge.core.events import REALTIME_PHONE_AUDIO
+from callbridge.realtime.dialect import GA_TO_BETA_AUDIO_FORMAT, Dialect
 
 
 def encode(command: RealtimeCommand, dialect: Dialect) -> bytes:
@@ -93,7 +94,7 @@ def _noise_reduction(agent: AgentConfig) -> dict[str, str] | None:
 
 
 def _ga_session(agent: AgentConfig, instructions: str) -> dict[str, Any]:
-    audio_format = {"type": PHONE_AUDIO_FORMAT}
+    audio_format = {"type": REALTIME_PHONE_AUDIO}
     audio_input = {
         "format": audio_format,
         "turn_detection": agent.turn_detection,
@@ -113,7 +114,7 @@ def _ga_session(agent: AgentConfig, instructions: str) -> dict[str, Any]:
 
 def _beta_session(agent: AgentConfig, instructions: str) -> dict[str, Any]:
     """The beta session: flat audio fields, and no idle timeout (a GA addition the beta server refuses)."""
-    audio_format = GA_TO_BETA_AUDIO_FORMAT[PHONE_AUDIO_FORMAT]
+    audio_format = GA_TO_BETA_AUDIO_FORMAT[REALTIME_PHONE_AUDIO]
     turn_detection = agent.turn_detection
     if turn_detection:
         turn_detection = {key: value for key, value in turn_detection.items() if key != "idle_timeout_ms"}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from callbridge.core.events import REALTIME_PHONE_AUDIO
+
 Dialect = Literal["ga", "beta"]
 
 BETA_TO_GA_EVENT_NAMES = {
@@ -20,9 +22,7 @@ BETA_TO_GA_EVENT_NAMES = {
     "response.text.done": "response.output_text.done",
 }
 
-PHONE_AUDIO_FORMAT = "audio/pcmu"
-"""G.711 μ-law at 8 kHz, what a phone call carries: the format callbridge asks for both ways."""
-GA_TO_BETA_AUDIO_FORMAT = {"audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw", "audio/pcm": "pcm16"}
+GA_TO_BETA_AUDIO_FORMAT = {REALTIME_PHONE_AUDIO: "g711_ulaw", "audio/pcma": "g711_alaw", "audio/pcm": "pcm16"}
 BETA_TO_GA_AUDIO_FORMAT = {beta: ga for ga, beta in GA_TO_BETA_AUDIO_FORMAT.items()}
 
 
