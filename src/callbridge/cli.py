@@ -1,10 +1,19 @@
-"""The ``callbridge`` command line."""
+"""The ``callbridge`` command line.
+
+A mistake is one line that names what to fix (the setting, the file or the URL), and an exit status per kind:
+:data:`CONFIGURATION` (2), :data:`UNREACHABLE` (3: a server or the database did not answer), :data:`REFUSED` (4: it
+answered no, e.g. to a wrong token). ``--debug`` (or ``CALLBRIDGE_LOG_LEVEL=debug``) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import typer
@@ -13,7 +22,116 @@ from pydantic import ValidationError
 from callbridge.config import Settings
 from callbridge.observability.logs import configure_logging
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Put a speech-to-speech AI agent on the phone.")
+CONFIGURATION = 2
+UNREACHABLE = 3
+REFUSED = 4
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    help="Put a speech-to-speech AI agent on the phone.",
+)
+
+
+class Failure(Exception):
+    """What a command tells its user in one line, with the exit status of its kind."""
+
+    def __init__(self, message: str, status: int = CONFIGURATION) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+_debug = False
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"callbridge {package_version('callbridge')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+def main() -> None:
+    """The ``callbridge`` command: what goes wrong ends in one line and an exit status (see the module's doc)."""
+    try:
+        app()
+    except Exception as exc:
+        failure = _failure(exc)
+        debug = _debug or "--debug" in sys.argv or os.environ.get("CALLBRIDGE_LOG_LEVEL", "").lower() == "debug"
+        if failure is None or debug:
+            raise
+        typer.echo(f"error: {failure.message}", err=True)
+        raise SystemExit(failure.status) from None
+
+
+def _failure(exc: BaseException) -> Failure | None:
+    """The one line a known kind of error becomes (None: a bug, whose traceback is worth showing)."""
+    if isinstance(exc, Failure):
+        return exc
+    if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
+        return Failure(_settings_error(exc))
+    if isinstance(exc, httpx.TransportError):
+        where = _origin(str(exc.request.url)) if _has_request(exc) else "the server"
+        return Failure(f"cannot reach {where} — is callbridge serve running? (--url)", UNREACHABLE)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return Failure(f"{exc.filename}: {exc.strerror or exc}")
+    return _database_failure(exc)
+
+
+def _has_request(exc: httpx.TransportError) -> bool:
+    try:
+        exc.request  # noqa: B018  (raises when the error was made without one)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _settings_error(exc: ValidationError) -> str:
+    """The first refused setting, by its environment variable (and how many more there are)."""
+    errors = exc.errors()
+    where = ".".join(str(part) for part in errors[0]["loc"])
+    where = Settings.variable(where) if where in Settings.model_fields else where
+    message = str(errors[0]["msg"]).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where + ': ' if where else ''}{message}{more}"
+
+
+def _database_failure(exc: BaseException) -> Failure | None:
+    """An unreachable or refusing database, named by its URL (without its password)."""
+    from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+
+    if isinstance(exc, ArgumentError):
+        return Failure(f"CALLBRIDGE_DATABASE_URL: {exc} (e.g. postgresql://user:password@host/db)")
+    if not isinstance(exc, OSError | OperationalError | DBAPIError):
+        return None
+    url = _without_password(Settings().database_url)
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+    return Failure(f"CALLBRIDGE_DATABASE_URL={url}: cannot use the database: {reason}", UNREACHABLE)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @app.command()
@@ -39,25 +157,25 @@ def _check_settings() -> None:
     from callbridge.service.agents import load_agents
     from callbridge.service.tools import ToolRegistry, load_registry
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"])
-            where = Settings.variable(where) if where in Settings.model_fields else where
-            message = str(error["msg"]).removeprefix("Value error, ")
-            typer.echo(f"error: {where + ': ' if where else ''}{message}", err=True)
-        raise typer.Exit(2) from None
+    settings = Settings()
     try:
         tools = load_registry(settings.tools) if settings.tools else ToolRegistry()
     except (ImportError, ValueError, AttributeError) as exc:
-        typer.echo(f"error: CALLBRIDGE_TOOLS={settings.tools}: {exc}", err=True)
-        raise typer.Exit(2) from None
+        hint = " (is its folder on PYTHONPATH?)" if isinstance(exc, ModuleNotFoundError) else ""
+        raise Failure(f"CALLBRIDGE_TOOLS={settings.tools}: {exc}{hint}") from None
     try:
         load_agents(settings, tools, settings.agents_file)
     except (ValueError, OSError) as exc:
-        typer.echo(f"error: CALLBRIDGE_AGENTS_FILE: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise Failure(f"CALLBRIDGE_AGENTS_FILE: {exc}") from None
+    asyncio.run(_check_database(settings.database_url))
+
+
+async def _check_database(url: str) -> None:
+    """The database answers (and is migrated), before any worker starts."""
+    from callbridge.store.repository import Store
+
+    store = await Store.open(url)
+    await store.close()
 
 
 @app.command()
@@ -149,14 +267,23 @@ def _api(url: str, token: str | None) -> httpx.Client:
     configured = Settings().api_token
     token = token or (configured.get_secret_value() if configured else None)
     if not token:
-        raise typer.BadParameter("set CALLBRIDGE_API_TOKEN or pass --token")
+        raise Failure("no API token: set CALLBRIDGE_API_TOKEN or pass --token")
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
 
 def _check(response: httpx.Response) -> Any:
+    if response.status_code in (401, 403):
+        raise Failure(
+            f"{_origin(str(response.url))} refused the API token ({response.status_code}): "
+            "set CALLBRIDGE_API_TOKEN or --token to the server's",
+            REFUSED,
+        )
     if response.status_code >= 400:
-        typer.echo(f"error {response.status_code}: {response.text}", err=True)
-        raise typer.Exit(1)
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        raise Failure(f"{response.status_code} from {response.url.path}: {str(detail)[:300]}", REFUSED)
     return response.json()
 
 
@@ -228,4 +355,4 @@ def transcript(
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from callbridge.core.context import AgentConfig
@@ -169,12 +169,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"{key} is the environment's name: in code, name the field ({name[len(prefix) :]})")
         return data
 
-    @field_validator("public_url")
+    @field_validator("public_url", "realtime_url", "context_url", "webhook_url", "twilio_api_base_url")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
-        if not value.startswith(("https://", "http://")):
-            raise ValueError("CALLBRIDGE_PUBLIC_URL must start with https:// (or http:// for local use)")
-        return value.rstrip("/")
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A URL with a host and the scheme its peer speaks, checked at start rather than at the first call."""
+        if value is None:
+            return None
+        secure, plain = ("wss", "ws") if info.field_name == "realtime_url" else ("https", "http")
+        parts = urlsplit(value)
+        if parts.scheme not in (secure, plain) or not parts.hostname:
+            raise ValueError(f"{value!r} is not a URL: it must start with {secure}:// (or {plain}:// for local use)")
+        return value.rstrip("/") if info.field_name == "public_url" else value
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
