@@ -306,20 +306,31 @@ def call(
 
 @app.command()
 def calls(
-    status: Annotated[str | None, typer.Option(help="Only calls with this status.")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="Only calls with this status (in-progress, ended, completed, ...).")
+    ] = None,
     number: Annotated[str | None, typer.Option(help="Only calls from or to this number.")] = None,
     limit: Annotated[int, typer.Option(help="How many.")] = 20,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the calls as JSON, one object.")] = False,
     url: ApiUrl = "http://127.0.0.1:8080",
     token: ApiToken = None,
 ) -> None:
-    """List recent calls."""
+    """List recent calls (status 'ended': the agent's part is over, Twilio has not yet said how the call ended)."""
+    import json
+
     from rich.console import Console
     from rich.table import Table
 
     params = {key: value for key, value in {"status": status, "number": number, "limit": limit}.items() if value}
     with _api(url, token) as client:
         page = _check(client.get("/api/calls", params=params))
-    table = Table("call", "direction", "from", "to", "agent", "status", "started", "end reason")
+    if json_output:
+        typer.echo(json.dumps(page))
+        return
+    table = Table()
+    table.add_column("call", no_wrap=True, min_width=34)  # never cut: it is copied into `callbridge transcript`
+    for heading in ("direction", "from", "to", "agent", "status", "started", "end reason"):
+        table.add_column(heading, overflow="fold")
     for item in page["calls"]:
         table.add_row(
             item["call_sid"],

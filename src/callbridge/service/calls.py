@@ -23,6 +23,7 @@ from callbridge.core.transcript import TranscriptLine
 from callbridge.service.agents import AgentDirectory
 from callbridge.service.ownership import process_identity
 from callbridge.service.signing import HEADER, sign
+from callbridge.store.models import ENDED, FINAL_STATUSES
 from callbridge.store.repository import CallEvent, CallPage, CallRecord, Store
 from callbridge.telephony.params import StreamParameterSigner
 from callbridge.telephony.rest import TwilioCalls, TwilioRestException
@@ -320,12 +321,15 @@ class CallServices:
         if not call_sid or not call_status:
             return
         fields: dict[str, Any] = {"status": call_status}
-        if call_status in ("completed", "busy", "failed", "no-answer", "canceled"):
-            record = await self.store.get_call(call_sid)
+        record = await self.store.get_call(call_sid)
+        if call_status in FINAL_STATUSES:
             if record is not None and record.ended_at is None:
                 fields["ended_at"] = datetime.now(UTC)
                 fields["end_reason"] = record.end_reason or call_status
-        if await self.store.update_call(call_sid, **fields) is None:
+        elif record is not None and (record.status in FINAL_STATUSES or record.status == ENDED):
+            del fields["status"]  # a late callback (ringing, in-progress) does not bring an ended call back to life
+        updated = await self.store.update_call(call_sid, **fields) if fields else record
+        if updated is None:
             await self.store.record_call(
                 call_sid=call_sid,
                 direction=params.get("Direction", "inbound").split("-")[0],
@@ -358,8 +362,11 @@ class CallServices:
         if call_sid is None:
             return
         metrics = dataclasses.asdict(session.stats)
+        known = await self.store.get_call(call_sid)
+        status = known.status if known is not None and known.status in FINAL_STATUSES else ENDED
         record = await self.store.update_call(
             call_sid,
+            status=status,
             ended_at=datetime.now(UTC),
             end_reason=session.end_reason,
             metrics=metrics,

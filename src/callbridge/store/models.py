@@ -36,6 +36,10 @@ NAMING_CONVENTION = {
 
 # Twilio's final call statuses; every other status means the call may still be live.
 FINAL_STATUSES = ("completed", "busy", "failed", "no-answer", "canceled")
+"""Twilio's final call statuses: its status callback sets one when the phone call is over."""
+ENDED = "ended"
+"""callbridge's status of a call whose stream has ended while Twilio has not yet said how the call ended: not live,
+not final. Twilio's final status replaces it when it comes; a late non-final status never does."""
 
 
 def utcnow() -> datetime:
