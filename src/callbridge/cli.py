@@ -29,7 +29,7 @@ REFUSED = 4
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode=None,
+    rich_markup_mode=None,  # plain help: every option with its metavar, no type names
     help="Put a speech-to-speech AI agent on the phone.",
 )
 
@@ -136,9 +136,11 @@ def _without_password(url: str) -> str:
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
-    workers: Annotated[int, typer.Option(min=1, help="Processes sharing the port (each takes its own calls).")] = 1,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 8080,
+    workers: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Processes sharing the port (each takes its own calls).")
+    ] = 1,
 ) -> None:
     """Run the service: Twilio webhook, media-stream WebSocket, REST API, health. SIGTERM drains the calls."""
     from callbridge.api.app import create_app
@@ -224,8 +226,8 @@ def demo(
 
 @app.command()
 def engine(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9001,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 9001,
 ) -> None:
     """Run the offline Realtime-compatible engine on its own (ws://HOST:PORT/v1/realtime)."""
     from callbridge.engine.agent import LocalEngine
@@ -246,7 +248,7 @@ app.add_typer(db, name="db")
 
 @db.command("upgrade")
 def db_upgrade() -> None:
-    """Apply the database migrations (``callbridge serve`` does it at start too)."""
+    """Apply the database migrations (callbridge serve does it at start too)."""
     from callbridge.store.repository import Store
 
     settings = Settings()
@@ -259,8 +261,10 @@ def db_upgrade() -> None:
     typer.echo(f"database at head: {settings.database_url}")
 
 
-ApiUrl = Annotated[str, typer.Option("--url", help="Base URL of the running callbridge service.")]
-ApiToken = Annotated[str | None, typer.Option("--token", help="API token (default: CALLBRIDGE_API_TOKEN).")]
+ApiUrl = Annotated[str, typer.Option("--url", metavar="URL", help="Base URL of the running callbridge service.")]
+ApiToken = Annotated[
+    str | None, typer.Option("--token", metavar="TOKEN", help="API token (default: CALLBRIDGE_API_TOKEN).")
+]
 
 
 def _api(url: str, token: str | None) -> httpx.Client:
@@ -289,15 +293,17 @@ def _check(response: httpx.Response) -> Any:
 
 @app.command()
 def call(
-    to: Annotated[str, typer.Argument(help="Number to call, E.164 (+1…).")],
-    from_: Annotated[str, typer.Option("--from", help="Your Twilio number, E.164.")],
-    agent: Annotated[str | None, typer.Option(help="Agent name (default: the default agent).")] = None,
-    reference: Annotated[str | None, typer.Option(help="Your reference for the call's context.")] = None,
-    name: Annotated[str | None, typer.Option(help="The callee's name, for the greeting.")] = None,
+    to: Annotated[str, typer.Argument(metavar="NUMBER", hidden=True)],  # in the usage line and the doc
+    from_: Annotated[str, typer.Option("--from", metavar="NUMBER", help="Your Twilio number, E.164.")],
+    agent: Annotated[str | None, typer.Option(metavar="NAME", help="Agent name (default: the default agent).")] = None,
+    reference: Annotated[
+        str | None, typer.Option(metavar="TEXT", help="Your reference for the call's context.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(metavar="TEXT", help="The callee's name, for the greeting.")] = None,
     url: ApiUrl = "http://127.0.0.1:8080",
     token: ApiToken = None,
 ) -> None:
-    """Place an outbound call answered by the agent."""
+    """Place an outbound call to NUMBER (E.164, +1…), answered by the agent."""
     body = {"to": to, "from": from_, "agent": agent, "context": {"reference": reference, "name": name}}
     with _api(url, token) as client:
         created = _check(client.post("/api/calls", json=body))
@@ -307,10 +313,11 @@ def call(
 @app.command()
 def calls(
     status: Annotated[
-        str | None, typer.Option(help="Only calls with this status (in-progress, ended, completed, ...).")
+        str | None,
+        typer.Option(metavar="STATUS", help="Only calls with this status (in-progress, ended, completed, ...)."),
     ] = None,
-    number: Annotated[str | None, typer.Option(help="Only calls from or to this number.")] = None,
-    limit: Annotated[int, typer.Option(help="How many.")] = 20,
+    number: Annotated[str | None, typer.Option(metavar="NUMBER", help="Only calls from or to this number.")] = None,
+    limit: Annotated[int, typer.Option(metavar="N", help="How many.")] = 20,
     json_output: Annotated[bool, typer.Option("--json", help="Print the calls as JSON, one object.")] = False,
     url: ApiUrl = "http://127.0.0.1:8080",
     token: ApiToken = None,
@@ -347,11 +354,11 @@ def calls(
 
 @app.command()
 def transcript(
-    call_sid: Annotated[str, typer.Argument(help="The call's SID (CA…).")],
+    call_sid: Annotated[str, typer.Argument(metavar="CALL_SID", hidden=True)],  # in the usage line and the doc
     url: ApiUrl = "http://127.0.0.1:8080",
     token: ApiToken = None,
 ) -> None:
-    """Print a call's transcript."""
+    """Print the transcript of the call CALL_SID (CA…)."""
     from rich.console import Console
     from rich.table import Table
 
