@@ -8,8 +8,10 @@ answered no, e.g. to a wrong token). ``--debug`` (or ``CALLBRIDGE_LOG_LEVEL=debu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
@@ -157,19 +159,30 @@ def _check_settings() -> None:
     """Refuse to start on settings that cannot work, with what to fix, before anything listens (and before any
     worker starts: a worker that failed the same way would only be started again)."""
     from callbridge.service.agents import load_agents
+    from callbridge.service.resolvers import PythonContextResolver
     from callbridge.service.tools import ToolRegistry, load_registry
 
     settings = Settings()
-    try:
+    with _plugged_in("CALLBRIDGE_TOOLS", settings.tools):
         tools = load_registry(settings.tools) if settings.tools else ToolRegistry()
-    except (ImportError, ValueError, AttributeError) as exc:
-        hint = " (is its folder on PYTHONPATH?)" if isinstance(exc, ModuleNotFoundError) else ""
-        raise Failure(f"CALLBRIDGE_TOOLS={settings.tools}: {exc}{hint}") from None
+    with _plugged_in("CALLBRIDGE_CONTEXT_FUNCTION", settings.context_function):
+        if settings.context_function:
+            PythonContextResolver(settings.context_function)
     try:
         load_agents(settings, tools, settings.agents_file)
     except (ValueError, OSError) as exc:
         raise Failure(f"CALLBRIDGE_AGENTS_FILE: {exc}") from None
     asyncio.run(_check_database(settings.database_url))
+
+
+@contextlib.contextmanager
+def _plugged_in(setting: str, value: str | None) -> Iterator[None]:
+    """What the host application names by ``module:name`` loads, or one line says why."""
+    try:
+        yield
+    except (ImportError, ValueError, AttributeError, TypeError) as exc:
+        hint = " (is its folder the working directory, or on PYTHONPATH?)" if isinstance(exc, ImportError) else ""
+        raise Failure(f"{setting}={value}: {exc}{hint}") from None
 
 
 async def _check_database(url: str) -> None:

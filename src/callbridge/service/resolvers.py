@@ -13,7 +13,6 @@ A resolver that fails or misses the deadline leaves the agent's defaults: the ca
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -23,6 +22,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict
 
 from callbridge.core.context import CallContext, ContextItem
+from callbridge.service.plugins import load_object
 from callbridge.service.signing import HEADER, sign
 
 
@@ -83,9 +83,8 @@ class PythonContextResolver:
     """Calls ``async def resolve(context: CallContext) -> dict | CallContext | None``."""
 
     def __init__(self, dotted: str) -> None:
-        module_name, _, attribute = dotted.partition(":")
-        function = getattr(importlib.import_module(module_name), attribute) if attribute else None
-        if function is None or not inspect.iscoroutinefunction(function):
+        function = load_object(dotted, "CALLBRIDGE_CONTEXT_FUNCTION")
+        if not inspect.iscoroutinefunction(function):
             raise ValueError(f"CALLBRIDGE_CONTEXT_FUNCTION must name an async function as 'module:function': {dotted}")
         self._function: Callable[[CallContext], Awaitable[Any]] = function
 

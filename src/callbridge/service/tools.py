@@ -25,7 +25,6 @@ and the call goes on.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import re
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import orjson
 from pydantic import BaseModel, Field, ValidationError, create_model
 
 from callbridge.core.context import CallContext
+from callbridge.service.plugins import load_object
 
 ToolFunction = Callable[..., Any]
 
@@ -144,10 +144,7 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
 
 def load_registry(dotted: str) -> ToolRegistry:
     """Load a registry from ``package.module:attribute`` (the ``CALLBRIDGE_TOOLS`` setting)."""
-    module_name, _, attribute = dotted.partition(":")
-    if not attribute:
-        raise ValueError(f"CALLBRIDGE_TOOLS must look like 'package.module:registry', got {dotted!r}")
-    registry = getattr(importlib.import_module(module_name), attribute)
+    registry = load_object(dotted, "CALLBRIDGE_TOOLS")
     if not isinstance(registry, ToolRegistry):
         raise TypeError(f"{dotted} is a {type(registry).__name__}, not a ToolRegistry")
     return registry
