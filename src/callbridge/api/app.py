@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from callbridge.api.docs import ErrorBody, serve_docs
 from callbridge.api.health import health_router
 from callbridge.api.limits import BodySizeLimit
 from callbridge.api.rest import router
@@ -83,6 +84,8 @@ def create_app(
         title="callbridge",
         summary="Twilio Media Streams ⇄ OpenAI Realtime bridge: calls, transcripts, call control",
         lifespan=lambda app: _lifespan(app, settings, agents, signer, twilio_rest, sink, calls),
+        docs_url=None,  # served by serve_docs, on assets of its own
+        redoc_url=None,
     )
     calls = StreamCalls(
         app,
@@ -106,6 +109,7 @@ def create_app(
     app.include_router(twilio_router(settings, signatures, registry, metrics))
     app.include_router(router())
     app.include_router(health_router(registry, metrics))
+    serve_docs(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(ServiceError, _refused)
@@ -221,9 +225,9 @@ _STATUS_OF = {NotFound: 404, Invalid: 422, NotConfigured: 503, Upstream: 502}
 
 
 async def _refused(request: Request, exc: Exception) -> Response:
-    """The one place a service's refusal becomes an HTTP answer: ``{"detail": why}`` with its status."""
+    """The one place a service's refusal becomes an HTTP answer: an :class:`ErrorBody` with its status."""
     status = next((code for kind, code in _STATUS_OF.items() if isinstance(exc, kind)), 500)
-    return JSONResponse({"detail": str(exc)}, status_code=status)
+    return JSONResponse(ErrorBody(detail=str(exc)).model_dump(), status_code=status)
 
 
 async def _invalid_request(request: Request, exc: Exception) -> Response:

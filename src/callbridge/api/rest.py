@@ -11,15 +11,16 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from callbridge.api.docs import answers
+from callbridge.core import transcript
 from callbridge.core.context import CallContext, ContextItem
-from callbridge.core.transcript import TranscriptLine
 from callbridge.service.calls import CallServices
-from callbridge.store.repository import CallEvent, CallPage, CallRecord
+from callbridge.store import repository
 
 bearer = HTTPBearer(auto_error=False, description="CALLBRIDGE_API_TOKEN")
 
@@ -42,11 +43,21 @@ class ContextIn(_Body):
     """Per-call context, carried by the signed stream parameters (keep it small: TwiML is limited in size)."""
 
     reference: str | None = Field(default=None, max_length=200, description="Your id for the call's subject")
-    name: str | None = Field(default=None, max_length=100)
-    instructions: str | None = Field(default=None, max_length=1500)
-    greeting: str | None = Field(default=None, max_length=300)
-    items: list[tuple[Literal["system", "user", "assistant"], str]] = Field(default=[], max_length=10)
-    metadata: dict[str, Any] = {}
+    name: str | None = Field(default=None, max_length=100, description="The name of the person on the call")
+    instructions: str | None = Field(
+        default=None, max_length=1500, description="Instructions for this call, in place of the agent's own"
+    )
+    greeting: str | None = Field(
+        default=None, max_length=300, description="What the agent says first, in place of its own greeting"
+    )
+    items: list[tuple[Literal["system", "user", "assistant"], str]] = Field(
+        default=[],
+        max_length=10,
+        description="Conversation items the model is given before the call starts: [role, text] pairs",
+    )
+    metadata: dict[str, Any] = Field(
+        default={}, description="Anything of yours to keep with the call: on its record and in its webhooks"
+    )
 
     def to_context(
         self,
@@ -72,23 +83,102 @@ class ContextIn(_Body):
         )
 
 
+_AGENT = "The agent that takes the call, by name (the default agent when absent)"
+_CONTEXT = "What the agent knows of this call"
+
+
 class OutboundCall(_Body):
+    """An outbound call to place."""
+
     to: str = Field(pattern=r"^\+[1-9]\d{6,14}$", description="E.164 number to call")
     from_: str = Field(alias="from", pattern=r"^\+[1-9]\d{6,14}$", description="Your Twilio number")
-    agent: str | None = None
-    context: ContextIn = ContextIn()
+    agent: str | None = Field(default=None, description=_AGENT)
+    context: ContextIn = Field(default=ContextIn(), description=_CONTEXT)
     say: str | None = Field(default=None, max_length=300, description="Spoken before the agent connects")
 
 
 class Handoff(_Body):
-    agent: str | None = None
-    context: ContextIn = ContextIn()
-    say: str | None = Field(default=None, max_length=300)
+    """A live call to hand to the agent."""
+
+    agent: str | None = Field(default=None, description=_AGENT)
+    context: ContextIn = Field(default=ContextIn(), description=_CONTEXT)
+    say: str | None = Field(default=None, max_length=300, description="Spoken before the agent connects")
 
 
-class TranscriptOut(BaseModel):
-    call_sid: str
-    lines: list[TranscriptLine]
+class _Record(BaseModel):
+    """An answer read from one of the store's records (``from_attributes``): its fields are the record's."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class CallRecord(_Record):
+    """A call on record: who, which agent, its status, and how it ended."""
+
+    call_sid: str = Field(description="Twilio's call SID")
+    stream_sid: str | None = Field(description="The SID of the call's media stream, once Twilio has opened it")
+    direction: str = Field(description="inbound or outbound")
+    from_number: str | None = Field(description="The calling number")
+    to_number: str | None = Field(description="The number called")
+    agent: str = Field(description="The agent that takes the call")
+    status: str = Field(
+        description="Twilio's status of the call (queued, ringing, in-progress, completed, busy, failed, no-answer, "
+        "canceled), or ended: the media stream is over and Twilio has not yet said how the call ended"
+    )
+    context: dict[str, Any] | None = Field(description="The call's context, as the agent received it")
+    created_at: datetime = Field(description="When the call was put on record")
+    started_at: datetime | None = Field(description="When the call's media stream started")
+    ended_at: datetime | None = Field(description="When the call ended")
+    end_reason: str | None = Field(
+        description="Why the call ended (caller_hung_up, hung_up_through_api, a Twilio final status, ...)"
+    )
+    metrics: dict[str, Any] | None = Field(
+        description="The media stream's counters (frames, barge-ins, tool calls, errors), once the call has ended"
+    )
+    usage: dict[str, int] | None = Field(description="Tokens the model billed for the call, once it has ended")
+    owner: str | None = Field(
+        description="The process that carries (or carried) the call's media stream: host:pid:start time"
+    )
+    updated_at: datetime = Field(description="When the record last changed")
+
+
+class CallPage(_Record):
+    """Calls, newest first, one page of them."""
+
+    calls: list[CallRecord] = Field(description="The calls of this page")
+    next_cursor: str | None = Field(description="Pass it back as cursor for the next page; null on the last page")
+
+
+class CallEvent(_Record):
+    """Something that happened during a call."""
+
+    id: int = Field(description="The event's number: events of a call are numbered in the order they happened")
+    call_sid: str = Field(description="Twilio's SID of the call")
+    kind: str = Field(description="What happened: tool_call, barge_in, dtmf, transfer, status, error, ...")
+    data: dict[str, Any] = Field(description="The event's details; their keys depend on kind")
+    created_at: datetime = Field(description="When it happened")
+
+
+class TranscriptLine(_Record):
+    """One completed line of the conversation."""
+
+    call_sid: str = Field(description="Twilio's SID of the call")
+    speaker: transcript.Speaker = Field(description="Who spoke: caller or agent")
+    text: str = Field(description="What was said")
+    start_ms: int = Field(description="When the line started, in milliseconds from the start of the media stream")
+    end_ms: int = Field(description="When the line ended, in milliseconds from the start of the media stream")
+    item_id: str = Field(description="The model's conversation item the line belongs to")
+    interrupted: bool = Field(description="The agent was cut off (barge-in): text is what the caller heard")
+    failed: bool = Field(description="Transcription failed: text is empty or partial")
+
+
+class TranscriptOut(_Record):
+    """A call's transcript, in the order the lines were spoken."""
+
+    call_sid: str = Field(description="Twilio's SID of the call")
+    lines: list[TranscriptLine] = Field(description="The lines, in the order they were spoken")
+
+
+CallSid = Annotated[str, Path(description="Twilio's SID of the call (CA followed by 32 hexadecimal digits)")]
 
 
 def get_services(request: Request) -> CallServices:
@@ -111,7 +201,7 @@ async def authorized(
 
 
 def router() -> APIRouter:
-    api = APIRouter(prefix="/api", tags=["calls"], dependencies=[Depends(authorized)])
+    api = APIRouter(prefix="/api", tags=["calls"], dependencies=[Depends(authorized)], responses=answers(401, 413, 422))
     _calls(api)
     _one_call(api)
     return api
@@ -120,8 +210,8 @@ def router() -> APIRouter:
 def _calls(api: APIRouter) -> None:
     """Placing calls and listing them."""
 
-    @api.post("/calls", status_code=201, response_model=CallRecord)
-    async def create_call(body: OutboundCall, services: Services) -> CallRecord:
+    @api.post("/calls", status_code=201, response_model=CallRecord, responses=answers(502, 503))
+    async def create_call(body: OutboundCall, services: Services) -> repository.CallRecord:
         """Place an outbound call answered by the agent."""
         context = body.context.to_context(
             agent=body.agent, call_sid=None, caller=body.from_, called=body.to, outbound=True
@@ -131,31 +221,50 @@ def _calls(api: APIRouter) -> None:
     @api.get("/calls", response_model=CallPage)
     async def list_calls(
         services: Services,
-        status_: Annotated[str | None, Query(alias="status")] = None,
-        number: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: Annotated[int, Query(ge=1, le=200)] = 50,
-        cursor: str | None = None,
-    ) -> CallPage:
+        status_: Annotated[
+            str | None, Query(alias="status", description="Only calls with this status (as on the record)")
+        ] = None,
+        number: Annotated[str | None, Query(description="Only calls from or to this number (E.164)")] = None,
+        since: Annotated[datetime | None, Query(description="Only calls put on record at or after this time")] = None,
+        until: Annotated[datetime | None, Query(description="Only calls put on record before this time")] = None,
+        limit: Annotated[int, Query(ge=1, le=200, description="Calls on a page, at most")] = 50,
+        cursor: Annotated[
+            str | None, Query(description="Where the page starts: the next_cursor of the page before")
+        ] = None,
+    ) -> repository.CallPage:
+        """Calls, newest first, a page at a time."""
         return await services.calls(status=status_, number=number, since=since, until=until, limit=limit, cursor=cursor)
+
+
+_TEXT_TRANSCRIPT = "A line each: [start in seconds] speaker: text, (interrupted) after a line the caller cut off"
 
 
 def _one_call(api: APIRouter) -> None:
     """One call: its record, transcript and events; hanging it up; handing it to the agent."""
 
-    @api.get("/calls/{call_sid}", response_model=CallRecord)
-    async def get_call(call_sid: str, services: Services) -> CallRecord:
+    @api.get("/calls/{call_sid}", response_model=CallRecord, responses=answers(404))
+    async def get_call(call_sid: CallSid, services: Services) -> repository.CallRecord:
+        """The call's record."""
         return await services.call(call_sid)
 
     @api.get(
         "/calls/{call_sid}/transcript",
         response_model=TranscriptOut,
-        responses={200: {"content": {"text/plain": {}}}},
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string", "description": _TEXT_TRANSCRIPT}}}},
+            **answers(404),
+        },
     )
     async def get_transcript(
-        call_sid: str, request: Request, services: Services, format: Literal["json", "text"] | None = None
+        call_sid: CallSid,
+        request: Request,
+        services: Services,
+        format: Annotated[
+            Literal["json", "text"] | None,
+            Query(description="json or text; when absent, text if the Accept header asks for text/plain"),
+        ] = None,
     ) -> Any:
+        """The call's transcript, as JSON or as text (a line each)."""
         lines = await services.transcript(call_sid)
         if format == "text" or (format is None and "text/plain" in request.headers.get("accept", "")):
             text = "".join(
@@ -163,19 +272,20 @@ def _one_call(api: APIRouter) -> None:
                 for line in lines
             )
             return PlainTextResponse(text)
-        return TranscriptOut(call_sid=call_sid, lines=lines)
+        return TranscriptOut.model_validate({"call_sid": call_sid, "lines": lines})
 
-    @api.get("/calls/{call_sid}/events", response_model=list[CallEvent])
-    async def get_events(call_sid: str, services: Services) -> list[CallEvent]:
+    @api.get("/calls/{call_sid}/events", response_model=list[CallEvent], responses=answers(404))
+    async def get_events(call_sid: CallSid, services: Services) -> list[repository.CallEvent]:
         """Tool calls (arguments and results), barge-ins, key presses, transfers, status changes, errors."""
         return await services.events(call_sid)
 
-    @api.post("/calls/{call_sid}/hangup", response_model=CallRecord)
-    async def hang_up(call_sid: str, services: Services) -> CallRecord:
+    @api.post("/calls/{call_sid}/hangup", response_model=CallRecord, responses=answers(404, 502, 503))
+    async def hang_up(call_sid: CallSid, services: Services) -> repository.CallRecord:
+        """End the call."""
         return await services.hang_up(call_sid)
 
-    @api.post("/calls/{call_sid}/agent", response_model=CallRecord)
-    async def hand_to_agent(call_sid: str, body: Handoff, services: Services) -> CallRecord:
+    @api.post("/calls/{call_sid}/agent", response_model=CallRecord, responses=answers(404, 502, 503))
+    async def hand_to_agent(call_sid: CallSid, body: Handoff, services: Services) -> repository.CallRecord:
         """Hand a call that is already live (in a queue, at an IVR) to the agent."""
         context = body.context.to_context(agent=body.agent, call_sid=call_sid, caller=None, called=None)
         return await services.hand_to_agent(call_sid, context, say=body.say)
