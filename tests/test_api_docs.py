@@ -375,8 +375,7 @@ def _namespaces() -> bool:
 
 def offline(folder: Path, *browser: str) -> dict[str, Any]:
     """This module as a script in a network namespace of its own: what it fetched (and rendered) there."""
-    if not _namespaces():
-        pytest.skip("unshare -rn is not permitted here (no unprivileged user and network namespaces)")
+    assert _namespaces(), "unshare -rn is not permitted here: this test needs user and network namespaces"
     result = subprocess.run(
         ["unshare", "-rn", sys.executable, __file__, str(folder), *browser],
         capture_output=True,
@@ -412,8 +411,7 @@ def test_docs_load_with_the_network_down(tmp_path: Path) -> None:
 def test_docs_render_in_a_browser_with_the_network_down(tmp_path: Path) -> None:
     """Headless Chromium in the same kind of namespace: Swagger UI draws every path, ReDoc every operation."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    assert browser is not None, "no Chromium: `make install-test` installs Debian's chromium package"
     rendered = offline(tmp_path, browser)["rendered"]
     assert len(rendered["operations"]) >= 10  # 7 of the REST API, 3 of health and metrics
     assert rendered["swagger_ui"] == rendered["paths"]
