@@ -37,6 +37,8 @@ class AgentConfig:
     builtin_tools: tuple[str, ...] = ()
     """Call-control tools the model may use: ``end_call``, ``transfer_call`` (opt-in per agent)."""
     transfer_number: str | None = None
+    record: bool = True
+    """Whether the agent's calls are recorded."""
     name: str = "default"
 
     @property
