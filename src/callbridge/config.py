@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     context_timeout_seconds: float = Field(default=2.0, gt=0)
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
+    record_calls: bool = True
+    """Record every call (stereo: the caller left, the agent as heard right); an agent's ``record`` overrides it."""
+    recordings_dir: str = Field(default="recordings", min_length=1)
+    """Where recordings are kept (relative to the working directory unless absolute)."""
+    recordings_retention_days: int = Field(default=30, ge=0)
+    """Recordings older than this are deleted (0: kept for ever)."""
 
     # --- the agent ---
     agent_instructions: str = _AGENT.instructions

@@ -11,6 +11,7 @@ tools = ["check_availability", "end_call", "transfer_call"]
 transfer_number = "+15550109999"
 
 [agents.reminders]
+record = false
 instructions = "You call patients to confirm tomorrow's appointment."
 speaks_first = true
 turn_detection = "semantic_vad"
@@ -64,6 +65,8 @@ class AgentSpec(BaseModel):
     max_output_tokens: int | None = Field(default=None, ge=1, le=4096)
     tool_choice: Literal["auto", "none", "required"] | None = None
     tool_filler_after_ms: int | None = Field(default=None, ge=0)
+    record: bool | None = None
+    """Record this agent's calls (default: ``CALLBRIDGE_RECORD_CALLS``)."""
 
 
 class AgentsFile(BaseModel):
@@ -139,7 +142,7 @@ def _first_error(exc: ValidationError) -> str:
 
 def _agent(settings: Settings, registry: ToolRegistry, name: str, spec: AgentSpec) -> AgentConfig:
     """The settings' agent, with what ``spec`` says instead."""
-    fields = spec.model_dump(exclude={"tools", "transfer_number"}, exclude_none=True)
+    fields = spec.model_dump(exclude={"tools", "transfer_number", "record"}, exclude_none=True)
     merged = _merged(settings, {_SETTING_OF.get(key, key): value for key, value in fields.items()})
     schemas = registry.schemas
     builtin: tuple[str, ...] = ()
@@ -150,5 +153,9 @@ def _agent(settings: Settings, registry: ToolRegistry, name: str, spec: AgentSpe
         schemas = tuple(schema for schema in schemas if schema["name"] in spec.tools)
         builtin = tuple(tool for tool in spec.tools if tool in BUILTIN_TOOLS)
     return dataclasses.replace(
-        merged.agent(schemas), name=name, builtin_tools=builtin, transfer_number=spec.transfer_number
+        merged.agent(schemas),
+        name=name,
+        builtin_tools=builtin,
+        transfer_number=spec.transfer_number,
+        record=settings.record_calls if spec.record is None else spec.record,
     )
