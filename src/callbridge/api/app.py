@@ -34,6 +34,7 @@ from callbridge.observability.metrics import Metrics
 from callbridge.service.agents import AgentDirectory, load_agents
 from callbridge.service.calls import CallServices, Invalid, NotConfigured, NotFound, ServiceError, Upstream
 from callbridge.service.ownership import is_orphan
+from callbridge.service.recordings import Recordings
 from callbridge.service.resolvers import HttpContextResolver, PythonContextResolver
 from callbridge.service.tools import ToolRegistry, load_registry
 from callbridge.store.repository import DatabaseTranscriptSink, Store
@@ -135,8 +136,11 @@ async def _lifespan(
     app.state.services = services
     app.state.store = store
     app.state.sinks = _Sinks(store, sink)
+    app.state.recordings = recordings = Recordings(settings, store)
+    await recordings.recover()  # what a killed process left incomplete is made whole before any call starts
     # Without a webhook URL nothing is ever queued: no task polls the database for nothing.
     outbox = asyncio.create_task(services.deliver_webhooks()) if settings.webhook_url else None
+    sweeps = asyncio.create_task(recordings.sweep_forever()) if settings.recordings_retention_days else None
     try:
         async with contextlib.AsyncExitStack() as stack:
             if settings.uses_local_engine:
@@ -155,9 +159,10 @@ async def _lifespan(
             gc.freeze()
             yield
     finally:
-        if outbox is not None:
-            outbox.cancel()
-            await asyncio.gather(outbox, return_exceptions=True)
+        for task in (outbox, sweeps):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await services.aclose()
         await store.close()
 

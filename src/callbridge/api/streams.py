@@ -85,6 +85,7 @@ class StreamCalls:
                 hang_up=rest.hang_up if rest else None,
                 transfer=services.transfer if rest else None,
                 fallback=services.fallback if rest else None,
+                record=self.app.state.recordings.open,
             ),
             limits=CallLimits(
                 tool_timeout=self.settings.tool_timeout_seconds,

@@ -49,6 +49,7 @@ from callbridge.core.commands import (
     UpdateSession,
 )
 from callbridge.core.context import CallContext
+from callbridge.core.recording import CallRecorder, RecordingSink
 from callbridge.core.session import CallSession, SessionConfig
 from callbridge.core.transcript import TranscriptLine, TranscriptSink
 from callbridge.observability.metrics import RELAY_SAMPLE_EVERY
@@ -73,6 +74,8 @@ Authorize = Callable[[CallSession], Awaitable[CallContext | str | None]]
 """Checks an admitted call before the model is opened: a string is why it is refused; otherwise the call is let in,
 with its context as the service keeps it (a :class:`CallContext`) or as its stream parameters carried it
 (``None``)."""
+OpenRecording = Callable[[CallSession], RecordingSink | None]
+"""Where a call let in is recorded (``None``: it is not); asked once, when it is let in."""
 
 
 # For isinstance (a tuple is checked faster than a union); the unions' members, spelled out for mypy.
@@ -120,6 +123,8 @@ class CallHooks:
     hang_up: HangUp | None = None
     transfer: Transfer | None = None
     fallback: Fallback | None = None
+    record: OpenRecording | None = None
+    """Records the call from the stream's start: the caller, and the agent as the caller heard it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +182,9 @@ class CallBridge:
         self._fallback = hooks.fallback
         self._authorize: Authorize | None = hooks.authorize or _admit_as_signed
         self._on_admitted = hooks.on_admitted
+        self._open_recording = hooks.record
+        self._recorder: CallRecorder | None = None  # from the stream's start, while the call may be recorded
+        self._recording: RecordingSink | None = None  # once the call is let in and its agent records
         self._metrics = metrics
         self._max_frame_bytes = limits.max_frame_bytes
         # The frame being timed through the bridge, per direction: (event, when it was read).
@@ -221,6 +229,7 @@ class CallBridge:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._close_realtime()
+            await self._close_recording()
             self._records.put_nowait(None)
             await self._writer
         return self.session
@@ -337,15 +346,23 @@ class CallBridge:
         self._dispatch(ev.Tick())
 
     def _process(self, event: ev.Event) -> None:
-        commands = self.session.handle(event, time.monotonic())
+        now = time.monotonic()
+        commands = self.session.handle(event, now)
         if not self._bound and self.session.stream_sid:
             self._bound = True  # every line of the call from here on names it
             self._log = self._log.bind(call_sid=self.session.call_sid, stream_sid=self.session.stream_sid)
+            if self._open_recording is not None:
+                self._recorder = CallRecorder(now)  # the recording's time zero: the stream's start
+        recorder = self._recorder
+        if recorder is not None and type(event) is ev.TwilioMedia:
+            self._record_caller(recorder, event, now)
         for command in commands:
             # The commands for the two sockets first (the audio path's), before the match of _perform.
             if isinstance(command, _TWILIO_COMMANDS):
                 assert self._twilio is not None and self.session.stream_sid is not None
                 self._twilio.send_text(twilio_encode(command, self.session.stream_sid))
+                if recorder is not None:
+                    recorder.command(command, now)
             elif isinstance(command, _REALTIME_COMMANDS):
                 if self._realtime is not None:
                     self._realtime.send_text(realtime_encode(command, self._endpoint.dialect))
@@ -353,6 +370,35 @@ class CallBridge:
                 self._perform(command)
         if self._timed_in is not None or self._timed_out is not None:  # one frame in 16 is being timed
             self._time_relay(event)
+
+    def _record_caller(self, recorder: CallRecorder, event: ev.TwilioMedia, now: float) -> None:
+        """A caller frame into the recording, and what can no longer change out to it every half second."""
+        recorder.caller(event.payload, event.timestamp_ms, now)
+        if now >= recorder.flush_at and self._recording is not None:
+            self._recording.append(recorder.take(now))
+
+    def _start_recording(self) -> None:
+        """The call is let in: record it if the host application says where (what came before is kept)."""
+        opener, self._open_recording = self._open_recording, None
+        if opener is None or self._recorder is None or self._ending:
+            return
+        try:
+            self._recording = opener(self.session)
+        except Exception as exc:  # the call goes on unrecorded
+            self._log.error("recording.open_failed", error=f"{type(exc).__name__}: {exc}")
+        if self._recording is None:
+            self._recorder = None
+
+    async def _close_recording(self) -> None:
+        recorder, self._recorder = self._recorder, None
+        recording, self._recording = self._recording, None
+        if recorder is None or recording is None:
+            return
+        try:
+            recording.append(recorder.finish(time.monotonic()))
+            await recording.close()
+        except Exception as exc:
+            self._log.error("recording.close_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _fail(self, exc: BaseException) -> None:
         self._log.error("bridge.failed", error=f"{type(exc).__name__}: {exc}")
@@ -407,6 +453,8 @@ class CallBridge:
                     self._metrics.observe(name, value)
             case EndCall():
                 self._ending = True
+                if self._recorder is not None:
+                    self._recorder.end(time.monotonic())  # what is still queued for the caller is never heard
                 self._close_realtime()
                 self._in_order(self._end(command))
 
@@ -480,6 +528,7 @@ class CallBridge:
                 self._dispatch(ev.CallRefused(verdict))
                 return
             self._dispatch(ev.ContextLoaded(verdict))
+            self._start_recording()
             if self._on_admitted is not None:
                 self._spawn(self._admitted(self._on_admitted))
                 self._on_admitted = None
