@@ -12,14 +12,15 @@ from typing import Annotated, Any, Literal, Self
 
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from callbridge.api.docs import answers
+from callbridge.api.docs import ErrorBody, answers
 from callbridge.core import transcript
 from callbridge.core.context import CallContext, ContextItem
 from callbridge.service.calls import CallServices
+from callbridge.service.recordings import Recordings, byte_range
 from callbridge.store import repository
 
 bearer = HTTPBearer(auto_error=False, description="CALLBRIDGE_API_TOKEN")
@@ -204,6 +205,7 @@ def router() -> APIRouter:
     api = APIRouter(prefix="/api", tags=["calls"], dependencies=[Depends(authorized)], responses=answers(401, 413, 422))
     _calls(api)
     _one_call(api)
+    _recording(api)
     return api
 
 
@@ -289,3 +291,68 @@ def _one_call(api: APIRouter) -> None:
         """Hand a call that is already live (in a queue, at an IVR) to the agent."""
         context = body.context.to_context(agent=body.agent, call_sid=call_sid, caller=None, called=None)
         return await services.hand_to_agent(call_sid, context, say=body.say)
+
+
+def get_recordings(request: Request) -> Recordings:
+    recordings: Recordings = request.app.state.recordings
+    return recordings
+
+
+_WAV = {"audio/wav": {"schema": {"type": "string", "format": "binary"}}}
+_RANGE = "Bytes of the WAV to send (RFC 9110, one range: bytes=0-, bytes=1000-1999, bytes=-500); without it, all of it"
+
+
+def _recording(api: APIRouter) -> None:
+    """A call's recording, as a WAV a browser plays and seeks in."""
+
+    @api.get(
+        "/calls/{call_sid}/recording",
+        response_class=Response,
+        responses={
+            200: {"content": _WAV, "description": "The recording: 16-bit PCM, 8 kHz, two channels"},
+            206: {"content": _WAV, "description": "The bytes of the recording the Range header asked for"},
+            404: {"model": ErrorBody, "description": "No such call on record, or no recording of it (why, in detail)"},
+            416: {"model": ErrorBody, "description": "The Range header asks for bytes past the end"},
+        },
+        openapi_extra={
+            "parameters": [
+                {
+                    "name": "Range",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": _RANGE,
+                }
+            ]
+        },
+    )
+    async def get_recording(
+        call_sid: CallSid, request: Request, recordings: Annotated[Recordings, Depends(get_recordings)]
+    ) -> Response:
+        """The call's recording once it has ended: the caller on the left, the agent on the right as the caller
+        heard it, time-aligned to the call."""
+        recording = await recordings.recording(call_sid)
+        size = recording.size
+        try:
+            asked = byte_range(request.headers.get("range"), size)
+        except ValueError:
+            raise HTTPException(
+                status.HTTP_416_REQUESTED_RANGE_NOT_SATISFIABLE,
+                "the range starts past the end of the recording",
+                headers={"Content-Range": f"bytes */{size}"},
+            ) from None
+        first, last = asked or (0, size - 1)
+        headers = {
+            "Accept-Ranges": "bytes",
+            "Content-Length": str(last - first + 1),
+            "Content-Disposition": f'inline; filename="{call_sid}.wav"',
+            "Cache-Control": "private, no-store",
+        }
+        if asked is not None:
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        return StreamingResponse(
+            recording.chunks(first, last),
+            status_code=status.HTTP_206_PARTIAL_CONTENT if asked else status.HTTP_200_OK,
+            media_type="audio/wav",
+            headers=headers,
+        )
