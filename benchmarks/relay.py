@@ -1,7 +1,8 @@
 """Benchmark of the bridge itself: how many concurrent phone calls ``callbridge serve`` carries per CPU core.
 
     .venv/bin/python benchmarks/relay.py [--calls 20,50,100] [--delta-ms 20] [--workers 1[,2]] [--repeat 1]
-                                         [--no-bare] [--warmup-s 3] [--window-s 10] [--json results.json]
+                                         [--recording] [--no-bare] [--warmup-s 3] [--window-s 10]
+                                         [--json results.json]
     .venv/bin/python benchmarks/relay.py --soak 600 --calls 150 [--delta-ms 20] [--response-s 4] [--json soak.json]
 
 What runs. Each round starts three kinds of OS process, each pinned with ``os.sched_setaffinity``:
@@ -17,7 +18,10 @@ What runs. Each round starts three kinds of OS process, each pinned with ``os.sc
   one would have finished playing. It reads every ``input_audio_buffer.append`` (decoding its base64 audio)
   and ignores every other client event beyond its ``type``.
 - the system under test: ``callbridge serve`` (the real service, signatures checked, on CPU 1, or on both CPUs
-  with 2 workers; ``--workers 1,2`` runs both, one after the other), then, right after it at the same N, a bare
+  with 2 workers; ``--workers 1,2`` runs both, one after the other), with call recording off
+  (``CALLBRIDGE_RECORD_CALLS=false``); with ``--recording``, the same service again with every call recorded
+  (``bridge+rec``: the recordings written to the round's temporary directory), so that recording's cost is the
+  difference between the two, measured in the same run; then, right after it at the same N, a bare
   relay: a ~60-line pass-through with no checks, marks or state, on picows as callbridge's audio path
   (``benchmarks/bare_relay_picows.py``), the floor the bridge is compared with; ``--bare-stack websockets`` runs
   the same relay on the ``websockets`` library (``benchmarks/bare_relay.py``), as most Python relays are built;
@@ -91,6 +95,7 @@ overlap below 180 s). The last 10 s interval is also measured as a round's windo
 the helpers' load), and a warning says when calls or sessions were no longer all open at the end. The other load on
 the machine in each interval is printed beside it: on a shared machine a CPU step that coincides with it is noise.
 The run ends by itself after the soak, ``--json`` as above.
+With ``--recording``, the soak's calls are recorded.
 """
 
 from __future__ import annotations
@@ -156,7 +161,8 @@ OPEN_TIMEOUT_S = 30.0
 HERE = Path(__file__).resolve().parent
 CALLBRIDGE = Path(sys.executable).with_name("callbridge")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-Target = Literal["bridge", "bare"]
+Target = Literal["bridge", "record", "bare"]
+"""callbridge serve without recording, the same with every call recorded, the bare relay."""
 
 
 # --- Shared by every role -------------------------------------------------------------------------------------
@@ -1099,6 +1105,7 @@ class Options:
     repeat: int
     bare: bool
     bare_stack: str
+    recording: bool
     ramp_s: float
     warmup_s: float
     window_s: float
@@ -1244,6 +1251,8 @@ async def start_target(
         "CALLBRIDGE_LOG_LEVEL": "warning",
         "CALLBRIDGE_LOG_FORMAT": "json",
         "CALLBRIDGE_AGENT_GREETING": "Hello, thanks for calling.",
+        "CALLBRIDGE_RECORD_CALLS": "true" if target == "record" else "false",
+        "CALLBRIDGE_RECORDINGS_DIR": str(processes.log_dir / "recordings"),
     }
     argv = [str(CALLBRIDGE), "serve", "--port", str(port)]
     if workers > 1:
@@ -1569,7 +1578,9 @@ async def run_soak(options: Options) -> SoakResult:
     assert options.soak_s is not None
     calls = options.calls[0]
     intervals = math.ceil(options.soak_s / SOAK_SAMPLE_S)
-    soak = SoakResult(calls, intervals * SOAK_SAMPLE_S, RoundResult("bridge", calls, 1))
+    soak = SoakResult(
+        calls, intervals * SOAK_SAMPLE_S, RoundResult("record" if options.recording else "bridge", calls, 1)
+    )
     began = time.monotonic()
     token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix=f"relay-soak-{calls}-") as tmp:
@@ -1707,7 +1718,8 @@ def counts_text(counts: dict[str, int]) -> str:
 
 
 def label(target: Target, workers: int) -> str:
-    return target if workers == 1 else f"{target} ({workers} workers)"
+    name = "bridge+rec" if target == "record" else target
+    return name if workers == 1 else f"{name} ({workers} workers)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1793,6 +1805,8 @@ def report(options: Options, results: list[RoundResult], elapsed_s: float) -> di
             ratio = one.cpu_ms_per_call_second / bare.cpu_ms_per_call_second
             figures["bridge_to_bare_cpu_ratio"] = ratio
             print(f"{'':13}bridge/bare CPU ratio at N={calls}: {ratio:.2f}x")
+        if options.recording:
+            figures |= recording_cost(calls, one, medians.get(("record", options.workers[0])), bare)
         for workers in options.workers[1:]:
             more = medians.get(("bridge", workers))
             key = f"capacity_{workers}_workers_over_{options.workers[0]}"
@@ -1837,6 +1851,27 @@ def report(options: Options, results: list[RoundResult], elapsed_s: float) -> di
     }
 
 
+def recording_cost(
+    calls: int, without: Summary | None, recorded: Summary | None, bare: Summary | None
+) -> dict[str, float | None]:
+    """What recording every call adds (``--recording``): CPU per call-second, and the recorded bridge against the
+    bare relay."""
+    figures: dict[str, float | None] = {"recording_cpu_ms_per_call_second": None, "record_to_bare_cpu_ratio": None}
+    if recorded is not None and bare is not None and bare.cpu_ms_per_call_second > 0:
+        ratio = recorded.cpu_ms_per_call_second / bare.cpu_ms_per_call_second
+        figures["record_to_bare_cpu_ratio"] = ratio
+        print(f"{'':13}bridge+rec/bare CPU ratio at N={calls}: {ratio:.2f}x")
+    if recorded is not None and without is not None:
+        cost = recorded.cpu_ms_per_call_second - without.cpu_ms_per_call_second
+        figures["recording_cpu_ms_per_call_second"] = cost
+        print(
+            f"{'':13}recording costs {cost:+.3f} CPU ms per call-second at N={calls} "
+            f"({cost / without.cpu_ms_per_call_second:+.1%}: {recorded.cpu_ms_per_call_second:.2f} against "
+            f"{without.cpu_ms_per_call_second:.2f} without)"
+        )
+    return figures
+
+
 def optional(value: float | None, spec: str, unit: str = "") -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:{spec}}{unit}"
 
@@ -1847,7 +1882,8 @@ def soak_report(options: Options, soak: SoakResult, elapsed_s: float) -> dict[st
     print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}, Linux {info['kernel']}")
     print(
         f"soak: N={soak.calls} calls carried for {soak.duration_s:g} s once all were up (no hang-ups, no new calls); "
-        "callbridge serve, 1 worker on CPU 1; load generator and fake server on CPU 0"
+        f"callbridge serve, 1 worker on CPU 1, recording {'on' if options.recording else 'off'}; load generator and "
+        "fake server on CPU 0"
     )
     print(
         f"load: {delta_mode(options)}; caller audio 20 ms frames at real-time pace throughout; marks echoed when played"
@@ -1947,7 +1983,8 @@ async def orchestrate(options: Options) -> None:
             write_json(options.json_path, data)
         return
     results: list[RoundResult] = []
-    configurations: list[tuple[Target, int]] = [("bridge", workers) for workers in options.workers]
+    targets: list[Target] = ["bridge", "record"] if options.recording else ["bridge"]
+    configurations: list[tuple[Target, int]] = [(target, workers) for workers in options.workers for target in targets]
     if options.bare:
         configurations.append(("bare", 1))
     for calls in options.calls:
@@ -1978,6 +2015,11 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
     )
     parser.add_argument("--repeat", type=int, default=1, help="rounds per configuration and N, interleaved (medians)")
     parser.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True, help="also run the bare relay")
+    parser.add_argument(
+        "--recording",
+        action="store_true",
+        help="also run callbridge serve with every call recorded (bridge+rec), interleaved: recording's cost",
+    )
     parser.add_argument(
         "--bare-stack",
         choices=["websockets", "picows"],
@@ -2024,6 +2066,7 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, argparse.Name
         workers=workers,
         repeat=args.repeat,
         bare=args.bare,
+        recording=args.recording,
         bare_stack=args.bare_stack,
         ramp_s=args.ramp_s,
         warmup_s=args.warmup_s,
