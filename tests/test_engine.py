@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import itertools
 import os
 import secrets
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rich.console import Console
 
-from callbridge.engine.demo import DEFAULT_SCRIPT, DemoCall, place_demo_call, summarize
+from callbridge.engine.demo import DEFAULT_SCRIPT, DemoCall, place_demo_call, summarize, summarize_call
 from callbridge.telephony import g711 as audio
 from callbridge.testing.caller import CallScript, HangUp, SayWhenAgentDone, SimulatedCaller
 from callbridge.testing.conformance import validate_client_event, validate_server_event
@@ -37,8 +39,14 @@ EXPECTED_AGENT_TURNS = [
 
 
 @pytest.fixture(scope="module")
-def demo_call() -> DemoCall:
-    return asyncio.run(place_demo_call(DEFAULT_SCRIPT))
+def demo_console() -> Console:
+    """Where the demo prints its live transcript."""
+    return Console(record=True, width=200, file=io.StringIO())
+
+
+@pytest.fixture(scope="module")
+def demo_call(demo_console: Console, tmp_path_factory: pytest.TempPathFactory) -> DemoCall:
+    return asyncio.run(place_demo_call(DEFAULT_SCRIPT, demo_console, tmp_path_factory.mktemp("demo")))
 
 
 def test_every_agent_turn_answers_the_caller(demo_call: DemoCall) -> None:
@@ -63,6 +71,21 @@ def test_summary_figures(demo_call: DemoCall, tmp_path: Path) -> None:
     assert summary["barge_in_stop_ms"] is not None and summary["barge_in_stop_ms"] >= 0
     assert len(summary["turn_latency_ms"]["turns"]) == 5
     assert {"turns", "caller_wer", "turn_latency_ms", "barge_in_stop_ms", "files"} <= set(summary)
+
+
+def test_tool_calls_show_in_the_live_transcript_and_the_summary(
+    demo_call: DemoCall, demo_console: Console, tmp_path: Path
+) -> None:
+    assert [use.name for use in demo_call.tool_calls] == ["check_availability", "book_appointment"]
+    assert all(use.arguments == {"day": "tuesday", "time": "3 pm"} and use.ok for use in demo_call.tool_calls)
+    available, booked = (use.result for use in demo_call.tool_calls)
+    assert available["available"] is True and booked["booked"] is True
+    printed = demo_console.export_text()
+    assert 'tool check_availability({"day": "tuesday", "time": "3 pm"}) → {' in printed
+    assert f'"reference": "{booked["reference"]}"' in printed
+    summary = summarize_call(demo_call, tmp_path)
+    assert [use["name"] for use in summary["tool_calls"]] == ["check_availability", "book_appointment"]
+    assert summary["tool_calls"][1]["result"] == booked
 
 
 def test_barge_in_cuts_the_answer_while_the_caller_is_still_speaking(demo_call: DemoCall) -> None:

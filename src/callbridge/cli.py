@@ -195,25 +195,69 @@ async def _check_database(url: str) -> None:
 
 @app.command()
 def simulate(
-    url: Annotated[str, typer.Option(help="Base URL of a running callbridge, e.g. http://127.0.0.1:8080.")],
-    wav: Annotated[Path | None, typer.Option(help="8 kHz mono WAV the caller speaks (PCM16 or μ-law).")] = None,
+    url: Annotated[str, typer.Option(help="Base URL of the running callbridge.")] = "http://127.0.0.1:8080",
+    script: Annotated[
+        Path | None,
+        typer.Option(help="Caller lines, one per line; a line starting with '>' barges in (default: a short call)."),
+    ] = None,
+    wav: Annotated[
+        Path | None, typer.Option(help="Play this 8 kHz mono WAV (PCM16 or μ-law) instead of a script.")
+    ] = None,
+    seconds: Annotated[
+        float, typer.Option(min=1, help="The call's length at most: the caller hangs up then, if it has not yet.")
+    ] = 60.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(help="The server's API token, for its transcript and tool calls (default: CALLBRIDGE_API_TOKEN)."),
+    ] = None,
     public_url: Annotated[
         str | None,
         typer.Option(help="The server's CALLBRIDGE_PUBLIC_URL, if not --url (signatures cover it)."),
     ] = None,
-    seconds: Annotated[float, typer.Option(help="Hang up after this many seconds.")] = 20.0,
     save: Annotated[Path | None, typer.Option(help="Write a stereo WAV (caller left, agent right) here.")] = None,
 ) -> None:
-    """Place a simulated Twilio call against a running callbridge (signed like Twilio's)."""
-    from callbridge.engine.demo import run_simulation
+    """A simulated Twilio call to a running callbridge, as the demo places it: signed like Twilio's, spoken with the
+    demo's voice, the live transcript and the demo's summary. Exits 1 when the agent never answered."""
+    import json
+
+    from callbridge.engine.demo import SIMULATE_SCRIPT, caller_part, run_simulation
+    from callbridge.testing.caller import CallRefused
 
     settings = Settings()
     configure_logging(settings.log_format, "warning")
-    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
-    if not token:
-        raise typer.BadParameter("set TWILIO_AUTH_TOKEN to the server's token: the caller signs like Twilio")
-    ok = asyncio.run(run_simulation(url, token, public_url=public_url, wav=wav, seconds=seconds, save=save))
-    raise typer.Exit(0 if ok else 1)
+    auth_token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+    if not auth_token:
+        raise Failure("TWILIO_AUTH_TOKEN is unset: set it to the server's (the caller signs like Twilio)")
+    if script and wav:
+        raise Failure("--script and --wav: give one of them")
+    try:
+        part = caller_part(script, wav, SIMULATE_SCRIPT)
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+    api_token = token or (settings.api_token.get_secret_value() if settings.api_token else None)
+    if api_token:  # refused or unreachable: say so now, not after the call
+        with _api(url, api_token) as client:
+            _check(client.get("/api/calls", params={"limit": 1}))
+    # Signatures cover the URL the server believes it has: its CALLBRIDGE_PUBLIC_URL, the same as here when both
+    # read the same settings, or else the URL called.
+    public_urls = [public_url] if public_url else list(dict.fromkeys([settings.public_url, url.rstrip("/")]))
+    call = run_simulation(url, auth_token, part, public_urls, api_token, seconds, save=save, json_output=json_output)
+    try:
+        summary = asyncio.run(call)
+    except CallRefused as exc:
+        signature = exc.status_code == 403
+        hint = (
+            ": set TWILIO_AUTH_TOKEN to the server's, and --public-url to its CALLBRIDGE_PUBLIC_URL"
+            if signature
+            else ""
+        )
+        raise Failure(f"{url} refused the call ({exc.reason}, HTTP {exc.status_code}){hint}", REFUSED) from None
+    except ImportError as exc:
+        raise Failure(str(exc)) from None
+    if json_output:
+        print(json.dumps(summary))
+    raise typer.Exit(0 if summary["ok"] else 1)
 
 
 @app.command()
@@ -227,11 +271,18 @@ def demo(
     """A whole phone call, offline: the bridge, the local engine and a simulated caller with a real voice."""
     import json
 
-    from callbridge.engine.demo import DEFAULT_SCRIPT, run_demo
+    from callbridge.engine.demo import DEFAULT_SCRIPT, parse_script, run_demo
 
     configure_logging("console", "error")
     text = script.read_text() if script else DEFAULT_SCRIPT
-    summary = asyncio.run(run_demo(output, script=text, json_output=json_output))
+    try:
+        parse_script(text)
+    except ValueError as exc:
+        raise Failure(f"{script}: {exc}") from None
+    try:
+        summary = asyncio.run(run_demo(output, script=text, json_output=json_output))
+    except ImportError as exc:  # the speech packages of the offline extra
+        raise Failure(str(exc)) from None
     if json_output:
         print(json.dumps(summary))
     raise typer.Exit(0 if summary["ok"] else 1)
