@@ -39,6 +39,7 @@ from callbridge.service.recordings import (
     Recordings,
     RecordingStore,
     byte_range,
+    log,
     pcm16,
 )
 from callbridge.service.tools import ToolRegistry
@@ -47,6 +48,7 @@ from callbridge.telephony.g711 import DECODE_TABLE
 
 from conftest import CALL_SID
 
+LOG = log.bind(call_sid="test")
 LETTERED_SID = "CA" + "0123456789abcdef" * 2
 T0 = 1000.0
 SILENT = 0xFF
@@ -232,7 +234,7 @@ def test_a_range_past_the_end_is_unsatisfiable(header: str) -> None:
 async def record(
     store: RecordingStore, chunks: list[bytes], call_sid: str = CALL_SID, *, close: bool = True
 ) -> RecordingSink:
-    sink = store.create(call_sid)
+    sink = store.create(call_sid, LOG)
     assert sink is not None
     for chunk in chunks:
         sink.append(chunk)
@@ -262,7 +264,7 @@ def read_mulaw_wav(path: Path) -> tuple[int, bytes]:
 
 async def test_a_finished_recording_is_a_valid_mulaw_wav(tmp_path: Path) -> None:
     store = DirectoryStore(tmp_path / "recordings")
-    sink = store.create(CALL_SID)
+    sink = store.create(CALL_SID, LOG)
     assert sink is not None
     sink.append(b"\x01\x02" * 4000)
     sink.append(b"")
@@ -273,7 +275,7 @@ async def test_a_finished_recording_is_a_valid_mulaw_wav(tmp_path: Path) -> None
     assert await store.size(CALL_SID) == 16000
     assert read_mulaw_wav(tmp_path / "recordings" / f"{CALL_SID}.wav") == (2, b"\x01\x02" * 4000 + b"\x03\x04" * 4000)
     assert await store.read(CALL_SID, 7999, 3) == b"\x02\x03\x04"
-    assert store.create(CALL_SID) is None  # recorded once
+    assert store.create(CALL_SID, LOG) is None  # recorded once
     assert names(tmp_path / "recordings") == [f"{CALL_SID}.wav"]
     assert (tmp_path / "recordings").stat().st_mode & 0o777 == 0o700
 
@@ -282,16 +284,16 @@ def test_no_file_name_is_made_of_anything_but_a_call_sid(tmp_path: Path) -> None
     store = DirectoryStore(tmp_path)
     for name in ["../" + CALL_SID, CALL_SID + "/..", "CA" + "G" * 32, LETTERED_SID.upper(), CALL_SID + "0", ""]:
         with pytest.raises(ValueError):
-            store.create(name)
+            store.create(name, LOG)
     assert list(tmp_path.iterdir()) == []
 
 
 KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from callbridge.service.recordings import DirectoryStore
+from callbridge.service.recordings import DirectoryStore, log
 
-sink = DirectoryStore(Path(sys.argv[1])).create(sys.argv[2])
+sink = DirectoryStore(Path(sys.argv[1])).create(sys.argv[2], log)
 sink.append(b"\\x11\\x22" * 8000)
 sink.append(b"\\x33\\x44" * 8000)
 os.write(sink._fd, b"\\x55")  # half a stereo sample: the write a kill cut short
@@ -318,7 +320,7 @@ async def test_a_recording_left_by_kill_9_is_made_valid_at_the_next_start(tmp_pa
 
 async def test_recovery_leaves_the_recordings_of_live_processes_alone(tmp_path: Path) -> None:
     store = DirectoryStore(tmp_path)
-    live = store.create(CALL_SID)  # held by this process, as by a sibling worker still carrying its call
+    live = store.create(CALL_SID, LOG)  # held by this process, as by a sibling worker still carrying its call
     assert live is not None
     live.append(b"\x01\x02" * 100)
     (tmp_path / f".{CALL_SID}.99999.tmp").write_bytes(b"")  # a process killed before its file was in place
@@ -332,7 +334,7 @@ async def test_recovery_leaves_the_recordings_of_live_processes_alone(tmp_path: 
 
 async def test_a_recording_that_cannot_be_written_stops_without_disturbing_the_call(tmp_path: Path) -> None:
     store = DirectoryStore(tmp_path)
-    sink = store.create(CALL_SID)
+    sink = store.create(CALL_SID, LOG)
     assert sink is not None
     sink.append(b"\x01\x02" * 100)
     read_only = os.open(os.devnull, os.O_RDONLY)

@@ -45,6 +45,7 @@ from callbridge.store.repository import CallRecord, Store
 from callbridge.telephony.g711 import DECODE_TABLE
 
 log = structlog.stdlib.get_logger("callbridge.recordings")
+Logger = structlog.stdlib.BoundLogger
 
 CALL_SID = re.compile(r"CA[0-9a-f]{32}")
 """A Twilio call SID, the only name a recording is ever kept or looked up under (checked with ``fullmatch``)."""
@@ -67,8 +68,9 @@ class RecordingStore(Protocol):
     """Where recordings are kept, by call SID: the stereo μ-law samples of each (without a header), written as the
     call runs and readable once it is over."""
 
-    def create(self, call_sid: str) -> RecordingSink | None:
-        """Begin a call's recording (``None``: the call already has one)."""
+    def create(self, call_sid: str, logger: Logger) -> RecordingSink | None:
+        """Begin a call's recording (``None``: the call already has one); ``logger`` names the call in what the
+        recording has to say (a write that failed, the recording saved)."""
         ...
 
     async def size(self, call_sid: str) -> int | None:
@@ -109,10 +111,10 @@ class DirectoryStore:
             raise ValueError("not a call SID")
         return self.directory / f"{call_sid}{suffix}"
 
-    def create(self, call_sid: str) -> RecordingSink | None:
+    def create(self, call_sid: str, logger: Logger) -> RecordingSink | None:
         final, part = self._path(call_sid, ".wav"), self._path(call_sid, ".part")
         if final.exists():
-            log.warning("recording.exists", call_sid=call_sid, detail="the call was recorded before; not again")
+            logger.warning("recording.exists", detail="the call was recorded before; not again")
             return None
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Made and locked under a name recovery never looks at, then linked into place (which fails if a recording
@@ -125,14 +127,14 @@ class DirectoryStore:
             os.link(staging, part)
         except FileExistsError:
             os.close(fd)
-            log.warning("recording.exists", call_sid=call_sid, detail="a recording of the call is being made")
+            logger.warning("recording.exists", detail="a recording of the call is being made")
             return None
         except BaseException:
             os.close(fd)
             raise
         finally:
             staging.unlink(missing_ok=True)
-        return _RecordingFile(call_sid, fd, part, final)
+        return _RecordingFile(logger, fd, part, final)
 
     async def size(self, call_sid: str) -> int | None:
         try:
@@ -221,8 +223,8 @@ def _read(path: Path, offset: int, length: int) -> bytes:
 class _RecordingFile:
     """One call's part file, locked while it is written."""
 
-    def __init__(self, call_sid: str, fd: int, part: Path, final: Path) -> None:
-        self._call_sid = call_sid
+    def __init__(self, logger: Logger, fd: int, part: Path, final: Path) -> None:
+        self._log = logger
         self._fd: int | None = fd
         self._part = part
         self._final = final
@@ -236,7 +238,7 @@ class _RecordingFile:
             while view:
                 view = view[os.write(self._fd, view) :]
         except OSError as exc:  # a full disk: the recording stops here; the call goes on
-            log.error("recording.write_failed", call_sid=self._call_sid, error=f"{type(exc).__name__}: {exc}")
+            self._log.error("recording.write_failed", error=f"{type(exc).__name__}: {exc}")
             self._close()
             return
         self._data_bytes += len(chunk)
@@ -251,9 +253,9 @@ class _RecordingFile:
         try:
             _complete(fd, self._part, self._final, self._data_bytes)
             seconds = round(self._data_bytes / CHANNELS / SAMPLE_RATE, 2)
-            log.info("recording.saved", call_sid=self._call_sid, seconds=seconds)
+            self._log.info("recording.saved", seconds=seconds)
         except OSError as exc:  # left as a part file, for the next start to finish
-            log.error("recording.finish_failed", call_sid=self._call_sid, error=f"{type(exc).__name__}: {exc}")
+            self._log.error("recording.finish_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             os.close(fd)
 
@@ -344,13 +346,14 @@ class Recordings:
         call_sid = session.call_sid
         if not session.agent.record or call_sid is None:
             return None
+        logger = log.bind(call_sid=call_sid, stream_sid=session.stream_sid)  # as every line of the call
         if not is_call_sid(call_sid):
-            log.warning("recording.skipped", call_sid=call_sid, reason="not a Twilio call SID")
+            logger.warning("recording.skipped", reason="not a Twilio call SID")
             return None
         try:
-            return self.files.create(call_sid)
+            return self.files.create(call_sid, logger)
         except OSError as exc:  # an unwritable directory: the call goes on unrecorded
-            log.error("recording.open_failed", call_sid=call_sid, error=f"{type(exc).__name__}: {exc}")
+            logger.error("recording.open_failed", error=f"{type(exc).__name__}: {exc}")
             return None
 
     async def recording(self, call_sid: str) -> Recording:
