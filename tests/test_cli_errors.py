@@ -96,3 +96,14 @@ async def place_call(running: Service) -> None:
     """One short call through the service: its stream ends, and Twilio's final status never comes."""
     await running.caller().place_call(CallScript([Pause(300), HangUp()]), call_sid=CALL_SID, max_duration_s=20)
     await no_live_call(running)
+
+
+@pytest.mark.parametrize(
+    "command", ["", "serve", "simulate", "demo", "engine", "call", "calls", "transcript", "db", "db upgrade"]
+)
+def test_help_reads_cleanly(tmp_path: Path, command: str) -> None:
+    """No type names (``<str>``), no raw markup, every option with a metavar that says what it takes."""
+    done = run(tmp_path, *command.split(), "--help")
+    assert done.returncode == 0, done.stderr
+    for noise in ("<str>", "<bool>", "<int>", "<path>", "<float", "``", "[]"):
+        assert noise not in done.stdout, (noise, done.stdout)

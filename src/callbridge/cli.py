@@ -195,27 +195,38 @@ async def _check_database(url: str) -> None:
 
 @app.command()
 def simulate(
-    url: Annotated[str, typer.Option(help="Base URL of the running callbridge.")] = "http://127.0.0.1:8080",
+    url: ApiUrl = None,
     script: Annotated[
         Path | None,
-        typer.Option(help="Caller lines, one per line; a line starting with '>' barges in (default: a short call)."),
+        typer.Option(
+            metavar="FILE",
+            help="Caller lines, one per line; a line starting with '>' barges in (default: a short call).",
+        ),
     ] = None,
     wav: Annotated[
-        Path | None, typer.Option(help="Play this 8 kHz mono WAV (PCM16 or μ-law) instead of a script.")
+        Path | None, typer.Option(metavar="FILE", help="Play this 8 kHz mono WAV (PCM16 or μ-law) instead of a script.")
     ] = None,
     seconds: Annotated[
-        float, typer.Option(min=1, help="The call's length at most: the caller hangs up then, if it has not yet.")
+        float,
+        typer.Option(
+            min=1, metavar="SECONDS", help="The call's length at most: the caller hangs up then, if it has not yet."
+        ),
     ] = 60.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     token: Annotated[
         str | None,
-        typer.Option(help="The server's API token, for its transcript and tool calls (default: CALLBRIDGE_API_TOKEN)."),
+        typer.Option(
+            metavar="TOKEN",
+            help="The server's API token, for its transcript and tool calls (default: CALLBRIDGE_API_TOKEN).",
+        ),
     ] = None,
     public_url: Annotated[
         str | None,
-        typer.Option(help="The server's CALLBRIDGE_PUBLIC_URL, if not --url (signatures cover it)."),
+        typer.Option(metavar="URL", help="The server's CALLBRIDGE_PUBLIC_URL, if not --url (signatures cover it)."),
     ] = None,
-    save: Annotated[Path | None, typer.Option(help="Write a stereo WAV (caller left, agent right) here.")] = None,
+    save: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Write a stereo WAV (caller left, agent right) here.")
+    ] = None,
 ) -> None:
     """A simulated Twilio call to a running callbridge, as the demo places it: signed like Twilio's, spoken with the
     demo's voice, the live transcript and the demo's summary. Exits 1 when the agent never answered."""
@@ -225,6 +236,7 @@ def simulate(
     from callbridge.testing.caller import CallRefused
 
     settings = Settings()
+    url = url or settings.public_url
     configure_logging(settings.log_format, "warning")
     auth_token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
     if not auth_token:
@@ -262,9 +274,12 @@ def simulate(
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Option(help="Folder for the call's WAV and transcript.")] = Path("callbridge-demo"),
+    output: Annotated[Path, typer.Option(metavar="FOLDER", help="Folder for the call's WAV and transcript.")] = Path(
+        "callbridge-demo"
+    ),
     script: Annotated[
-        Path | None, typer.Option(help="Caller lines, one per line; a line starting with '>' barges in.")
+        Path | None,
+        typer.Option(metavar="FILE", help="Caller lines, one per line; a line starting with '>' barges in."),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
@@ -325,14 +340,23 @@ def db_upgrade() -> None:
     typer.echo(f"database at head: {settings.database_url}")
 
 
-ApiUrl = Annotated[str, typer.Option("--url", metavar="URL", help="Base URL of the running callbridge service.")]
+ApiUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        metavar="URL",
+        help="Base URL of the running callbridge service (default: CALLBRIDGE_PUBLIC_URL, http://127.0.0.1:8080).",
+    ),
+]
 ApiToken = Annotated[
     str | None, typer.Option("--token", metavar="TOKEN", help="API token (default: CALLBRIDGE_API_TOKEN).")
 ]
 
 
-def _api(url: str, token: str | None) -> httpx.Client:
-    configured = Settings().api_token
+def _api(url: str | None, token: str | None) -> httpx.Client:
+    settings = Settings()
+    url = url or settings.public_url
+    configured = settings.api_token
     token = token or (configured.get_secret_value() if configured else None)
     if not token:
         raise Failure("no API token: set CALLBRIDGE_API_TOKEN or pass --token")
@@ -364,7 +388,7 @@ def call(
         str | None, typer.Option(metavar="TEXT", help="Your reference for the call's context.")
     ] = None,
     name: Annotated[str | None, typer.Option(metavar="TEXT", help="The callee's name, for the greeting.")] = None,
-    url: ApiUrl = "http://127.0.0.1:8080",
+    url: ApiUrl = None,
     token: ApiToken = None,
 ) -> None:
     """Place an outbound call to NUMBER (E.164, +1…), answered by the agent."""
@@ -383,7 +407,7 @@ def calls(
     number: Annotated[str | None, typer.Option(metavar="NUMBER", help="Only calls from or to this number.")] = None,
     limit: Annotated[int, typer.Option(metavar="N", help="How many.")] = 20,
     json_output: Annotated[bool, typer.Option("--json", help="Print the calls as JSON, one object.")] = False,
-    url: ApiUrl = "http://127.0.0.1:8080",
+    url: ApiUrl = None,
     token: ApiToken = None,
 ) -> None:
     """List recent calls (status 'ended': the agent's part is over, Twilio has not yet said how the call ended)."""
@@ -419,7 +443,7 @@ def calls(
 @app.command()
 def transcript(
     call_sid: Annotated[str, typer.Argument(metavar="CALL_SID", hidden=True)],  # in the usage line and the doc
-    url: ApiUrl = "http://127.0.0.1:8080",
+    url: ApiUrl = None,
     token: ApiToken = None,
 ) -> None:
     """Print the transcript of the call CALL_SID (CA…)."""

@@ -527,6 +527,7 @@ async def place_demo_call(
         secret=secrets.token_hex(16),
         agent_greeting="Hello, thanks for calling Bright Dental. How can I help you today?",
         database_url=f"sqlite+aiosqlite:///{folder / 'callbridge.db'}",  # the default store, locally
+        recordings_dir=str(folder / "recordings"),
         _env_file=None,
     )
     if console:
