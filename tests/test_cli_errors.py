@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,12 @@ def test_help_reads_cleanly(tmp_path: Path, command: str) -> None:
     assert done.returncode == 0, done.stderr
     for noise in ("<str>", "<bool>", "<int>", "<path>", "<float", "``", "[]"):
         assert noise not in done.stdout, (noise, done.stdout)
+
+
+@pytest.mark.parametrize("command", ["serve", "engine"])
+def test_a_port_in_use_is_one_line(tmp_path: Path, command: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line(run(tmp_path, command, "--port", str(port)), 2, f"127.0.0.1:{port}", "--port")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from importlib.metadata import version as package_version
@@ -89,7 +90,7 @@ def _failure(exc: BaseException) -> Failure | None:
         return Failure(f"cannot reach {where} — is callbridge serve running? (--url)", UNREACHABLE)
     if isinstance(exc, OSError) and exc.filename is not None:
         return Failure(f"{exc.filename}: {exc.strerror or exc}")
-    return _database_failure(exc)
+    return None
 
 
 def _has_request(exc: httpx.TransportError) -> bool:
@@ -110,17 +111,32 @@ def _settings_error(exc: ValidationError) -> str:
     return f"{where + ': ' if where else ''}{message}{more}"
 
 
-def _database_failure(exc: BaseException) -> Failure | None:
-    """An unreachable or refusing database, named by its URL (without its password)."""
-    from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+async def _open_database(url: str) -> None:
+    """Connect to the database and migrate it to head, or one line naming it (without its password) says why."""
+    from sqlalchemy.exc import ArgumentError, DBAPIError
 
-    if isinstance(exc, ArgumentError):
-        return Failure(f"CALLBRIDGE_DATABASE_URL: {exc} (e.g. postgresql://user:password@host/db)")
-    if not isinstance(exc, OSError | OperationalError | DBAPIError):
-        return None
-    url = _without_password(Settings().database_url)
-    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
-    return Failure(f"CALLBRIDGE_DATABASE_URL={url}: cannot use the database: {reason}", UNREACHABLE)
+    from callbridge.store.repository import Store
+
+    try:
+        store = await Store.open(url)
+    except ArgumentError as exc:
+        raise Failure(f"CALLBRIDGE_DATABASE_URL: {exc} (e.g. postgresql://user:password@host/db)") from None
+    except (OSError, DBAPIError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+        failure = f"CALLBRIDGE_DATABASE_URL={_without_password(url)}: cannot use the database: {reason}"
+        raise Failure(failure, UNREACHABLE) from None
+    await store.close()
+
+
+def _check_listen(host: str, port: int) -> None:
+    """The address is free to listen on (another server on the port would only show up as a worker's crash)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc} (--host, --port)") from None
 
 
 def _origin(url: str) -> str:
@@ -149,6 +165,7 @@ def serve(
     from callbridge.transport.server import run_worker, run_workers
 
     _check_settings()
+    _check_listen(host, port)
     if workers == 1:
         run_worker(create_app, host, port)
     else:
@@ -172,7 +189,7 @@ def _check_settings() -> None:
         load_agents(settings, tools, settings.agents_file)
     except (ValueError, OSError) as exc:
         raise Failure(f"CALLBRIDGE_AGENTS_FILE: {exc}") from None
-    asyncio.run(_check_database(settings.database_url))
+    asyncio.run(_open_database(settings.database_url))  # it answers, and is migrated, before any worker starts
 
 
 @contextlib.contextmanager
@@ -183,14 +200,6 @@ def _plugged_in(setting: str, value: str | None) -> Iterator[None]:
     except (ImportError, ValueError, AttributeError, TypeError) as exc:
         hint = " (is its folder the working directory, or on PYTHONPATH?)" if isinstance(exc, ImportError) else ""
         raise Failure(f"{setting}={value}: {exc}{hint}") from None
-
-
-async def _check_database(url: str) -> None:
-    """The database answers (and is migrated), before any worker starts."""
-    from callbridge.store.repository import Store
-
-    store = await Store.open(url)
-    await store.close()
 
 
 @app.command()
@@ -315,6 +324,7 @@ def engine(
     configure_logging(settings.log_format, settings.log_level)
 
     async def run() -> None:
+        _check_listen(host, port)
         async with LocalEngine(host=host, port=port):
             await asyncio.Event().wait()
 
@@ -328,15 +338,8 @@ app.add_typer(db, name="db")
 @db.command("upgrade")
 def db_upgrade() -> None:
     """Apply the database migrations (callbridge serve does it at start too)."""
-    from callbridge.store.repository import Store
-
     settings = Settings()
-
-    async def run() -> None:
-        store = await Store.open(settings.database_url)
-        await store.close()
-
-    asyncio.run(run())
+    asyncio.run(_open_database(settings.database_url))
     typer.echo(f"database at head: {settings.database_url}")
 
 
