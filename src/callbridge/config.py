@@ -16,6 +16,16 @@ from callbridge.realtime.client import CONNECT_TIMEOUT_S, RealtimeEndpoint
 from callbridge.realtime.dialect import Dialect
 
 DEFAULT_REALTIME_URL = "wss://api.openai.com/v1/realtime"
+LIVE_EVENT_TYPES = (
+    "call.started",
+    "call.updated",
+    "call.ended",
+    "transcript.line",
+    "transcript.partial",
+    "call.event",
+    "turn.metrics",
+)
+"""The types of live events (``GET /api/live``), which ``CALLBRIDGE_WEBHOOK_EVENTS`` chooses from."""
 
 
 def _default(cls: type[Any], name: str) -> Any:
@@ -90,6 +100,12 @@ class Settings(BaseSettings):
     context_timeout_seconds: float = Field(default=2.0, gt=0)
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
+    webhook_events: str = "call.ended"
+    """A comma list of live event types also POSTed to the webhook URL, through the outbox."""
+    redis_url: str | None = None
+    """Live events through Redis Streams, so that every worker and host sees every call's (else: in process)."""
+    redis_prefix: str = Field(default="callbridge", min_length=1, max_length=100)
+    """The start of every Redis key callbridge writes (several deployments can share one Redis)."""
     record_calls: bool = True
     """Record every call (stereo: the caller left, the agent as heard right); an agent's ``record`` overrides it."""
     recordings_dir: str = Field(default="recordings", min_length=1)
@@ -146,6 +162,7 @@ class Settings(BaseSettings):
         "context_url",
         "context_function",
         "webhook_url",
+        "redis_url",
         "twilio_api_base_url",
         "agents_file",
         "fallback_transfer_to",
@@ -186,6 +203,26 @@ class Settings(BaseSettings):
         if parts.scheme not in (secure, plain) or not parts.hostname:
             raise ValueError(f"{value!r} is not a URL: it must start with {secure}:// (or {plain}:// for local use)")
         return value.rstrip("/") if info.field_name == "public_url" else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{value!r} is not a Redis URL: it must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _webhook_events(cls, value: str) -> str:
+        unknown = [kind for kind in _comma_list(value) if kind not in LIVE_EVENT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown event types {unknown}: choose from {', '.join(LIVE_EVENT_TYPES)}")
+        return value
+
+    @property
+    def webhook_event_types(self) -> frozenset[str]:
+        """The live event types POSTed to the webhook URL (none without one)."""
+        return frozenset(_comma_list(self.webhook_events)) if self.webhook_url else frozenset()
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -253,3 +290,7 @@ class Settings(BaseSettings):
             tool_filler_after_ms=self.tool_filler_after_ms,
             idle_hangup_after=self.idle_hangup_after,
         )
+
+
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from callbridge.api.docs import ErrorBody, serve_docs
 from callbridge.api.health import health_router
 from callbridge.api.limits import BodySizeLimit
+from callbridge.api.live import live_router
 from callbridge.api.rest import router
 from callbridge.api.streams import StreamCalls
 from callbridge.api.twilio import twilio_router
@@ -33,6 +34,7 @@ from callbridge.core.transcript import TranscriptLine, TranscriptSink
 from callbridge.observability.metrics import Metrics
 from callbridge.service.agents import AgentDirectory, load_agents
 from callbridge.service.calls import CallServices, Invalid, NotConfigured, NotFound, ServiceError, Upstream
+from callbridge.service.live import live_events
 from callbridge.service.ownership import is_orphan
 from callbridge.service.recordings import Recordings
 from callbridge.service.resolvers import HttpContextResolver, PythonContextResolver
@@ -47,14 +49,17 @@ log = structlog.stdlib.get_logger("callbridge.api")
 
 
 class _Sinks:
-    """Transcript lines go to the store and, when given, to an extra sink (the demo's live printer)."""
+    """Transcript lines go to the store, then to the live events, and, when given, to an extra sink (the demo's live
+    printer)."""
 
-    def __init__(self, store: Store, extra: TranscriptSink | None) -> None:
+    def __init__(self, store: Store, services: CallServices, extra: TranscriptSink | None) -> None:
         self._store = DatabaseTranscriptSink(store)
+        self._services = services
         self._extra = extra
 
     async def write(self, line: TranscriptLine) -> None:
         await self._store.write(line)
+        await self._services.line_completed(line)
         if self._extra is not None:
             await self._extra.write(line)
 
@@ -109,6 +114,7 @@ def create_app(
     )
     app.include_router(twilio_router(settings, signatures, registry, metrics))
     app.include_router(router())
+    app.include_router(live_router())
     app.include_router(health_router(registry, metrics))
     serve_docs(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
@@ -132,10 +138,12 @@ async def _lifespan(
     orphans = await store.close_orphaned_calls("interrupted", is_orphan)
     if orphans:
         log.warning("calls.orphans_closed", count=orphans, reason="interrupted")
-    services = CallServices(settings, store, signer, agents, twilio_rest)
+    live = live_events(settings.redis_url, app.state.metrics, settings.redis_prefix)
+    await live.start()
+    services = CallServices(settings, store, signer, agents, twilio_rest, live)
     app.state.services = services
     app.state.store = store
-    app.state.sinks = _Sinks(store, sink)
+    app.state.sinks = _Sinks(store, services, sink)
     app.state.recordings = recordings = Recordings(settings, store)
     await recordings.recover()  # what a killed process left incomplete is made whole before any call starts
     # Without a webhook URL nothing is ever queued: no task polls the database for nothing.
@@ -164,6 +172,7 @@ async def _lifespan(
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await services.aclose()
+        await live.aclose()
         await store.close()
 
 

@@ -86,6 +86,7 @@ class StreamCalls:
                 transfer=services.transfer if rest else None,
                 fallback=services.fallback if rest else None,
                 record=self.app.state.recordings.open,
+                live=services.publish_soon,
             ),
             limits=CallLimits(
                 tool_timeout=self.settings.tool_timeout_seconds,

@@ -67,6 +67,7 @@ Transfer = Callable[[str, str], Awaitable[None]]
 ContextResolver = Callable[[CallContext], Awaitable[CallContext | None]]
 """Looks up a call's context in the host application (``None``: nothing to add)."""
 EventSink = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+LivePublish = Callable[[str, str, dict[str, Any]], None]
 """Keeps a call event: (call SID, kind, data)."""
 Fallback = Callable[[str], Awaitable[None]]
 """Redirects a live call (call SID) to the fallback: an apology and hang-up, or a human."""
@@ -125,6 +126,8 @@ class CallHooks:
     fallback: Fallback | None = None
     record: OpenRecording | None = None
     """Records the call from the stream's start: the caller, and the agent as the caller heard it."""
+    live: LivePublish | None = None
+    """Publishes the call's live events (``turn.metrics``); it must not wait."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,7 @@ class CallBridge:
         self._resolve_context = hooks.resolve_context
         self._context_deadline = limits.context_deadline
         self._events = hooks.events
+        self._live = hooks.live
         self._fallback = hooks.fallback
         self._authorize: Authorize | None = hooks.authorize or _admit_as_signed
         self._on_admitted = hooks.on_admitted
@@ -451,6 +455,8 @@ class CallBridge:
             case Measure(name, value):
                 if self._metrics is not None:
                     self._metrics.observe(name, value)
+                if self._live is not None and self.session.call_sid and name == "turn_latency_s":
+                    self._live(self.session.call_sid, "turn.metrics", {"turn_latency_s": value})
             case EndCall():
                 self._ending = True
                 if self._recorder is not None:

@@ -118,6 +118,16 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
             registry=self.registry,
         )
+        self.live_events_lost = Counter(
+            "callbridge_live_events_lost",
+            "Live events not delivered to the live bus, by reason (dropped: its buffer was full; failed: Redis refused "
+            "or could not be reached) and event type",
+            ["reason", "type"],
+            registry=self.registry,
+        )
+
+    def live_event_lost(self, reason: str, kind: str) -> None:
+        self.live_events_lost.labels(reason, kind).inc()
 
     def call_ended(self, session: CallSession) -> None:
         self.calls.labels(session.end_reason or "unknown").inc()

@@ -21,6 +21,7 @@ from callbridge.core.context import CallContext, ContextItem
 from callbridge.core.session import CallSession
 from callbridge.core.transcript import TranscriptLine
 from callbridge.service.agents import AgentDirectory
+from callbridge.service.live import LiveEvents, LocalLiveEvents
 from callbridge.service.ownership import process_identity
 from callbridge.service.signing import HEADER, sign
 from callbridge.store.models import ENDED, FINAL_STATUSES
@@ -105,8 +106,14 @@ class CallServices:
         signer: StreamParameterSigner,
         agents: AgentDirectory,
         twilio: TwilioCalls | None,
+        live: LiveEvents | None = None,
     ) -> None:
         self.settings = settings
+        self.live = live or LocalLiveEvents()
+        """Where the calls' live events go (``GET /api/live``); the types in CALLBRIDGE_WEBHOOK_EVENTS go to the
+        webhook outbox too."""
+        self._webhooked = settings.webhook_event_types
+        self._pending: set[asyncio.Task[None]] = set()
         self.store = store
         self.signer = signer
         self.agents = agents
@@ -116,6 +123,7 @@ class CallServices:
         self._http = httpx.AsyncClient(timeout=10)
 
     async def aclose(self) -> None:
+        await asyncio.gather(*self._pending, return_exceptions=True)
         await self._http.aclose()
         if self.twilio is not None:
             await self.twilio.aclose()
@@ -338,6 +346,8 @@ class CallServices:
                 status=call_status,
             )
         await self.store.add_event(call_sid, "status", {"status": call_status})
+        if "status" in fields:  # not a late callback
+            await self.publish(call_sid, "call.updated", {"status": call_status})
 
     async def call_started(self, call_sid: str, stream_sid: str | None, context: CallContext | None) -> None:
         fields: dict[str, Any] = {
@@ -356,6 +366,10 @@ class CallServices:
                 status="in-progress",
             )
             await self.store.update_call(call_sid, **fields)
+        started = {"status": "in-progress", "stream_sid": stream_sid}
+        if context is not None:
+            started |= {"from": context.caller, "to": context.called, "agent": context.agent, "phase": "live"}
+        await self.publish(call_sid, "call.started", started)
 
     async def call_ended(self, session: CallSession) -> None:
         call_sid = session.call_sid
@@ -372,7 +386,8 @@ class CallServices:
             metrics=metrics,
             usage=session.usage.as_record(),
         )
-        if record is not None and self.settings.webhook_url:
+        self.live.publish(call_sid, "call.ended", {"status": status, "end_reason": session.end_reason})
+        if record is not None and self.settings.webhook_url and "call.ended" in self._webhooked:
             lines = await self.store.transcript(call_sid)
             events = await self.store.events(call_sid)
             payload = {
@@ -385,6 +400,27 @@ class CallServices:
 
     async def record_event(self, call_sid: str, kind: str, data: dict[str, Any]) -> None:
         await self.store.add_event(call_sid, kind, data)
+        await self.publish(call_sid, "call.event", {"kind": kind, "data": data})
+
+    async def line_completed(self, line: TranscriptLine) -> None:
+        """A transcript line, once it is in the database."""
+        await self.publish(line.call_sid, "transcript.line", _jsonable(dataclasses.asdict(line)))
+
+    async def publish(self, call_sid: str, kind: str, data: dict[str, Any]) -> None:
+        """A live event, and the webhook's copy when its type is in CALLBRIDGE_WEBHOOK_EVENTS."""
+        self.live.publish(call_sid, kind, data)
+        if kind in self._webhooked and kind != "call.ended" and self.settings.webhook_url:
+            payload = {"event": kind, "call_sid": call_sid, "data": data}
+            await self.store.enqueue_webhook(self.settings.webhook_url, payload)
+
+    def publish_soon(self, call_sid: str, kind: str, data: dict[str, Any]) -> None:
+        """:meth:`publish` from where nothing may wait (the call's audio path): the webhook's copy, if any, later."""
+        if kind not in self._webhooked:
+            self.live.publish(call_sid, kind, data)
+            return
+        task = asyncio.create_task(self.publish(call_sid, kind, data))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def stream_status(self, params: dict[str, str]) -> None:
         """Twilio's ``<Stream statusCallback>``: ``stream-started``, ``stream-stopped`` or ``stream-error`` on the
