@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +25,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from callbridge.telephony import g711 as audio
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
-from support import GREETING, Service, api, free_port, service, wait_until
+from support import API_TOKEN, CALLBRIDGE, GREETING, Service, api, free_port, service, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -185,6 +187,7 @@ async def test_each_line_is_posted_to_the_webhook_and_one_process_streams_withou
             received: Received = []
             async with following(running, f"/api/calls/{recording.call_sid}/live", received):
                 await wait_until(lambda: any(event.event == "call.ended" for _, event in received), 5)
+            watched = await watch(running, recording.call_sid)
     finally:
         server.should_exit = True
         await serving
@@ -196,3 +199,28 @@ async def test_each_line_is_posted_to_the_webhook_and_one_process_streams_withou
     kinds = [event.event for _, event in received]
     assert kinds[0] == "call.started" and kinds[-1] == "call.ended"
     assert [event.json()["speaker"] for _, event in lines(received)] == ["agent", "caller", "agent"]
+    # callbridge watch replays the call (it has ended) and stops at its end.
+    spoken = [event.json()["text"] for _, event in lines(received)]
+    printed = [line for line in watched.splitlines() if ": " in line and "s " in line]
+    assert [line.split(": ", 1)[1] for line in printed] == spoken, watched
+    assert "started" in watched and "end_reason=caller_hung_up" in watched
+
+
+async def watch(running: Service, call_sid: str) -> str:
+    """``callbridge watch CALL_SID`` against the service, once it has exited (at the call's end)."""
+    process = await asyncio.create_subprocess_exec(
+        *(str(CALLBRIDGE), "watch", call_sid, "--url", running.base_url, "--token", API_TOKEN),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+def test_watch_help_reads_cleanly() -> None:
+    done = subprocess.run([str(CALLBRIDGE), "watch", "--help"], capture_output=True, text=True, check=True)
+    assert "[CALL_SID]" in done.stdout and "--url URL" in done.stdout and "--token TOKEN" in done.stdout
+    for noise in ("<str>", "<bool>", "``", "[]"):
+        assert noise not in done.stdout, noise

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -461,6 +463,66 @@ def transcript(
         cut = " [dim](interrupted)[/dim]" if line["interrupted"] else ""
         table.add_row(f"{line['start_ms'] / 1000:.2f}s", f"[{colour}]{line['speaker']}[/{colour}]", line["text"] + cut)
     Console(width=120).print(table)
+
+
+@app.command()
+def watch(
+    call_sid: Annotated[str | None, typer.Argument(metavar="CALL_SID", hidden=True)] = None,  # usage line, doc
+    url: ApiUrl = None,
+    token: ApiToken = None,
+) -> None:
+    """Follow the call CALL_SID live: its transcript and events, until it ends. Without CALL_SID, the calls as they
+    start, change and end (Ctrl-C to stop)."""
+    from httpx_sse import SSEError, connect_sse
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    path = f"/api/calls/{call_sid}/live" if call_sid else "/api/live"
+    last_id: str | None = None
+    with _api(url, token) as client:
+        while True:  # a dropped connection is resumed after the last event seen
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with connect_sse(client, "GET", path, headers=headers) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        _check(source.response)
+                    for event in source.iter_sse():
+                        last_id = event.id or last_id
+                        _print_live(console, event.event, event.json())
+                        if call_sid and event.event == "call.ended":
+                            return
+            except (httpx.TransportError, SSEError):
+                if last_id is None:
+                    raise
+            console.print("[dim]… reconnecting[/dim]")
+            time.sleep(1)
+
+
+_SPEAKER_COLOUR = {"caller": "cyan", "agent": "green"}
+
+
+def _print_live(console: Any, kind: str, data: dict[str, Any]) -> None:
+    """One live event as a line of the terminal, in colour; what the call says is printed as text, never markup."""
+    from rich.markup import escape
+
+    call = f"[dim]{escape(str(data.get('call_sid', '')))}[/dim] "
+    if kind == "transcript.line":
+        colour = _SPEAKER_COLOUR.get(data.get("speaker", ""), "white")
+        cut = " [dim](interrupted)[/dim]" if data.get("interrupted") else ""
+        at = f"{data.get('start_ms', 0) / 1000:7.2f}s"
+        console.print(
+            f"{at} [{colour}]{escape(str(data.get('speaker')))}[/{colour}]: {escape(str(data.get('text')))}{cut}"
+        )
+    elif kind == "call.event":
+        colour = "red" if data.get("kind") == "error" else "yellow"
+        details = escape(json.dumps(data.get("data"), ensure_ascii=False))
+        console.print(f"{call}[{colour}]{escape(str(data.get('kind')))}[/{colour}] {details}")
+    elif kind == "turn.metrics":
+        console.print(f"{call}[dim]turn latency {data.get('turn_latency_s', 0):.2f} s[/dim]")
+    else:
+        fields = " ".join(f"{key}={escape(str(value))}" for key, value in data.items() if key != "call_sid" and value)
+        console.print(f"{call}[bold magenta]{kind.removeprefix('call.')}[/bold magenta] {fields}")
 
 
 if __name__ == "__main__":  # pragma: no cover
