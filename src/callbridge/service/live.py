@@ -21,8 +21,7 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -53,8 +52,7 @@ CLOCK_SKEW_MS = 2_000
 _ID = re.compile(r"^(\d{1,15})-(\d{1,15})$")
 
 
-@dataclass(frozen=True, slots=True)
-class LiveEvent:
+class LiveEvent(NamedTuple):
     """One event of a call, as subscribers receive it (the SSE ``id``, ``event`` and, with the call's SID, ``data``)."""
 
     id: str
