@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -136,6 +137,11 @@ async def test_redis_down_publishing_neither_raises_nor_waits_and_losses_are_cou
         bus.publish("CA1", "call.ended", {"end_reason": "hangup"})
         await wait_until(lambda: len(losses.counted) >= 2, 5)
         assert losses.counted == [("failed", "transcript.line"), ("failed", "call.ended")]
+        # A client resuming meanwhile: its id is checked against the clock, and it waits for Redis.
+        recent = f"{time.time_ns() // 1_000_000 - 1000}-0"
+        assert await bus.check_event_id("CA1", recent) == recent
+        with pytest.raises(BadEventId, match="future"):
+            await bus.check_event_id("CA1", f"{time.time_ns() // 1_000_000 + 3_600_000}-0")
     finally:
         await bus.aclose()
 

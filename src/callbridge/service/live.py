@@ -266,7 +266,11 @@ class RedisLiveEvents(LiveEvents):
             self._down = False
 
     async def _last_id(self, call_sid: str | None) -> tuple[int, int] | None:
-        newest: Any = await self._reader.xrevrange(self.key(call_sid), count=1)
+        try:
+            newest: Any = await self._reader.xrevrange(self.key(call_sid), count=1)
+        except (RedisError, OSError) as exc:  # the clock bounds the id instead; the stream waits for Redis
+            log.warning("live.redis_unavailable", call_sid=call_sid, error=f"{type(exc).__name__}: {exc}")
+            return None
         return parse_event_id(newest[0][0]) if newest else None
 
     async def subscribe(self, call_sid: str | None, after: str | None) -> AsyncIterator[LiveEvent]:
