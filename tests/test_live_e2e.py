@@ -224,3 +224,20 @@ def test_watch_help_reads_cleanly() -> None:
     assert "[CALL_SID]" in done.stdout and "--url URL" in done.stdout and "--token TOKEN" in done.stdout
     for noise in ("<str>", "<bool>", "``", "[]"):
         assert noise not in done.stdout, noise
+
+
+async def test_with_redis_down_calls_go_on_and_the_lost_events_are_logged_and_counted(tmp_path: Path) -> None:
+    dead = {"CALLBRIDGE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/5"}  # nothing listens there
+    script = CallScript([Pause(1000), Say(audio.tone(600, 330)), Pause(2000), HangUp()])
+    db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
+    behavior = FakeBehavior(transcripts=["Hello."], ms_per_char=20)
+    async with service(tmp_path, behavior, db, **dead) as (running, _), api(running) as client:
+        recording = await running.caller().place_call(script, max_duration_s=30)
+        await running.wait_for_logs("call.summary", 1)
+        transcript = (await client.get(f"/api/calls/{recording.call_sid}/transcript")).json()["lines"]
+        await wait_until(lambda: running.logs("live.redis_unavailable"), 5, what="the outage logged")
+        exposition = (await client.get("/metrics")).text
+    assert [line["speaker"] for line in transcript] == ["agent", "caller", "agent"]
+    assert running.logs("call.summary")[0]["reason"] == "caller_hung_up"
+    lost = [line for line in exposition.splitlines() if line.startswith("callbridge_live_events_lost_total{")]
+    assert any('reason="failed",type="transcript.line"' in line for line in lost), lost
