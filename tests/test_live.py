@@ -6,11 +6,17 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+from callbridge.config import Settings
+from callbridge.core.context import AgentConfig, CallContext
+from callbridge.core.session import CallSession, SessionConfig
+from callbridge.service.agents import load_agents
+from callbridge.service.calls import CallServices
 from callbridge.service.live import (
     BadEventId,
     LiveEvent,
@@ -19,6 +25,9 @@ from callbridge.service.live import (
     RedisLiveEvents,
     parse_event_id,
 )
+from callbridge.service.tools import ToolRegistry
+from callbridge.store.repository import Store
+from callbridge.telephony.params import StreamParameterSigner
 from support import wait_until
 
 REDIS_URL = "redis://127.0.0.1:6379/5"
@@ -176,3 +185,38 @@ async def test_redis_streams_are_capped_and_expire_after_the_call() -> None:
         await client.delete(bus.key("CA1"), bus.key(None))
         await client.aclose()
         await bus.aclose()
+
+
+async def test_the_services_publish_a_call_s_life_and_its_events(tmp_path: Path) -> None:
+    settings = Settings(secret="s" * 32, database_url=f"sqlite:///{tmp_path / 'calls.db'}", _env_file=None)
+    store = await Store.open(settings.database_url)
+    bus = LocalLiveEvents()
+    await bus.start()
+    agents = load_agents(settings, ToolRegistry(), None)
+    services = CallServices(settings, store, StreamParameterSigner("s" * 32, 600), agents, None, bus)
+    call_sid = "CA" + "6" * 32
+    try:
+        await services.call_started(call_sid, "MZ" + "4" * 32, CallContext(caller="+15550100001", agent="default"))
+        await services.record_event(call_sid, "dtmf", {"digit": "5"})
+        await services.stream_status({"CallSid": call_sid, "StreamEvent": "stream-error", "StreamError": "31920 x"})
+        await services.status_callback({"CallSid": call_sid, "CallStatus": "completed"})
+        session = CallSession(SessionConfig(agent=AgentConfig(), verify_parameters=lambda _, __: CallContext()))
+        session.call_sid, session.end_reason = call_sid, "caller_hung_up"
+        await services.call_ended(session)
+        events = await take(bus, call_sid, None, 5)
+        listed = await take(bus, None, "0-0", 3)
+    finally:
+        await services.aclose()
+        await bus.aclose()
+        await store.close()
+    assert [(event.type, event.data.get("kind")) for event in events] == [
+        ("call.started", None),
+        ("call.event", "dtmf"),
+        ("call.event", "stream_error"),
+        ("call.updated", None),
+        ("call.ended", None),
+    ]
+    assert events[0].data["from"] == "+15550100001" and events[1].data["data"] == {"digit": "5"}
+    assert events[2].data["data"]["code"] == 31920 and events[3].data == {"status": "completed"}
+    assert events[4].data == {"status": "completed", "end_reason": "caller_hung_up"}
+    assert [event.type for event in listed] == ["call.started", "call.updated", "call.ended"]

@@ -277,12 +277,12 @@ class CallServices:
     async def fallback(self, call_sid: str) -> None:
         """The agent cannot go on: redirect the caller to the apology (and a human, when one is configured)."""
         await self._twilio().redirect(call_sid, self.fallback_twiml)
-        await self.store.add_event(call_sid, "fallback", {"transfer_to": self.settings.fallback_transfer_to})
+        await self.record_event(call_sid, "fallback", {"transfer_to": self.settings.fallback_transfer_to})
 
     async def transfer(self, call_sid: str, number: str) -> None:
         """Move a live call to a human: Twilio leaves the stream and runs the ``<Dial>``."""
         await self._twilio().redirect(call_sid, dial_twiml(number))
-        await self.store.add_event(call_sid, "transfer", {"to": number})
+        await self.record_event(call_sid, "transfer", {"to": number})
 
     async def call(self, call_sid: str) -> CallRecord:
         record = await self.store.get_call(call_sid)
@@ -451,7 +451,7 @@ class CallServices:
             if await self.store.get_call(call_sid) is None:
                 log.warning("twilio.stream_status_unknown_call", call_sid=call_sid, stream_event=stream_event)
                 return
-            await self.store.add_event(call_sid, stream_event.replace("-", "_"), data)
+            await self.record_event(call_sid, stream_event.replace("-", "_"), data)
         except Exception as exc:  # an event the store cannot take is logged; Twilio has nothing to do about it
             log.error("twilio.stream_status_failed", call_sid=call_sid, error=f"{type(exc).__name__}: {exc}")
 
