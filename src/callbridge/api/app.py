@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from callbridge.api.dashboard import mount_dashboard
 from callbridge.api.docs import ErrorBody, serve_docs
 from callbridge.api.health import health_router
 from callbridge.api.limits import BodySizeLimit
@@ -117,6 +118,7 @@ def create_app(
     app.include_router(live_router())
     app.include_router(health_router(registry, metrics))
     serve_docs(app)
+    mount_dashboard(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(ServiceError, _refused)

@@ -16,6 +16,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from callbridge.api.dashboard import session_of
 from callbridge.api.docs import ErrorBody, answers
 from callbridge.core import transcript
 from callbridge.core.context import CallContext, ContextItem
@@ -191,10 +192,13 @@ Services = Annotated[CallServices, Depends(get_services)]
 
 
 async def authorized(
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], services: Services
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], services: Services
 ) -> None:
-    """Every route of the API needs the bearer token; with none configured, nothing gets in."""
+    """Every route of the API needs the bearer token; with none configured, nothing gets in. A GET may instead
+    carry the dashboard's session cookie (the browser's ``EventSource`` and ``<audio>`` send no header)."""
     token = services.api_token
+    if token and credentials is None and request.method == "GET" and session_of(request) is not None:
+        return
     if not token or credentials is None or not hmac.compare_digest(credentials.credentials, token):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}

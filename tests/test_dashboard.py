@@ -1,0 +1,163 @@
+"""The dashboard in a real browser: Debian's Chromium driven by Playwright against ``callbridge serve``, with a
+simulated caller on the line. Login, the live call on the list, its transcript growing on the call page without a
+reload, markup said on the call shown as text, the recording playing and its waveform drawn, no console errors;
+a forged cookie and a hang-up without its CSRF token refused.
+
+``CALLBRIDGE_SCREENSHOTS=docs/images`` saves screenshots of both pages there."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright, expect
+
+from callbridge.telephony import g711 as audio
+from callbridge.testing.caller import CallScript, HangUp, Pause, Say
+from callbridge.testing.fake_realtime import FakeBehavior
+from support import API_TOKEN, GREETING, Service, serve, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MARKUP_REPLY = "<img src=x onerror=alert(1)> We open at nine."
+MARKUP_CALLER = "<b>bold</b><script>alert(2)</script> when do you open?"
+CHROMIUM = shutil.which("chromium")
+WAIT_MS = 15_000
+
+
+def behavior() -> FakeBehavior:
+    return FakeBehavior(
+        transcripts=[MARKUP_CALLER, "And on Sundays?"],
+        reply=lambda text: "We are closed on Sundays." if "Sundays" in text else MARKUP_REPLY,
+        greeting=GREETING,
+        ms_per_char=30,
+    )
+
+
+def script() -> CallScript:
+    return CallScript(
+        [Pause(2500), Say(audio.tone(900, 330)), Pause(3000), Say(audio.tone(700, 440)), Pause(2500), HangUp()]
+    )
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (make install-test)")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"]
+        )
+        yield launched
+        await launched.close()
+
+
+def watch_console(page: Page, errors: list[str]) -> None:
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            errors.append(f"{message.text} at {message.location.get('url')}")
+
+    def on_error(error: Error) -> None:
+        errors.append(str(error))
+
+    page.on("console", on_console)
+    page.on("pageerror", on_error)
+    page.on("dialog", lambda dialog: errors.append(f"a dialog opened: {dialog.message}"))
+
+
+async def screenshot(page: Page, name: str) -> None:
+    directory = os.environ.get("CALLBRIDGE_SCREENSHOTS")
+    if directory:
+        await page.screenshot(path=str(Path(directory) / name), full_page=True)  # makes the directory
+
+
+async def log_in(page: Page, running: Service, errors: list[str]) -> None:
+    await page.goto(f"{running.base_url}/dashboard")
+    await expect(page).to_have_url(f"{running.base_url}/dashboard/login")
+    await page.fill("input[name=token]", "not-the-token")
+    await page.click("button[type=submit]")
+    await expect(page.locator(".error")).to_have_text("That is not the API token.")
+    assert [error.endswith("/dashboard/login") and "401" in error for error in errors] == [True]  # the refusal
+    errors.clear()
+    await page.fill("input[name=token]", API_TOKEN)
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(f"{running.base_url}/dashboard")
+
+
+async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path, browser: Browser) -> None:
+    recordings = str(tmp_path / "recordings")
+    async with serve(
+        tmp_path, behavior(), CALLBRIDGE_API_TOKEN=API_TOKEN, CALLBRIDGE_RECORDINGS_DIR=recordings
+    ) as running:
+        context = await browser.new_context(viewport={"width": 1200, "height": 900})
+        page = await context.new_page()
+        errors: list[str] = []
+        watch_console(page, errors)
+        await log_in(page, running, errors)
+        csp = (await page.request.get(f"{running.base_url}/dashboard")).headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+
+        # The call starts while the list is open: its row appears without a reload.
+        placed = asyncio.create_task(running.caller().place_call(script(), max_duration_s=30))
+        row = page.locator("#live-calls tbody tr")
+        await expect(row).to_have_count(1, timeout=WAIT_MS)
+        call_sid = await row.get_attribute("data-call-sid")
+        assert call_sid is not None and call_sid.startswith("CA")
+
+        # The call page, while the call runs: the lines arrive as they are spoken; the markup is text.
+        await row.locator("a").click()
+        await expect(page).to_have_url(f"{running.base_url}/dashboard/calls/{call_sid}")
+        await expect(page.locator("#hang-up button")).to_be_visible()
+        await page.evaluate("() => { window.sameDocument = true; }")  # gone, were the page reloaded
+        reply = page.locator("#transcript li.agent .text", has_text="We open at nine")
+        await expect(reply).to_have_text(MARKUP_REPLY, timeout=WAIT_MS)
+        await expect(page.locator("#transcript li.caller .text").first).to_have_text(MARKUP_CALLER)
+        assert await page.locator("#transcript img, #transcript script, #transcript b").count() == 0
+        assert await page.evaluate("() => window.sameDocument === true")
+
+        # A hang-up without the session's CSRF token is refused, and the call goes on.
+        cookies = {cookie["name"]: cookie["value"] for cookie in await context.cookies()}
+        async with httpx.AsyncClient(base_url=running.base_url, cookies=cookies) as client:
+            refused = await client.post(f"/dashboard/calls/{call_sid}/hangup")
+            assert refused.status_code == 403, refused.text
+
+        await asyncio.wait_for(placed, 30)
+        await expect(page.locator("#call-end-reason")).not_to_have_text("\N{EN DASH}", timeout=WAIT_MS)
+        await wait_until(lambda: running.logs("recording.saved"), 10, what="the recording saved")
+
+        # Once it has ended: the recording plays from a clicked line, and its waveform is drawn.
+        await page.reload()
+        await expect(page.locator("#waveform")).to_have_attribute("data-drawn", "yes", timeout=WAIT_MS)
+        drawn = await page.evaluate(
+            """() => { const c = document.getElementById("waveform");
+                       const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+                       let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }"""
+        )
+        assert drawn > 1000, drawn
+        await page.locator("#transcript li.agent").nth(1).click()
+        await page.wait_for_function(
+            "() => { const a = document.getElementById('recording'); return !a.paused && a.currentTime > 0; }",
+            timeout=WAIT_MS,
+        )
+        await screenshot(page, "dashboard-call.png")
+        await page.goto(f"{running.base_url}/dashboard")
+        await expect(page.locator("#calls tbody tr", has_text=call_sid)).to_have_count(1)
+        await screenshot(page, "dashboard-calls.png")
+        assert errors == []
+
+        # A forged session cookie: a clear 401 that echoes nothing of it, and a line in the log.
+        forged = "eyJjc3JmIjoiZm9yZ2VkIn0.forged.signature"
+        async with httpx.AsyncClient(base_url=running.base_url, cookies={"callbridge_dashboard": forged}) as client:
+            page_answer = await client.get("/dashboard")
+            live_answer = await client.get(f"/api/calls/{call_sid}/recording")
+        assert page_answer.status_code == 401 and forged not in page_answer.text
+        assert "session is not valid" in page_answer.text
+        assert live_answer.status_code == 401 and forged not in live_answer.text
+        logged = await running.wait_for_logs("dashboard.bad_session", 2)
+        assert len(logged) >= 2 and all(forged not in str(line) for line in logged)
+        await context.close()
