@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -145,8 +146,11 @@ async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path
             timeout=WAIT_MS,
         )
         await screenshot(page, "dashboard-call.png")
+        await expect(page.locator("#timeline tr.turn")).to_have_count(2)  # each answer's latency, kept
+        await expect(page.locator("#timeline tr.turn").first).to_contain_text(re.compile(r"latency \d+ ms"))
         await page.goto(f"{running.base_url}/dashboard")
         await expect(page.locator("#calls tbody tr", has_text=call_sid)).to_have_count(1)
+        await expect(page.locator("#figure-latency")).to_have_text(re.compile(r"^\d+ / \d+ ms$"))
         await screenshot(page, "dashboard-calls.png")
         assert errors == []
 

@@ -26,7 +26,7 @@ from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from callbridge.service.calls import CallServices, Invalid
-from callbridge.store.repository import CallRecord
+from callbridge.store.repository import CallEvent, CallRecord
 
 log = structlog.stdlib.get_logger("callbridge.dashboard")
 
@@ -40,6 +40,8 @@ CSP = (
 PAGE_SIZE = 25
 DAY_PAGES = 20
 """The day's figures read at most this many pages of 200 calls."""
+TURN_CALLS = 100
+"""The day's turn latencies are those of its latest answered calls, this many at most."""
 _HERE = Path(__file__).resolve().parent.parent / "dashboard"
 templates = Jinja2Templates(directory=_HERE / "templates")  # autoescape on: every value is escaped
 
@@ -195,7 +197,7 @@ def _pages(dashboard: APIRouter) -> None:
             "duration": _duration(record),
             "live": record.ended_at is None,
             "lines": lines,
-            "events": [(event, orjson.dumps(event.data).decode()) for event in events],
+            "events": [(event, _details(event)) for event in events],
         }
         return _page(request, "call.html", context)
 
@@ -236,9 +238,27 @@ def _duration(call: CallRecord) -> float | None:
     return max(0.0, (call.ended_at - call.started_at).total_seconds())
 
 
+def _turn_ms(events: list[CallEvent]) -> list[int]:
+    """The agent's latency on each turn of a call (``turn`` events), in milliseconds."""
+    found = (event.data.get("turn_latency_s") for event in events if event.kind == "turn")
+    return [round(value * 1000) for value in found if isinstance(value, int | float)]
+
+
+def _details(event: CallEvent) -> str:
+    turn = _turn_ms([event])
+    return f"latency {turn[0]} ms" if turn else orjson.dumps(event.data).decode()
+
+
+def _percentile(values: list[int], fraction: float) -> int | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
 async def _figures(services: CallServices) -> dict[str, Any]:
     """Today's figures (UTC), from the calls on record: calls, answered, average duration, end reasons, calls per
-    hour."""
+    hour, and the agent's turn latency p50/p95 (over the turns of the latest answered calls)."""
     since = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     calls: list[CallRecord] = []
     cursor = None
@@ -255,7 +275,12 @@ async def _figures(services: CallServices) -> dict[str, Any]:
         if call.end_reason:
             reasons[call.end_reason] = reasons.get(call.end_reason, 0) + 1
         hours[call.created_at.astimezone(UTC).hour] += 1
+    latencies: list[int] = []
+    for call in answered[:TURN_CALLS]:
+        latencies.extend(_turn_ms(await services.events(call.call_sid)))
     return {
+        "p50": _percentile(latencies, 0.5),
+        "p95": _percentile(latencies, 0.95),
         "calls": len(calls),
         "answered": len(answered),
         "average_s": sum(durations) / len(durations) if durations else None,

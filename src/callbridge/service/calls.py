@@ -8,7 +8,7 @@ import dataclasses
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -414,13 +414,25 @@ class CallServices:
             await self.store.enqueue_webhook(self.settings.webhook_url, payload)
 
     def publish_soon(self, call_sid: str, kind: str, data: dict[str, Any]) -> None:
-        """:meth:`publish` from where nothing may wait (the call's audio path): the webhook's copy, if any, later."""
+        """:meth:`publish` from where nothing may wait (the call's audio path): the webhook's copy, if any, later.
+        A turn's latency is kept on record too (a ``turn`` event), later."""
+        if kind == "turn.metrics":
+            self._later(self._keep_turn(call_sid, data))
         if kind not in self._webhooked:
             self.live.publish(call_sid, kind, data)
             return
-        task = asyncio.create_task(self.publish(call_sid, kind, data))
+        self._later(self.publish(call_sid, kind, data))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    async def _keep_turn(self, call_sid: str, data: dict[str, Any]) -> None:
+        try:
+            await self.store.add_event(call_sid, "turn", data)
+        except Exception as exc:  # the call goes on without it; its live event was sent
+            log.warning("call.turn_not_kept", call_sid=call_sid, error=f"{type(exc).__name__}: {exc}")
 
     async def stream_status(self, params: dict[str, str]) -> None:
         """Twilio's ``<Stream statusCallback>``: ``stream-started``, ``stream-stopped`` or ``stream-error`` on the

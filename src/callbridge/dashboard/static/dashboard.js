@@ -63,7 +63,7 @@ function timelineRow(kind, details) {
   cell(row, new Date().toISOString().slice(11, 23));
   cell(row, kind);
   const code = document.createElement("code");
-  code.textContent = JSON.stringify(details);
+  code.textContent = typeof details === "string" ? details : JSON.stringify(details);
   cell(row, "").appendChild(code);
   document.querySelector("#timeline tbody").appendChild(row);
 }
@@ -85,7 +85,8 @@ function followCall(sid) {
     timelineRow(data.kind, data.data);
   });
   source.addEventListener("turn.metrics", (message) => {
-    timelineRow("turn", JSON.parse(message.data));
+    const data = JSON.parse(message.data);
+    timelineRow("turn", "latency " + Math.round(Number(data.turn_latency_s) * 1000) + " ms");
   });
   source.addEventListener("call.updated", (message) => {
     const data = JSON.parse(message.data);
