@@ -299,6 +299,7 @@ def check_realtime_event(event: ev.RealtimeEvent) -> None:
             ev.RealtimeAudioTranscriptDone(item_id, text)
             | ev.RealtimeInputTranscriptionCompleted(item_id, text)
             | ev.RealtimeInputTranscriptionFailed(item_id, text)
+            | ev.RealtimeTranscriptDelta(_, item_id, text)
         ):
             assert isinstance(item_id, str) and item_id and isinstance(text, str)
         case ev.RealtimeFunctionCallDone():

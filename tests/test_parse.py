@@ -4,7 +4,7 @@ kept of the buffer a message arrived in."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -190,3 +190,16 @@ def test_hostile_bytes_are_refused_with_a_reason(raw: str | bytes) -> None:
     assert text.startswith("not JSON"), text
     text = reason(parse_server_event(raw, "beta"))
     assert text and "internal" not in text, text
+
+
+@pytest.mark.parametrize(
+    ("dialect", "kind", "speaker"),
+    [
+        ("ga", "response.output_audio_transcript.delta", "agent"),
+        ("beta", "response.audio_transcript.delta", "agent"),
+        ("ga", "conversation.item.input_audio_transcription.delta", "caller"),
+    ],
+)
+def test_transcript_deltas(dialect: Dialect, kind: str, speaker: Literal["agent", "caller"]) -> None:
+    raw = json.dumps({"type": kind, "event_id": "e1", "item_id": "item_7", "content_index": 0, "delta": "Hel"})
+    assert parse_server_event(raw, dialect) == ev.RealtimeTranscriptDelta(speaker, "item_7", "Hel")

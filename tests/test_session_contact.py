@@ -8,7 +8,15 @@ from collections.abc import Sequence
 import pytest
 
 from callbridge.core import events as ev
-from callbridge.core.commands import EndCall, OpenRealtime, RealtimeCommand, RecordEvent, RecordTranscript, RunTool
+from callbridge.core.commands import (
+    EndCall,
+    OpenRealtime,
+    RealtimeCommand,
+    RecordEvent,
+    RecordTranscript,
+    RunTool,
+    ShowPartial,
+)
 from callbridge.core.context import AgentConfig
 from callbridge.core.session import HISTORY_CHARS, IDLE_GOODBYE, ROLLOVER_HARD_STOP_S, UNTRANSCRIBED_TURN
 from callbridge.core.usage import TokenUsage
@@ -368,3 +376,21 @@ def test_items_without_a_transcript_are_settled_too(harness: Harness) -> None:
         harness.handle(ev.RealtimeResponseDone(f"resp_{turn}", "completed"))
         harness.handle(ev.TwilioMark(f"item_{turn}:800"), at=harness.now + 0.1)
     assert not harness.session._items
+
+
+def test_interim_text_goes_out_at_most_ten_times_a_second(harness: Harness) -> None:
+    """Each delta adds to its line's text; what goes out is the whole line so far, at most every 0.1 s per call,
+    and nothing of a line once it has completed."""
+    harness.go_live()
+    start = harness.now
+    shown: list[ShowPartial] = []
+    for n, word in enumerate(["Hello", " there,", " how", " can", " I", " help?"]):
+        commands = harness.handle(ev.RealtimeTranscriptDelta("agent", "item_1", word), at=start + n * 0.04)
+        shown += [c for c in commands if isinstance(c, ShowPartial)]
+    assert [(p.speaker, p.item_id, p.text) for p in shown] == [
+        ("agent", "item_1", "Hello"),
+        ("agent", "item_1", "Hello there, how can"),  # 0.12 s after the first; the rest comes with the line
+    ]
+    harness.handle(ev.RealtimeInputTranscriptionCompleted("item_2", "Yes."), at=start + 1)
+    commands = harness.handle(ev.RealtimeTranscriptDelta("caller", "item_3", "Ok"), at=start + 2)
+    assert [c for c in commands if isinstance(c, ShowPartial)] == [ShowPartial("caller", "item_3", "Ok")]

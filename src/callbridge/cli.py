@@ -514,6 +514,9 @@ def _print_live(console: Any, kind: str, data: dict[str, Any]) -> None:
         console.print(
             f"{at} [{colour}]{escape(str(data.get('speaker')))}[/{colour}]: {escape(str(data.get('text')))}{cut}"
         )
+    elif kind == "transcript.partial":
+        speaker = escape(str(data.get("speaker")))
+        console.print(f"[dim]… {speaker} is saying “{escape(str(data.get('text')))}”[/dim]")
     elif kind == "call.event":
         colour = "red" if data.get("kind") == "error" else "yellow"
         details = escape(json.dumps(data.get("data"), ensure_ascii=False))

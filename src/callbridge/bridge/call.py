@@ -43,6 +43,7 @@ from callbridge.core.commands import (
     ResolveContext,
     RunTool,
     SendMark,
+    ShowPartial,
     TransferCall,
     TruncateItem,
     TwilioCommand,
@@ -455,14 +456,21 @@ class CallBridge:
             case Measure(name, value):
                 if self._metrics is not None:
                     self._metrics.observe(name, value)
-                if self._live is not None and self.session.call_sid and name == "turn_latency_s":
-                    self._live(self.session.call_sid, "turn.metrics", {"turn_latency_s": value})
+                if name == "turn_latency_s":
+                    self._publish("turn.metrics", {"turn_latency_s": value})
+            case ShowPartial(speaker, item_id, text):
+                self._publish("transcript.partial", {"speaker": speaker, "item_id": item_id, "text": text})
             case EndCall():
                 self._ending = True
                 if self._recorder is not None:
                     self._recorder.end(time.monotonic())  # what is still queued for the caller is never heard
                 self._close_realtime()
                 self._in_order(self._end(command))
+
+    def _publish(self, kind: str, data: dict[str, Any]) -> None:
+        """A live event of the call, for whoever watches it (never waits)."""
+        if self._live is not None and self.session.call_sid:
+            self._live(self.session.call_sid, kind, data)
 
     async def _check(self, authorize: Authorize) -> CallContext | str | None:
         try:

@@ -153,6 +153,16 @@ class RunTool:
 
 
 @dataclass(frozen=True, slots=True)
+class ShowPartial:
+    """The interim text of a line being spoken, for whoever watches the call live (at most every
+    :data:`~callbridge.core.session.PARTIAL_EVERY_S`)."""
+
+    speaker: Literal["agent", "caller"]
+    item_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResolveContext:
     """Ask the host application for the call's context; answered with ``ContextResolved``, within a deadline."""
 
@@ -220,6 +230,7 @@ Command = (
     | OpenRealtime
     | ResolveContext
     | RecordTranscript
+    | ShowPartial
     | RecordEvent
     | RunTool
     | TransferCall

@@ -7,6 +7,7 @@ after the GA protocol; the beta dialect is mapped onto them by :mod:`callbridge.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from callbridge.core.context import CallContext
 from callbridge.core.usage import TokenUsage
@@ -137,6 +138,16 @@ class RealtimeResponseDone:
 @dataclass(slots=True)  # not frozen: one is made per audio frame, and freezing costs 5x; never mutated
 class RealtimeAudioDelta:
     response_id: str
+    item_id: str
+    delta: str
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeTranscriptDelta:
+    """More interim text of a line being spoken: the agent's (its audio's transcript) or the caller's (the input
+    transcription), before the line completes."""
+
+    speaker: Literal["agent", "caller"]
     item_id: str
     delta: str
 
@@ -279,6 +290,7 @@ RealtimeEvent = (
     | RealtimeResponseCreated
     | RealtimeResponseDone
     | RealtimeAudioDelta
+    | RealtimeTranscriptDelta
     | RealtimeAudioTranscriptDone
     | RealtimeInputTranscriptionCompleted
     | RealtimeInputTranscriptionFailed

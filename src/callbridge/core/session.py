@@ -60,6 +60,7 @@ from callbridge.core.commands import (
     ResolveContext,
     RunTool,
     SendMark,
+    ShowPartial,
     TransferCall,
     TruncateItem,
     UpdateSession,
@@ -100,6 +101,10 @@ HISTORY_CHARS = 24_000
 TIMER_SLACK_S = 0.001
 """A timer may fire a hair before its deadline (the event loop's clock resolution)."""
 UNTRANSCRIBED_TURN = "[The caller spoke here; what they said was not transcribed.]"
+PARTIAL_EVERY_S = 0.1
+"""Interim text goes out at most this often per call (ten a second): for people watching, not for every delta."""
+PARTIAL_CHARS = 4000
+"""Interim text kept of a line being spoken, at most (a longer line shows its beginning until it completes)."""
 TOOL_FILLER = "One moment while I check."
 IDLE_GOODBYE = "It seems you have stepped away, so I will hang up now. Goodbye!"
 FATAL_ERRORS = {
@@ -216,6 +221,7 @@ _TWILIO_EVENTS = (
     ev.TwilioInvalidMessage,
 )
 _CONVERSATION_EVENTS = (
+    ev.RealtimeTranscriptDelta,
     ev.RealtimeSpeechStarted,
     ev.RealtimeSpeechStopped,
     ev.RealtimeResponseCreated,
@@ -299,6 +305,8 @@ class CallSession:
         self._playing_until = 0.0  # when the agent audio sent to Twilio will have played, as far as is known
 
         self._caller_turns: dict[str, _CallerTurn] = {}
+        self._partials: dict[str, str] = {}  # item → its interim text, until its line completes
+        self._partial_at = float("-inf")  # when interim text last went out
         self._idle_prompts = 0  # re-prompts of a silent caller since they last spoke
         self._idle_goodbye = False  # the next response the server starts by itself is replaced by a goodbye
 
@@ -385,9 +393,13 @@ class CallSession:
                 return self._on_response_created(event, now)
             case ev.RealtimeResponseDone():
                 return self._on_response_done(event, now)
+            case ev.RealtimeTranscriptDelta():
+                return self._on_partial(event, now)
             case ev.RealtimeAudioTranscriptDone():
+                self._partials.pop(event.item_id, None)
                 return self._on_agent_transcript(event, now)
             case ev.RealtimeInputTranscriptionCompleted():
+                self._partials.pop(event.item_id, None)
                 return self._caller_line(event.item_id, event.transcript, failed=False)
             case ev.RealtimeInputTranscriptionFailed():
                 return [
@@ -1036,6 +1048,18 @@ class CallSession:
         commands.append(Log("realtime.response_retry", "info", {"response_id": event.response_id}))
         commands.append(self._response_create(self._greeting_request))
         return commands
+
+    def _on_partial(self, event: ev.RealtimeTranscriptDelta, now: float) -> list[Command]:
+        """Interim text of a line, out at most every :data:`PARTIAL_EVERY_S` (the completed line follows anyway)."""
+        partials = self._partials
+        text = (partials.get(event.item_id, "") + event.delta)[:PARTIAL_CHARS]
+        partials[event.item_id] = text
+        if len(partials) > 8:  # lines whose completion never came
+            del partials[next(iter(partials))]
+        if now - self._partial_at < PARTIAL_EVERY_S or not text.strip():
+            return []
+        self._partial_at = now
+        return [ShowPartial(event.speaker, event.item_id, text)]
 
     def _on_agent_transcript(self, event: ev.RealtimeAudioTranscriptDone, now: float) -> list[Command]:
         item = self._items.get(event.item_id)

@@ -149,6 +149,22 @@ class _ItemTruncated(_Event, tag="conversation.item.truncated"):
         return ev.RealtimeItemTruncated(self.item_id, self.audio_end_ms)
 
 
+class _AudioTranscriptDelta(_Event, tag="response.output_audio_transcript.delta"):
+    item_id: Id
+    delta: Text = None
+
+    def event(self) -> ev.RealtimeTranscriptDelta:
+        return ev.RealtimeTranscriptDelta("agent", self.item_id, self.delta or "")
+
+
+class _InputTranscriptionDelta(_Event, tag="conversation.item.input_audio_transcription.delta"):
+    item_id: Id
+    delta: Text = None
+
+    def event(self) -> ev.RealtimeTranscriptDelta:
+        return ev.RealtimeTranscriptDelta("caller", self.item_id, self.delta or "")
+
+
 class _AudioTranscriptDone(_Event, tag="response.output_audio_transcript.done"):
     item_id: Id
     transcript: Text = None
@@ -398,6 +414,8 @@ _ACTED_ON: Final[tuple[type[_Event], ...]] = (
     _SpeechStopped,
     _TimeoutTriggered,
     _ItemTruncated,
+    _AudioTranscriptDelta,
+    _InputTranscriptionDelta,
     _AudioTranscriptDone,
     _InputTranscriptionCompleted,
     _InputTranscriptionFailed,
