@@ -21,7 +21,7 @@ from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_pla
 from callbridge.telephony import g711 as audio
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
-from support import API_TOKEN, GREETING, Service, serve, wait_until
+from support import API_TOKEN, GREETING, Service, service, twilio_call, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -42,7 +42,7 @@ def behavior() -> FakeBehavior:
 
 def script() -> CallScript:
     return CallScript(
-        [Pause(2500), Say(audio.tone(900, 330)), Pause(3000), Say(audio.tone(700, 440)), Pause(2500), HangUp()]
+        [Pause(2500), Say(audio.tone(900, 330)), Pause(3000), Say(audio.tone(700, 440)), Pause(5000), HangUp()]
     )
 
 
@@ -91,10 +91,9 @@ async def log_in(page: Page, running: Service, errors: list[str]) -> None:
 
 
 async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path, browser: Browser) -> None:
+    database = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
     recordings = str(tmp_path / "recordings")
-    async with serve(
-        tmp_path, behavior(), CALLBRIDGE_API_TOKEN=API_TOKEN, CALLBRIDGE_RECORDINGS_DIR=recordings
-    ) as running:
+    async with service(tmp_path, behavior(), database, CALLBRIDGE_RECORDINGS_DIR=recordings) as (running, twilio):
         context = await browser.new_context(viewport={"width": 1200, "height": 900})
         page = await context.new_page()
         errors: list[str] = []
@@ -104,7 +103,8 @@ async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp
 
         # The call starts while the list is open: its row appears without a reload.
-        placed = asyncio.create_task(running.caller().place_call(script(), max_duration_s=30))
+        known = await twilio_call(twilio)  # a call (fake) Twilio can hang up
+        placed = asyncio.create_task(running.caller().place_call(script(), max_duration_s=30, call_sid=known))
         row = page.locator("#live-calls tbody tr")
         await expect(row).to_have_count(1, timeout=WAIT_MS)
         call_sid = await row.get_attribute("data-call-sid")
@@ -126,6 +126,12 @@ async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path
         async with httpx.AsyncClient(base_url=running.base_url, cookies=cookies) as client:
             refused = await client.post(f"/dashboard/calls/{call_sid}/hangup")
             assert refused.status_code == 403, refused.text
+        assert twilio.calls[call_sid].status == "in-progress"
+
+        # With it (the button's form), Twilio is asked to end the call.
+        await page.click("#hang-up button")
+        await expect(page.locator("#call-end-reason")).to_have_text("hung_up_through_api")
+        assert twilio.calls[call_sid].status == "completed"
 
         await asyncio.wait_for(placed, 30)
         await expect(page.locator("#call-end-reason")).not_to_have_text("\N{EN DASH}", timeout=WAIT_MS)
@@ -153,6 +159,10 @@ async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path
         await expect(page.locator("#figure-latency")).to_have_text(re.compile(r"^\d+ / \d+ ms$"))
         await screenshot(page, "dashboard-calls.png")
         assert errors == []
+        await page.click("header .logout button")
+        await expect(page).to_have_url(f"{running.base_url}/dashboard/login")
+        await page.goto(f"{running.base_url}/dashboard")
+        await expect(page).to_have_url(f"{running.base_url}/dashboard/login")
 
         # A forged session cookie: a clear 401 that echoes nothing of it, and a line in the log.
         forged = "eyJjc3JmIjoiZm9yZ2VkIn0.forged.signature"
