@@ -200,6 +200,9 @@ async def test_each_line_is_posted_to_the_webhook_and_one_process_streams_withou
     # Started first, ended after every line (Twilio's stream-status callback may still add an event after it).
     assert kinds[0] == "call.started" and "call.ended" in kinds, kinds
     assert "transcript.line" not in kinds[kinds.index("call.ended") :], kinds
+    phases = [event.json().get("phase") for _, event in received if event.event == "call.updated"]
+    # After call.started: connecting (unless the model confirmed first), then live, then ended.
+    assert [phase for phase in phases if phase] in (["connecting", "live", "ended"], ["live", "ended"]), phases
     assert [event.json()["speaker"] for _, event in lines(received)] == ["agent", "caller", "agent"]
     # While the agent speaks, its words so far: each a beginning of one of its lines.
     partials = [event.json() for _, event in received if event.event == "transcript.partial"]

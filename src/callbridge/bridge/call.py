@@ -184,6 +184,7 @@ class CallBridge:
         self._context_deadline = limits.context_deadline
         self._events = hooks.events
         self._live = hooks.live
+        self._phase: str | None = None  # as last published (call.updated); None until the call is on record
         self._fallback = hooks.fallback
         self._authorize: Authorize | None = hooks.authorize or _admit_as_signed
         self._on_admitted = hooks.on_admitted
@@ -373,6 +374,8 @@ class CallBridge:
                     self._realtime.send_text(realtime_encode(command, self._endpoint.dialect))
             else:
                 self._perform(command)
+        if self._phase is not None and self.session.phase != self._phase:
+            self._announce_phase()
         if self._timed_in is not None or self._timed_out is not None:  # one frame in 16 is being timed
             self._time_relay(event)
 
@@ -577,6 +580,12 @@ class CallBridge:
             await hook(self.session)
         except Exception as exc:  # bookkeeping never disturbs the call
             self._log.error("call.admitted_hook_failed", error=str(exc))
+        self._announce_phase()  # from here on, after the call's call.started
+
+    def _announce_phase(self) -> None:
+        """The call's phase (connecting, live, ended) to whoever watches it, when it changes."""
+        self._phase = self.session.phase
+        self._publish("call.updated", {"phase": self._phase})
 
     async def _resolve(self, context: CallContext) -> None:
         """Ask the host application for context; past the deadline or on failure the agent's defaults hold."""
