@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -126,6 +127,21 @@ async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path
         async with httpx.AsyncClient(base_url=running.base_url, cookies=cookies) as client:
             refused = await client.post(f"/dashboard/calls/{call_sid}/hangup")
             assert refused.status_code == 403, refused.text
+            # The session reads the API (GET), never acts through it.
+            assert (await client.get(f"/api/calls/{call_sid}")).status_code == 200
+            assert (await client.post(f"/api/calls/{call_sid}/hangup")).status_code == 401
+            # The history's filters and paging.
+            today = datetime.now(UTC).date().isoformat()
+            for filters, found in [
+                ({"number": "+15550100001"}, True),
+                ({"number": "+15550100009"}, False),
+                ({"agent": "nobody"}, False),
+                ({"status": "in-progress", "agent": "reception", "day": today}, True),
+            ]:
+                history = (await client.get("/dashboard", params=filters)).text.split('id="calls"')[1]
+                assert (call_sid in history) == found, filters
+            assert (await client.get("/dashboard", params={"day": "yesterday"})).status_code == 400
+            assert (await client.get("/dashboard", params={"cursor": "not-a-cursor"})).status_code == 400
         assert twilio.calls[call_sid].status == "in-progress"
 
         # With it (the button's form), Twilio is asked to end the call.
