@@ -19,8 +19,9 @@ import httpx
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright, expect
 
+from callbridge.store.repository import Store
 from callbridge.telephony import g711 as audio
-from callbridge.testing.caller import CallScript, HangUp, Pause, Say
+from callbridge.testing.caller import CallScript, Dtmf, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
 from support import API_TOKEN, GREETING, Service, service, twilio_call, wait_until
 
@@ -35,16 +36,15 @@ WAIT_MS = 15_000
 def behavior() -> FakeBehavior:
     return FakeBehavior(
         transcripts=[MARKUP_CALLER, "And on Sundays?"],
-        reply=lambda text: "We are closed on Sundays." if "Sundays" in text else MARKUP_REPLY,
+        reply=lambda text: MARKUP_REPLY if "open" in text else "Closed." if "Sundays" in text else "Noted.",
         greeting=GREETING,
         ms_per_char=30,
     )
 
 
 def script() -> CallScript:
-    return CallScript(
-        [Pause(2500), Say(audio.tone(900, 330)), Pause(3000), Say(audio.tone(700, 440)), Pause(5000), HangUp()]
-    )
+    first, second = Say(audio.tone(900, 330)), Say(audio.tone(700, 440))
+    return CallScript([Pause(2500), first, Pause(3000), second, Pause(2500), Dtmf("5"), Pause(3000), HangUp()])
 
 
 @pytest.fixture
@@ -149,6 +149,13 @@ async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path
         await expect(page.locator("#call-end-reason")).to_have_text("hung_up_through_api")
         assert twilio.calls[call_sid].status == "completed"
 
+        # The page reloaded while the call runs: the live stream's replay of the call adds nothing twice.
+        key = page.locator("#timeline tr", has_text="dtmf")  # a key press, as it happens
+        await expect(key).to_contain_text('"digit":"5"', timeout=WAIT_MS)
+        await expect(page.locator("#transcript li", has_text="when do you open")).to_have_count(1)
+        await expect(page.locator("#transcript li", has_text="We open at nine")).to_have_count(1)
+        await expect(page.locator("#timeline tr.stream_started")).to_have_count(1)
+
         await asyncio.wait_for(placed, 30)
         await expect(page.locator("#call-end-reason")).not_to_have_text("\N{EN DASH}", timeout=WAIT_MS)
         await wait_until(lambda: running.logs("recording.saved"), 10, what="the recording saved")
@@ -168,12 +175,23 @@ async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path
             timeout=WAIT_MS,
         )
         await screenshot(page, "dashboard-call.png")
-        await expect(page.locator("#timeline tr.turn")).to_have_count(2)  # each answer's latency, kept
-        await expect(page.locator("#timeline tr.turn").first).to_contain_text(re.compile(r"latency \d+ ms"))
+        await expect(page.locator("#timeline tr.turn").first).to_contain_text(re.compile(r"latency \d+ ms"))  # kept
         await page.goto(f"{running.base_url}/dashboard")
         await expect(page.locator("#calls tbody tr", has_text=call_sid)).to_have_count(1)
         await expect(page.locator("#figure-latency")).to_have_text(re.compile(r"^\d+ / \d+ ms$"))
         await screenshot(page, "dashboard-calls.png")
+        assert errors == []
+
+        # The history a page at a time.
+        store = await Store.open(database)
+        for number in range(30):
+            await store.record_call(call_sid=f"CA{number:032x}", direction="outbound", status="completed")
+        await store.close()
+        await page.goto(f"{running.base_url}/dashboard")
+        await expect(page.locator("#calls tbody tr")).to_have_count(25)
+        await page.click("text=Older calls")
+        await expect(page.locator("#calls tbody tr")).to_have_count(6)
+        await expect(page.locator("#figure-calls")).to_have_text("31")
         assert errors == []
         await page.click("header .logout button")
         await expect(page).to_have_url(f"{running.base_url}/dashboard/login")

@@ -197,7 +197,7 @@ def _pages(dashboard: APIRouter) -> None:
             "duration": _duration(record),
             "live": record.ended_at is None,
             "lines": lines,
-            "events": [(event, _details(event)) for event in events],
+            "events": [(event, _details(event), orjson.dumps(event.data).decode()) for event in events],
         }
         return _page(request, "call.html", context)
 

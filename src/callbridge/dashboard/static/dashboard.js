@@ -57,15 +57,25 @@ function transcriptLine(data) {
   return item;
 }
 
-function timelineRow(kind, details) {
+// A live call's stream starts with the call's first event: what the page already shows is not shown twice.
+function shown(container, key) {
+  for (const element of container.querySelectorAll("[data-key]")) if (element.dataset.key === key) return true;
+  return false;
+}
+
+function timelineRow(kind, details, data) {
+  const body = document.querySelector("#timeline tbody");
+  const key = kind + " " + JSON.stringify(data);
+  if (shown(body, key)) return;
   const row = document.createElement("tr");
-  row.className = "event";
+  row.className = "event " + kind;
+  row.dataset.key = key;
   cell(row, new Date().toISOString().slice(11, 23));
   cell(row, kind);
   const code = document.createElement("code");
   code.textContent = typeof details === "string" ? details : JSON.stringify(details);
   cell(row, "").appendChild(code);
-  document.querySelector("#timeline tbody").appendChild(row);
+  body.appendChild(row);
 }
 
 function followCall(sid) {
@@ -73,7 +83,12 @@ function followCall(sid) {
   const partial = document.getElementById("partial");
   const source = new EventSource("/api/calls/" + encodeURIComponent(sid) + "/live");
   source.addEventListener("transcript.line", (message) => {
-    list.appendChild(transcriptLine(JSON.parse(message.data)));
+    const data = JSON.parse(message.data);
+    const key = data.speaker + " " + data.item_id + " " + data.start_ms;
+    if (shown(list, key)) return;
+    const line = transcriptLine(data);
+    line.dataset.key = key;
+    list.appendChild(line);
     partial.textContent = "";
   });
   source.addEventListener("transcript.partial", (message) => {
@@ -82,11 +97,12 @@ function followCall(sid) {
   });
   source.addEventListener("call.event", (message) => {
     const data = JSON.parse(message.data);
-    timelineRow(data.kind, data.data);
+    timelineRow(data.kind, data.data, data.data);
   });
   source.addEventListener("turn.metrics", (message) => {
     const data = JSON.parse(message.data);
-    timelineRow("turn", "latency " + Math.round(Number(data.turn_latency_s) * 1000) + " ms");
+    const kept = { turn_latency_s: data.turn_latency_s };
+    timelineRow("turn", "latency " + Math.round(Number(data.turn_latency_s) * 1000) + " ms", kept);
   });
   source.addEventListener("call.updated", (message) => {
     const data = JSON.parse(message.data);
