@@ -19,6 +19,8 @@ import httpx
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright, expect
 
+from callbridge.api.app import create_app
+from callbridge.config import Settings
 from callbridge.store.repository import Store
 from callbridge.telephony import g711 as audio
 from callbridge.testing.caller import CallScript, Dtmf, HangUp, Pause, Say
@@ -209,3 +211,26 @@ async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path
         logged = await running.wait_for_logs("dashboard.bad_session", 2)
         assert len(logged) >= 2 and all(forged not in str(line) for line in logged)
         await context.close()
+
+
+async def test_the_session_cookie_is_secure_behind_https(tmp_path: Path) -> None:
+    settings = Settings(
+        api_token=API_TOKEN,
+        database_url=f"sqlite:///{tmp_path / 'calls.db'}",
+        realtime_url="ws://127.0.0.1:9/v1/realtime",
+        public_url="https://calls.example.com",
+        _env_file=None,
+    )
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app)
+    base_url = "https://calls.example.com"
+    async with httpx.AsyncClient(transport=transport, base_url=base_url) as http, app.router.lifespan_context(app):
+        page = await http.get("/dashboard/login")
+        refused = await http.post("/dashboard/login", data={"token": "wrong"})
+        answer = await http.post("/dashboard/login", data={"token": API_TOKEN})
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert refused.status_code == 401 and "set-cookie" not in refused.headers
+    assert (answer.status_code, answer.headers["location"]) == (303, "/dashboard")
+    cookie = answer.headers["set-cookie"].lower()
+    assert cookie.startswith("callbridge_dashboard=")
+    assert all(part in cookie for part in ("; httponly", "; secure", "; samesite=strict", "; path=/"))
