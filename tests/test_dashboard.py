@@ -188,12 +188,16 @@ async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path
         store = await Store.open(database)
         for number in range(30):
             await store.record_call(call_sid=f"CA{number:032x}", direction="outbound", status="completed")
+            await store.update_call(f"CA{number:032x}", ended_at=datetime.now(UTC), end_reason="no-answer")
         await store.close()
         await page.goto(f"{running.base_url}/dashboard")
         await expect(page.locator("#calls tbody tr")).to_have_count(25)
         await page.click("text=Older calls")
         await expect(page.locator("#calls tbody tr")).to_have_count(6)
         await expect(page.locator("#figure-calls")).to_have_text("31")
+        await page.locator("#calls a").first.click()  # a call that was never recorded: said, with nothing to load
+        await expect(page.locator("#recording-missing")).to_contain_text("the call was not recorded")
+        await expect(page.locator("#waveform, #recording")).to_have_count(0)
         assert errors == []
         await page.click("header .logout button")
         await expect(page).to_have_url(f"{running.base_url}/dashboard/login")

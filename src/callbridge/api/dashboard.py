@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from callbridge.service.calls import CallServices, Invalid
+from callbridge.service.calls import CallServices, Invalid, ServiceError
 from callbridge.store.repository import CallEvent, CallRecord
 
 log = structlog.stdlib.get_logger("callbridge.dashboard")
@@ -196,6 +196,7 @@ def _pages(dashboard: APIRouter) -> None:
             "call": record,
             "duration": _duration(record),
             "live": record.ended_at is None,
+            "no_recording": None if record.ended_at is None else await _no_recording(request, call_sid),
             "lines": lines,
             "events": [(event, _details(event), orjson.dumps(event.data).decode()) for event in events],
         }
@@ -236,6 +237,15 @@ def _duration(call: CallRecord) -> float | None:
     if call.started_at is None or call.ended_at is None:
         return None
     return max(0.0, (call.ended_at - call.started_at).total_seconds())
+
+
+async def _no_recording(request: Request, call_sid: str) -> str | None:
+    """Why the call has no recording to play (``None`` when it has one)."""
+    try:
+        await request.app.state.recordings.recording(call_sid)
+    except ServiceError as exc:
+        return str(exc)
+    return None
 
 
 def _turn_ms(events: list[CallEvent]) -> list[int]:

@@ -146,12 +146,7 @@ async function recording(sid) {
   const canvas = document.getElementById("waveform");
   if (!audio || !canvas) return;
   const response = await fetch("/api/calls/" + encodeURIComponent(sid) + "/recording", { credentials: "same-origin" });
-  if (!response.ok) {
-    audio.hidden = true;
-    canvas.hidden = true;
-    document.getElementById("recording-missing").hidden = false;
-    return;
-  }
+  if (!response.ok) return;
   const decoder = new OfflineAudioContext(2, 1, 8000);
   drawWaveform(canvas, await decoder.decodeAudioData(await response.arrayBuffer()));
   canvas.addEventListener("click", (event) => {
