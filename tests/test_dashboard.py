@@ -142,8 +142,14 @@ async def test_the_dashboard_shows_a_call_live_then_its_recording(tmp_path: Path
             ]:
                 history = (await client.get("/dashboard", params=filters)).text.split('id="calls"')[1]
                 assert (call_sid in history) == found, filters
-            assert (await client.get("/dashboard", params={"day": "yesterday"})).status_code == 400
-            assert (await client.get("/dashboard", params={"cursor": "not-a-cursor"})).status_code == 400
+            for path, params, status, said in [
+                ("/dashboard", {"day": "yesterday"}, 400, "The date must be YYYY-MM-DD."),
+                ("/dashboard", {"cursor": "not-a-cursor"}, 400, "That page of calls does not exist."),
+                ("/dashboard/calls/CA" + "f" * 32, {}, 404, "No such call on record."),
+            ]:
+                answer = await client.get(path, params=params)
+                assert (answer.status_code, answer.headers["content-type"]) == (status, "text/html; charset=utf-8")
+                assert said in answer.text
         assert twilio.calls[call_sid].status == "in-progress"
 
         # With it (the button's form), Twilio is asked to end the call.

@@ -19,13 +19,13 @@ from urllib.parse import urlencode
 
 import orjson
 import structlog
-from fastapi import APIRouter, FastAPI, Form, HTTPException, Request
+from fastapi import APIRouter, FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from callbridge.service.calls import CallServices, Invalid, ServiceError
+from callbridge.service.calls import CallServices, Invalid, NotFound, ServiceError
 from callbridge.store.repository import CallEvent, CallRecord
 
 log = structlog.stdlib.get_logger("callbridge.dashboard")
@@ -51,6 +51,7 @@ def mount_dashboard(app: FastAPI) -> None:
     app.mount("/dashboard/static", StaticFiles(directory=_HERE / "static"), name="dashboard-static")
     app.include_router(_router())
     app.add_exception_handler(_LoginNeeded, _login_needed)
+    app.add_exception_handler(_Refused, _refused)
 
 
 # --- the session --------------------------------------------------------------------------------------------
@@ -86,6 +87,19 @@ def _signed_in(request: Request) -> dict[str, Any]:
     return session
 
 
+class _Refused(Exception):
+    """A dashboard request refused: an HTML page that says why, with its status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, _Refused)
+    return _page(request, "error.html", {"message": exc.message, "session": session_of(request)}, exc.status)
+
+
 class _LoginNeeded(Exception):
     def __init__(self, *, forged: bool) -> None:
         self.forged = forged
@@ -94,7 +108,7 @@ class _LoginNeeded(Exception):
 def _check_csrf(request: Request, session: dict[str, Any], token: str | None) -> None:
     if token is None or not hmac.compare_digest(token, session["csrf"]):
         log.warning("dashboard.csrf_refused", path=request.url.path)
-        raise HTTPException(403, "the form's CSRF token is missing or wrong: reload the page")
+        raise _Refused(403, "The form's CSRF token is missing or wrong: reload the page.")
 
 
 def _page(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
@@ -169,7 +183,7 @@ def _pages(dashboard: APIRouter) -> None:
                 cursor=cursor or None,
             )
         except Invalid:
-            raise HTTPException(400, "that page of calls does not exist") from None
+            raise _Refused(400, "That page of calls does not exist.") from None
         rows = [call for call in page.calls if not filters["agent"] or call.agent == filters["agent"]]
         live = await services.calls(status="in-progress", number=None, since=None, until=None, limit=50, cursor=None)
         query = {key: value for key, value in filters.items() if value} | {"cursor": page.next_cursor or ""}
@@ -188,7 +202,10 @@ def _pages(dashboard: APIRouter) -> None:
     async def call(request: Request, call_sid: str) -> Response:
         session = _signed_in(request)
         services: CallServices = request.app.state.services
-        record = await services.call(call_sid)
+        try:
+            record = await services.call(call_sid)
+        except NotFound:
+            raise _Refused(404, "No such call on record.") from None
         lines = await services.transcript(call_sid)
         events = await services.events(call_sid)
         context = {
@@ -229,7 +246,7 @@ def _day_bounds(day: str | None) -> tuple[datetime | None, datetime | None]:
     try:
         start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
     except ValueError:
-        raise HTTPException(400, "the date must be YYYY-MM-DD") from None
+        raise _Refused(400, "The date must be YYYY-MM-DD.") from None
     return start, start + timedelta(days=1)
 
 
