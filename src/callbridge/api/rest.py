@@ -1,7 +1,7 @@
 """The REST API: outbound calls, handing live calls to the agent, call records and transcripts.
 
-Every route needs ``Authorization: Bearer $CALLBRIDGE_API_TOKEN``; with no token configured the API refuses
-everything (it never runs open by accident).
+Every route needs ``Authorization: Bearer $CALLBRIDGE_API_TOKEN`` (a GET may carry the dashboard's session cookie
+instead); with no token configured the API refuses everything (it never runs open by accident).
 """
 
 from __future__ import annotations
