@@ -51,8 +51,7 @@ def script() -> CallScript:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    if CHROMIUM is None:
-        pytest.skip("Debian's chromium is not installed (make install-test)")
+    assert CHROMIUM is not None, "no Chromium: `make install-test` installs Debian's chromium package"
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
             executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"]

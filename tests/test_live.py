@@ -54,8 +54,7 @@ async def _redis_up() -> bool:
 @pytest.fixture(params=["local", "redis"])
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[LiveEvents]:
     if request.param == "redis":
-        if not await _redis_up():
-            pytest.skip("no Redis at 127.0.0.1:6379")
+        assert await _redis_up(), "no Redis at 127.0.0.1:6379 (.ci/run starts it)"
         live: LiveEvents = RedisLiveEvents(REDIS_URL, prefix=f"test-{secrets.token_hex(6)}", block_ms=200)
     else:
         live = LocalLiveEvents()
@@ -166,8 +165,7 @@ async def ttl_when(client: aioredis.Redis, key: str, wanted: Callable[[int], boo
 
 
 async def test_redis_streams_are_capped_and_expire_after_the_call() -> None:
-    if not await _redis_up():
-        pytest.skip("no Redis at 127.0.0.1:6379")
+    assert await _redis_up(), "no Redis at 127.0.0.1:6379 (.ci/run starts it)"
     prefix = f"test-{secrets.token_hex(6)}"
     bus = RedisLiveEvents(REDIS_URL, prefix=prefix, maxlen=10)
     await bus.start()
