@@ -18,7 +18,7 @@ from support import Service, free_port, no_live_call, serve
 
 from conftest import secret
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # a process per case: about half a minute
 
 CALLBRIDGE = Path(sys.executable).with_name("callbridge")
 API_TOKEN = secret("cli-api-token-0123456789")
@@ -65,8 +65,9 @@ def assert_one_line(done: subprocess.CompletedProcess[str], status: int, *named:
 def test_a_mistake_is_one_line(
     tmp_path: Path, args: tuple[str, ...], env: dict[str, str], status: int, named: str
 ) -> None:
-    assert_one_line(run(tmp_path, *args, **env), status, named)
-    assert "pw@" not in run(tmp_path, *args, **env).stderr, "a database password is never printed"
+    done = run(tmp_path, *args, **env)
+    assert_one_line(done, status, named)
+    assert "pw@" not in done.stderr, "a database password is never printed"
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

@@ -68,8 +68,9 @@ Transfer = Callable[[str, str], Awaitable[None]]
 ContextResolver = Callable[[CallContext], Awaitable[CallContext | None]]
 """Looks up a call's context in the host application (``None``: nothing to add)."""
 EventSink = Callable[[str, str, dict[str, Any]], Awaitable[None]]
-LivePublish = Callable[[str, str, dict[str, Any]], None]
 """Keeps a call event: (call SID, kind, data)."""
+LivePublish = Callable[[str, str, dict[str, Any]], None]
+"""Publishes a live event of a call: (call SID, type, data); it never waits."""
 Fallback = Callable[[str], Awaitable[None]]
 """Redirects a live call (call SID) to the fallback: an apology and hang-up, or a human."""
 Authorize = Callable[[CallSession], Awaitable[CallContext | str | None]]
@@ -80,12 +81,12 @@ OpenRecording = Callable[[CallSession], RecordingSink | None]
 """Where a call let in is recorded (``None``: it is not); asked once, when it is let in."""
 
 
-# For isinstance (a tuple is checked faster than a union); the unions' members, spelled out for mypy.
 TOOL_TIMEOUT_S: float = Settings.model_fields["tool_timeout_seconds"].default
 """How long a tool may run before the model hears that it failed (``CALLBRIDGE_TOOL_TIMEOUT_SECONDS``)."""
 CONTEXT_DEADLINE_S: float = Settings.model_fields["context_timeout_seconds"].default
 """How long the host application may take to add to a call's context (``CALLBRIDGE_CONTEXT_TIMEOUT_SECONDS``)."""
 
+# For isinstance (a tuple is checked faster than a union); the unions' members, spelled out for mypy.
 _TWILIO_COMMANDS = (PlayAudio, SendMark, ClearAudio)
 _REALTIME_COMMANDS = (
     AppendAudio,
@@ -128,7 +129,7 @@ class CallHooks:
     record: OpenRecording | None = None
     """Records the call from the stream's start: the caller, and the agent as the caller heard it."""
     live: LivePublish | None = None
-    """Publishes the call's live events (``turn.metrics``); it must not wait."""
+    """Publishes the call's live events (its phase, interim text, turn latency); it must not wait."""
 
 
 @dataclass(frozen=True, slots=True)
