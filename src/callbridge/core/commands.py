@@ -185,6 +185,16 @@ class TransferCall:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlRefused:
+    """The host application's command (``HostSay``, ``HostInstruct``, ``HostTransfer``) cannot be carried out:
+    ``not_ready`` (the model's session is not confirmed yet, or is being replaced), ``ending`` (the call is closing:
+    a goodbye or a transfer is under way) or ``ended``. Nothing else was done."""
+
+    reason: Literal["not_ready", "ending", "ended"]
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class Log:
     """A structured log line for the call (the driver binds call and stream SIDs)."""
 
@@ -234,6 +244,7 @@ Command = (
     | RecordEvent
     | RunTool
     | TransferCall
+    | ControlRefused
     | Log
     | Measure
     | EndCall

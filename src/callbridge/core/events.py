@@ -270,6 +270,40 @@ class CallRefused:
     reason: str
 
 
+# --- The host application's call control --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HostSay:
+    """The host application has the agent say ``text`` word for word: now, cutting off what it is saying (as a
+    barge-in does), or after its current turn."""
+
+    text: str
+    interrupt: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HostInstruct:
+    """New facts for the agent, as a system message in the live conversation (kept for a new model session too);
+    ``respond``: the agent speaks about them (after its current turn)."""
+
+    text: str
+    respond: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HostTransfer:
+    """The host application moves the call to ``to`` (E.164): the agent stops, says ``say`` word for word if given,
+    then Twilio dials the number, as after the agent's own ``transfer_call``."""
+
+    to: str
+    say: str | None = None
+
+
+HostEvent = HostSay | HostInstruct | HostTransfer
+"""What the host application asks of a live call; the session answers a refusal it cannot carry out with a
+:class:`~callbridge.core.commands.ControlRefused`."""
+
 TwilioEvent = (
     TwilioConnected
     | TwilioStart
@@ -311,4 +345,5 @@ Event = (
     | HangupRequested
     | EndRequested
     | CallRefused
+    | HostEvent
 )

@@ -43,6 +43,7 @@ from callbridge.core.commands import (
     CancelResponse,
     ClearAudio,
     Command,
+    ControlRefused,
     ConversationItem,
     CreateItem,
     CreateResponse,
@@ -106,6 +107,9 @@ PARTIAL_EVERY_S = 0.1
 PARTIAL_CHARS = 4000
 """Interim text kept of a line being spoken, at most (a longer line shows its beginning until it completes)."""
 TOOL_FILLER = "One moment while I check."
+HOST_SAY = "Say this to the caller now, word for word and nothing else, by saying exactly: "
+"""The instructions of a response that says the host application's text (the same ``saying exactly:`` form as the
+greeting and the filler, which models follow to the letter)."""
 IDLE_GOODBYE = "It seems you have stepped away, so I will hang up now. Goodbye!"
 FATAL_ERRORS = {
     "beta_api_shape_disabled": "realtime_beta_refused",
@@ -232,6 +236,7 @@ _CONVERSATION_EVENTS = (
     ev.RealtimeTimeoutTriggered,
     ev.RealtimeFunctionCallDone,
 )
+_HOST_EVENTS = (ev.HostSay, ev.HostInstruct, ev.HostTransfer)
 _DRIVER_EVENTS = (
     ev.Tick,
     ev.ContextLoaded,
@@ -280,11 +285,17 @@ class CallSession:
         self._realtime_connected = False
         self._closing: tuple[str, str | None] | None = None  # (end reason, transfer number) once decided
         self._closing_response: str | None = None  # the goodbye response
-        self._closing_stage: Literal["", "awaiting_goodbye", "goodbye"] = ""
+        # "queued": the host application's last sentence waits its turn (no other response becomes the goodbye)
+        self._closing_stage: Literal["", "queued", "awaiting_goodbye", "goodbye"] = ""
         self._closing_since = 0.0
         self._next_instructions: str | None = None  # for the next response.create the session sends
 
         self._active_response: str | None = None
+        self._awaiting_response: str | None = None  # a response.create's event id, until its response is created
+        # The host application's responses waiting their turn: (instructions, whether it is the call's last sentence)
+        self._host_responses: deque[tuple[str | None, bool]] = deque()
+        # The last one sent, until a response is done (a refusal of it comes before: while another one is active)
+        self._host_request: tuple[str, str | None, bool] | None = None
         self._interrupted_responses: set[str] = set()
         self._responses_with_audio: set[str] = set()
         self._greeting_request: str | None = None  # the greeting's instructions, until a response with audio completes
@@ -321,6 +332,8 @@ class CallSession:
     def handle(self, event: ev.Event, now: float) -> list[Command]:
         """Advance the session by one event; return what to do."""
         if self.phase == "ended":
+            if isinstance(event, _HOST_EVENTS):
+                return [ControlRefused("ended", "the call has ended")]
             return []
         # The audio path first: 100 of these a second, before the match below tries 30 patterns.
         if type(event) is ev.TwilioMedia:
@@ -364,6 +377,8 @@ class CallSession:
             return self._on_conversation_event(event, now)
         if isinstance(event, _DRIVER_EVENTS):
             return self._on_driver_event(event, now)
+        if isinstance(event, _HOST_EVENTS):
+            return self._on_host_event(event, now)
         return self._on_model_event(event, now)
 
     def _on_twilio_event(self, event: ev.Event, now: float) -> list[Command]:
@@ -538,7 +553,10 @@ class CallSession:
     def _context_known(self) -> list[Command]:
         """The call's context is settled: choose its agent, and ask the host application for more if configured."""
         context = self.context or CallContext()
-        self.agent = self.config.agents.get(context.agent or "", self.config.agent)
+        # Looked up at each admission, the default agent by name too: the agents' tools may have changed since the
+        # configuration was made (an MCP server's tools appear once it answers).
+        agents = self.config.agents
+        self.agent = agents.get(context.agent or "") or agents.get(self.config.agent.name, self.config.agent)
         commands: list[Command] = [Log("call.admitted", "info", {"caller": context.caller, "agent": self.agent.name})]
         if self.config.resolve_context:
             commands.append(ResolveContext(context))
@@ -697,7 +715,7 @@ class CallSession:
             commands.append(self._append(frames.popleft().payload))
         self._buffer.bytes = 0
         commands.append(Log("realtime.ready", "info", {"buffered_frames": buffered}))
-        return commands
+        return commands + self._flush_host()  # what the host application asked for before the model was lost
 
     def _session_rejected(self, code: str, message: str, param: str | None, now: float) -> list[Command]:
         """The model refused the configuration: the same one would be refused again, so the caller gets the
@@ -725,6 +743,8 @@ class CallSession:
     def _history_item(speaker: str, text: str) -> ConversationItem:
         if speaker == "agent":
             return Message("assistant", text)
+        if speaker == "system":  # the host application's instructions
+            return Message("system", text)
         return Message("user", text or UNTRANSCRIBED_TURN)
 
     def _remember(self, speaker: str, text: str) -> None:
@@ -745,7 +765,9 @@ class CallSession:
         return f"{instructions}\n\nStart the call now by saying exactly: {greeting}"
 
     def _response_create(self, instructions: str | None = None) -> CreateResponse:
-        return self._send(CreateResponse(self._event_id(), instructions or None))
+        command = self._send(CreateResponse(self._event_id(), instructions or None))
+        self._awaiting_response = command.event_id
+        return command
 
     # ------------------------------------------------------------------------------------------------ agent audio
 
@@ -887,6 +909,18 @@ class CallSession:
         if not self._pending_marks and not self._held and not fresh_response:
             return []  # nothing is playing or being generated: an ordinary turn
         self.stats.barge_ins += 1
+        commands, data = self._cut_off(now, cancel=not self.agent.server_cancels_on_speech)
+        commands += [Log("barge_in", "info", {"heard_ms": data["heard_ms"], "items": len(data["items"])})]
+        commands.append(RecordEvent("barge_in", data))
+        commands += self._settle_agent_items(now)
+        return commands
+
+    def _cut_off(self, now: float, *, cancel: bool) -> tuple[list[Command], dict[str, Any]]:
+        """Stop the agent where the caller is: clear what Twilio has buffered, drop what is held, cancel the response
+        being generated (``cancel``: unless the server cancels it itself), and leave in the model's conversation only
+        what the caller heard. Returns the commands and what was taken back."""
+        active = self._active_response
+        fresh_response = active is not None and active not in self._interrupted_responses
         playing = self._pending_marks[0].item_id if self._pending_marks else None
         heard = {item_id: self._played_bytes(item_id, now) for item_id in self._items}
         commands: list[Command] = []
@@ -901,7 +935,7 @@ class CallSession:
         self._discard_held(now)
         if active is not None and fresh_response:
             self._interrupted_responses.add(active)  # its late deltas must not reach the caller
-            if not self.agent.server_cancels_on_speech:
+            if cancel:
                 self.stats.cancels += 1
                 commands.append(self._send(CancelResponse(self._event_id())))
         taken_back: list[dict[str, Any]] = []
@@ -914,11 +948,7 @@ class CallSession:
             commands += self._take_back(item, heard[item.item_id], now)
             taken_back.append({"item_id": item.item_id, "heard_ms": (item.heard_bytes or 0) // BYTES_PER_MS})
         heard_ms = heard.get(playing, 0) // BYTES_PER_MS if playing else 0
-        data = {"heard_ms": heard_ms, "item_id": playing, "items": taken_back}
-        commands += [Log("barge_in", "info", {"heard_ms": heard_ms, "items": len(taken_back)})]
-        commands.append(RecordEvent("barge_in", data))
-        commands += self._settle_agent_items(now)
-        return commands
+        return commands, {"heard_ms": heard_ms, "item_id": playing, "items": taken_back}
 
     def _take_back(self, item: _AgentItem, heard: int, now: float) -> list[Command]:
         """Leave in the model's conversation only what the caller heard of an interrupted item.
@@ -955,6 +985,7 @@ class CallSession:
 
     def _on_response_created(self, event: ev.RealtimeResponseCreated, now: float) -> list[Command]:
         self._active_response = event.response_id
+        self._awaiting_response = None
         if self._idle_goodbye and self._closing is None:
             # The server re-prompts a silent caller by itself; after the last re-prompt the agent says goodbye.
             self._idle_goodbye = False
@@ -978,6 +1009,7 @@ class CallSession:
 
     def _on_response_done(self, event: ev.RealtimeResponseDone, now: float) -> list[Command]:
         rid = event.response_id
+        self._host_request = None
         if self._active_response == rid:
             self._active_response = None
         commands: list[Command] = []
@@ -1014,6 +1046,7 @@ class CallSession:
             *self._send_mark(),  # no more audio comes: the last chunk gets its mark now
             *self._settle_agent_items(now),
             *self._continue_after_tools(),
+            *self._flush_host(),
             *self._close_after_goodbye(now),
         ]
 
@@ -1221,11 +1254,107 @@ class CallSession:
             return [TransferCall(transfer_to), *self._end(reason, now)]
         return self._end(reason, now, hang_up=True)
 
+    # ------------------------------------------------------------------------------------------------ host control
+
+    def _on_host_event(self, event: ev.Event, now: float) -> list[Command]:
+        """What the host application asks of the live call; refused (and nothing done) unless the call is live."""
+        if self.phase != "live":
+            return [ControlRefused("not_ready", "the agent is not ready: the model's session is not confirmed yet")]
+        if self._closing is not None:
+            return [ControlRefused("ending", "the call is ending: a goodbye or a transfer is under way")]
+        match event:
+            case ev.HostSay():
+                return self._host_say(event, now)
+            case ev.HostInstruct():
+                return self._host_instruct(event)
+            case ev.HostTransfer():
+                return self._host_transfer(event, now)
+        return []  # pragma: no cover - every host event is matched above
+
+    def _host_say(self, event: ev.HostSay, now: float) -> list[Command]:
+        """The agent says the text word for word: now, cut in as a barge-in is, or after its current response."""
+        commands: list[Command] = [Log("host.say", "info", {"interrupt": event.interrupt, "chars": len(event.text)})]
+        data: dict[str, Any] = {"text": event.text, "interrupt": event.interrupt}
+        if event.interrupt:
+            cut, data["cut_off"] = self._cut_off(now, cancel=True)  # the server cancels only for the caller's speech
+            commands += [*cut, *self._settle_agent_items(now)]
+            self._host_responses.appendleft((HOST_SAY + event.text, False))
+        else:
+            self._host_responses.append((HOST_SAY + event.text, False))
+        commands.append(RecordEvent("say", data))
+        return commands + self._flush_host()
+
+    def _host_instruct(self, event: ev.HostInstruct) -> list[Command]:
+        """A system message in the conversation (replayed into a new model session), and a response if asked."""
+        self._remember("system", event.text)
+        commands: list[Command] = [
+            Log("host.instruct", "info", {"respond": event.respond, "chars": len(event.text)}),
+            RecordEvent("instruct", {"text": event.text, "respond": event.respond}),
+            self._send(CreateItem(self._event_id(), Message("system", event.text))),
+        ]
+        if event.respond:
+            self._host_responses.append((None, False))
+            commands += self._flush_host()
+        return commands
+
+    def _host_transfer(self, event: ev.HostTransfer, now: float) -> list[Command]:
+        """The agent stops at once, says the host application's last sentence if there is one, and the call moves
+        to the number (as after ``transfer_call``, within :data:`GOODBYE_LIMIT_S`)."""
+        self._closing = ("transferred", event.to)
+        self._closing_since = now
+        self._needs_response = False  # no more answers: the call moves on
+        self._next_instructions = None
+        self._host_responses.clear()
+        cut, taken_back = self._cut_off(now, cancel=True)
+        # Kept as the request; the redirect, once Twilio has it, is a ``transfer`` event of its own (``{"to"}``).
+        data = {"to": event.to, "say": event.say, "requested_by": "host", "cut_off": taken_back}
+        commands: list[Command] = [
+            Log("host.transfer", "info", {"say": event.say is not None}),
+            *cut,
+            *self._settle_agent_items(now),
+            RecordEvent("transfer", data),
+        ]
+        if event.say:
+            self._closing_stage = "queued"
+            self._host_responses.append((HOST_SAY + event.say, True))
+            return commands + self._flush_host()
+        self._closing_stage = "goodbye"  # nothing to say: as soon as nothing plays any more
+        return commands + self._close_after_goodbye(now)
+
+    def _flush_host(self) -> list[Command]:
+        """The host application's next response, once no response is active or asked for."""
+        if (
+            not self._host_responses
+            or self._active_response is not None
+            or self._awaiting_response is not None
+            or self.phase != "live"
+        ):
+            return []
+        instructions, goodbye = self._host_responses.popleft()
+        if goodbye:
+            self._closing_stage = "awaiting_goodbye"  # the next response created is the call's last sentence
+            self._closing_response = None
+        command = self._response_create(instructions)
+        self._host_request = (command.event_id, instructions, goodbye)
+        return [command]
+
+    def _requeue_host(self) -> None:
+        """The host application's response was sent but never started: it waits its turn again."""
+        if self._host_request is None:
+            return
+        _, instructions, goodbye = self._host_request
+        self._host_request = None
+        self._host_responses.appendleft((instructions, goodbye))
+        if goodbye:
+            self._closing_stage = "queued"
+
     # ------------------------------------------------------------------------------------------------ errors, end
 
     def _on_realtime_error(self, event: ev.RealtimeError, now: float) -> list[Command]:
         self.stats.realtime_errors += 1
         caused_by = self._control_events.get(event.event_id or "")
+        if event.event_id is not None and event.event_id == self._awaiting_response:
+            self._awaiting_response = None  # refused: no response comes of it
         fields = {
             "code": event.code,
             "message": event.message,
@@ -1247,7 +1376,10 @@ class CallSession:
                 *self._session_rejected(event.code, event.message, event.param, now),
             ]
         if event.code == "conversation_already_has_active_response":
-            self._needs_response = True  # the server started a response of its own: ours follows it
+            if self._host_request is not None and self._host_request[0] == event.event_id:
+                self._requeue_host()  # the host application's: it waits its turn again
+            else:
+                self._needs_response = True  # the server started a response of its own: ours follows it
             return [Log("realtime.error", "warning", fields)]
         if event.code == "response_cancel_not_active":
             return [Log("realtime.error", "warning", fields)]
@@ -1333,6 +1465,10 @@ class CallSession:
         self._audio_offset_ms = None
         self._caller_turns.clear()
         self._active_response = None
+        if self._host_request is not None and self._host_request[0] == self._awaiting_response:
+            self._requeue_host()  # sent to the old session, never started: the new one says it
+        self._host_request = None
+        self._awaiting_response = None
         self._interrupted_responses.clear()  # the old connection's events no longer arrive
         self._responses_with_audio.clear()
         self._dropped_items.clear()

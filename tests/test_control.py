@@ -1,0 +1,187 @@
+"""The host application's control of a live call, in the session: what it says, the facts it adds, its transfer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from callbridge.core import events as ev
+from callbridge.core.commands import Command, ControlRefused, EndCall, RecordEvent, TransferCall
+from callbridge.core.context import AgentConfig
+
+from conftest import Harness, of_type, twilio_messages
+
+
+def refusals(commands: Sequence[object]) -> list[ControlRefused]:
+    return [c for c in commands if isinstance(c, ControlRefused)]
+
+
+def recorded(commands: Sequence[object], kind: str) -> list[dict[str, object]]:
+    return [c.data for c in commands if isinstance(c, RecordEvent) and c.kind == kind]
+
+
+def said(commands: list[Command]) -> list[str]:
+    """The instructions of each response.create."""
+    return [event.get("response", {}).get("instructions", "") for event in of_type(commands, "response.create")]
+
+
+def live(agent: AgentConfig | None = None) -> Harness:
+    """A live call whose greeting has been said."""
+    harness = Harness(agent)
+    harness.go_live()
+    harness.handle(ev.RealtimeResponseCreated("resp_greeting"))
+    harness.handle(ev.RealtimeResponseDone("resp_greeting", "completed"))
+    return harness
+
+
+def test_say_with_interrupt_cuts_the_agent_off_as_a_barge_in_does_then_says_the_text() -> None:
+    harness = live()
+    harness.speak("resp_1", "item_1", chunks=3)  # 300 ms at Twilio, the response still streaming
+    commands = harness.handle(ev.HostSay("Your order has shipped.", interrupt=True), at=harness.now + 0.15)
+    assert [m["event"] for m in twilio_messages(commands)] == ["clear"]
+    assert len(of_type(commands, "response.cancel")) == 1  # the server cancels only for the caller's speech
+    (truncate,) = of_type(commands, "conversation.item.truncate")
+    assert truncate["item_id"] == "item_1" and 100 <= truncate["audio_end_ms"] <= 200
+    assert said(commands) == []  # not while the cancelled response is active
+    assert recorded(commands, "say")[0]["text"] == "Your order has shipped."
+    assert harness.session.stats.barge_ins == 0  # the caller did not speak
+    # Late audio of the cancelled response never reaches the caller.
+    assert twilio_messages(harness.handle(ev.RealtimeAudioDelta("resp_1", "item_1", "AAAA"))) == []
+    commands = harness.handle(ev.RealtimeResponseDone("resp_1", "cancelled"))
+    assert [text.endswith("saying exactly: Your order has shipped.") for text in said(commands)] == [True]
+
+
+def test_say_with_interrupt_once_the_response_is_done_clears_what_still_plays_and_speaks_at_once() -> None:
+    harness = live()
+    harness.speak("resp_1", "item_1", chunks=3)
+    harness.handle(ev.RealtimeResponseDone("resp_1", "completed"))
+    commands = harness.handle(ev.HostSay("One more thing.", interrupt=True), at=harness.now + 0.1)
+    assert [m["event"] for m in twilio_messages(commands)] == ["clear"]
+    assert of_type(commands, "response.cancel") == []  # nothing is being generated
+    assert len(of_type(commands, "conversation.item.truncate")) == 1
+    assert said(commands) == [
+        "Say this to the caller now, word for word and nothing else, by saying exactly: One more thing."
+    ]
+
+
+def test_say_without_interrupt_waits_for_the_current_response() -> None:
+    harness = live()
+    harness.speak("resp_1", "item_1", chunks=2)
+    commands = harness.handle(ev.HostSay("Your table is ready."))
+    assert twilio_messages(commands) == [] and of_type(commands, "response.cancel") == []
+    assert said(commands) == []
+    commands = harness.handle(ev.RealtimeResponseDone("resp_1", "completed"))
+    assert [text.endswith("exactly: Your table is ready.") for text in said(commands)] == [True]
+    # Two more while that one is asked for: one at a time, in order.
+    harness.handle(ev.HostSay("First."))
+    assert said(harness.handle(ev.HostSay("Second."))) == []
+    harness.handle(ev.RealtimeResponseCreated("resp_2"))
+    assert [
+        text.endswith("First.") for text in said(harness.handle(ev.RealtimeResponseDone("resp_2", "completed")))
+    ] == [True]
+    harness.handle(ev.RealtimeResponseCreated("resp_3"))
+    assert [
+        text.endswith("Second.") for text in said(harness.handle(ev.RealtimeResponseDone("resp_3", "completed")))
+    ] == [True]
+
+
+def test_say_waits_for_a_response_asked_for_but_not_yet_started() -> None:
+    harness = Harness()
+    harness.go_live()  # the greeting is asked for
+    assert said(harness.handle(ev.HostSay("Hello from the host."))) == []
+    harness.handle(ev.RealtimeResponseCreated("resp_greeting"))
+    commands = harness.handle(ev.RealtimeResponseDone("resp_greeting", "completed"))
+    assert [text.endswith("Hello from the host.") for text in said(commands)] == [True]
+
+
+def test_a_say_refused_for_an_active_response_of_the_server_waits_its_turn_again() -> None:
+    harness = live()
+    (create,) = of_type(harness.handle(ev.HostSay("Hold on.")), "response.create")
+    harness.handle(ev.RealtimeResponseCreated("resp_server"))  # the server started one of its own meanwhile
+    harness.handle(ev.RealtimeError("conversation_already_has_active_response", "busy", create["event_id"]))
+    commands = harness.handle(ev.RealtimeResponseDone("resp_server", "completed"))
+    assert [text.endswith("Hold on.") for text in said(commands)] == [True]
+
+
+def test_instruct_adds_a_system_message_and_responds_only_when_asked() -> None:
+    harness = live()
+    commands = harness.handle(ev.HostInstruct("The order was just refunded."))
+    (item,) = of_type(commands, "conversation.item.create")
+    assert item["item"]["role"] == "system"
+    assert item["item"]["content"][0]["text"] == "The order was just refunded."
+    assert said(commands) == []
+    assert recorded(commands, "instruct") == [{"text": "The order was just refunded.", "respond": False}]
+    harness.speak("resp_1", "item_1", chunks=1)
+    commands = harness.handle(ev.HostInstruct("The courier is at the door.", respond=True))
+    assert len(of_type(commands, "conversation.item.create")) == 1 and said(commands) == []
+    commands = harness.handle(ev.RealtimeResponseDone("resp_1", "completed"))
+    assert len(of_type(commands, "response.create")) == 1 and said(commands) == [""]  # the session's instructions
+
+
+def test_instructions_are_given_again_to_a_new_model_session() -> None:
+    harness = live()
+    harness.handle(ev.HostInstruct("The order was just refunded."))
+    harness.handle(ev.RealtimeClosed(1011, "lost"))
+    assert harness.session.phase == "connecting"
+    assert refusals(harness.handle(ev.HostSay("Anyone there?"))) == [
+        ControlRefused("not_ready", "the agent is not ready: the model's session is not confirmed yet")
+    ]
+    harness.handle(ev.RealtimeConnected())
+    commands = harness.handle(ev.RealtimeSessionUpdated())
+    system = [
+        e["item"]["content"][0]["text"]
+        for e in of_type(commands, "conversation.item.create")
+        if e["item"]["role"] == "system"
+    ]
+    assert "The order was just refunded." in system
+
+
+def test_transfer_with_a_last_sentence_cuts_the_agent_off_says_it_then_redirects() -> None:
+    harness = live()
+    harness.speak("resp_1", "item_1", chunks=2)
+    commands = harness.handle(ev.HostTransfer("+15550107777", say="Putting you through to Sam."), at=harness.now + 0.1)
+    assert [m["event"] for m in twilio_messages(commands)] == ["clear"]
+    assert len(of_type(commands, "response.cancel")) == 1
+    assert recorded(commands, "transfer")[0]["to"] == "+15550107777"
+    commands = harness.handle(ev.RealtimeResponseDone("resp_1", "cancelled"))
+    assert [text.endswith("exactly: Putting you through to Sam.") for text in said(commands)] == [True]
+    assert refusals(harness.handle(ev.HostSay("Wait."))) == [
+        ControlRefused("ending", "the call is ending: a goodbye or a transfer is under way")
+    ]
+    harness.speak("resp_2", "item_bye", chunks=1)
+    assert not [c for c in harness.handle(ev.RealtimeResponseDone("resp_2", "completed")) if isinstance(c, EndCall)]
+    commands = harness.handle(ev.TwilioMark("item_bye:800"))  # the caller heard it
+    transfers = [c for c in commands if isinstance(c, TransferCall)]
+    (end,) = [c for c in commands if isinstance(c, EndCall)]
+    assert transfers == [TransferCall("+15550107777")] and end.reason == "transferred" and not end.hang_up
+    assert commands.index(transfers[0]) < commands.index(end)
+    assert refusals(harness.handle(ev.HostInstruct("Too late."))) == [ControlRefused("ended", "the call has ended")]
+
+
+def test_transfer_without_a_sentence_moves_the_call_at_once() -> None:
+    harness = live()
+    harness.speak("resp_1", "item_1", chunks=2)
+    commands = harness.handle(ev.HostTransfer("+15550107777"), at=harness.now + 0.1)
+    assert [m["event"] for m in twilio_messages(commands)] == ["clear"]
+    assert said(commands) == []
+    transfers = [c for c in commands if isinstance(c, TransferCall)]
+    (end,) = [c for c in commands if isinstance(c, EndCall)]
+    assert transfers == [TransferCall("+15550107777")] and end.reason == "transferred"
+
+
+def test_commands_before_the_call_is_live_are_refused_and_do_nothing() -> None:
+    harness = Harness()
+    harness.handle(ev.TwilioConnected())
+    harness.handle(harness.start_event())
+    for event in (ev.HostSay("Hi."), ev.HostInstruct("Facts.", respond=True), ev.HostTransfer("+15550107777")):
+        commands = harness.handle(event)
+        assert [type(c) for c in commands] == [ControlRefused], commands
+        assert commands[0].reason == "not_ready"  # type: ignore[union-attr]
+    assert harness.session.phase == "connecting"
+
+
+def test_commands_while_the_agent_says_goodbye_are_refused() -> None:
+    harness = live(AgentConfig(builtin_tools=("end_call",)))
+    harness.handle(ev.RealtimeResponseCreated("resp_1"))
+    harness.handle(ev.RealtimeFunctionCallDone("resp_1", "item_f", "call_1", "end_call", "{}", "completed"))
+    (refusal,) = refusals(harness.handle(ev.HostTransfer("+15550107777")))
+    assert refusal.reason == "ending"
