@@ -99,7 +99,7 @@ def create_app(
         settings,
         _session_config(settings, agents, signer, resolver),
         _realtime_endpoint(settings),
-        tools,
+        agents.toolbox,
         resolver,
         registry,
         metrics,
@@ -151,6 +151,7 @@ async def _lifespan(
     # Without a webhook URL nothing is ever queued: no task polls the database for nothing.
     outbox = asyncio.create_task(services.deliver_webhooks()) if settings.webhook_url else None
     sweeps = asyncio.create_task(recordings.sweep_forever()) if settings.recordings_retention_days else None
+    await agents.toolbox.start()  # MCP servers: connected in the background, retried until they answer
     try:
         async with contextlib.AsyncExitStack() as stack:
             if settings.uses_local_engine:
@@ -173,6 +174,7 @@ async def _lifespan(
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        await agents.toolbox.aclose()
         await services.aclose()
         await live.aclose()
         await store.close()

@@ -23,7 +23,7 @@ from callbridge.core.context import CallContext
 from callbridge.core.session import CallSession, SessionConfig
 from callbridge.observability.metrics import Metrics
 from callbridge.service.calls import CallServices
-from callbridge.service.tools import ToolRegistry
+from callbridge.service.tools import ToolRunner
 from callbridge.telephony.rest import TwilioCalls
 from callbridge.telephony.signatures import TwilioSignatures
 
@@ -40,7 +40,8 @@ class StreamCalls:
     session_config: SessionConfig
     endpoint: RealtimeEndpoint
     """Where calls reach the model; the local engine, when it runs, sets its own URL at start."""
-    tools: ToolRegistry
+    tools: ToolRunner
+    """Every tool of the service (Python, HTTP, MCP): the calls' bridges run them."""
     resolver: ContextResolver | None
     registry: CallRegistry
     metrics: Metrics

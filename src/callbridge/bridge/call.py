@@ -57,7 +57,7 @@ from callbridge.observability.metrics import RELAY_SAMPLE_EVERY
 from callbridge.realtime.client import ModelConnection, RealtimeEndpoint, connect
 from callbridge.realtime.client_events import encode as realtime_encode
 from callbridge.realtime.protocol import parse_server_event
-from callbridge.service.tools import ToolContext, ToolRegistry
+from callbridge.service.tools import ToolContext, ToolRegistry, ToolRunner
 from callbridge.telephony.media_streams import parse_twilio_message
 from callbridge.telephony.outbound import encode as twilio_encode
 
@@ -166,7 +166,7 @@ class CallBridge:
         realtime: RealtimeEndpoint,
         *,
         sink: TranscriptSink,
-        tools: ToolRegistry | None = None,
+        tools: ToolRunner | None = None,
         hooks: CallHooks | None = None,
         limits: CallLimits | None = None,
         metrics: BridgeMetrics | None = None,
@@ -175,7 +175,7 @@ class CallBridge:
         self.session = CallSession(session_config)
         self._endpoint = realtime
         self._sink = sink
-        self._tools = tools or ToolRegistry()
+        self._tools: ToolRunner = tools or ToolRegistry()
         hooks = hooks or CallHooks()
         limits = limits or CallLimits()
         self._tool_timeout = limits.tool_timeout
@@ -569,7 +569,8 @@ class CallBridge:
         connection.adopted()
 
     async def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
-        context = ToolContext(self.session.call_sid or "", self.session.context or CallContext())
+        session = self.session
+        context = ToolContext(session.call_sid or "", session.context or CallContext(), session.agent.name)
         ok, output = await self._tools.run(name, arguments, context, self._tool_timeout)
         if not ok:
             self._log.warning("tool.failed", name=name, call_id=call_id, output=output)

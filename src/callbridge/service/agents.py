@@ -22,15 +22,25 @@ vad_eagerness = "low"
 ```
 
 Every field is optional: what an agent leaves out comes from the ``CALLBRIDGE_AGENT_*`` / ``CALLBRIDGE_VAD_*``
-settings. ``tools`` names functions of the ``CALLBRIDGE_TOOLS`` registry and the built-in ``end_call`` and
-``transfer_call``; an agent without ``tools`` gets every registry function and no call-control tool.
+settings.
+
+The file also declares the tools that are not Python functions: HTTP tools (``[tools.NAME]``, answered by the host
+application's endpoint, see :mod:`callbridge.service.http_tools`) and MCP servers (``[mcp_servers.NAME]``, see
+:mod:`callbridge.service.mcp_tools`). An agent's ``tools`` names any of them alike: a function of the
+``CALLBRIDGE_TOOLS`` registry, an HTTP tool, one tool of an MCP server as ``"NAME__tool"`` or all of its tools as
+``"NAME"``, and the built-in ``end_call`` and ``transfer_call``. An agent without ``tools`` gets every registry
+function, every HTTP tool and every MCP server's tools (they are declared in the same file, for the agents it
+describes), and no call-control tool.
+
+Which tools an agent has is settled when each call starts: an MCP server that comes up (or changes its list) later
+gives its tools to the calls that start after it did.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +48,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from callbridge.config import Settings
 from callbridge.core.context import BUILTIN_TOOLS, AgentConfig
+from callbridge.service.http_tools import HttpTool, HttpToolSpec
+from callbridge.service.toolbox import TOOL_NAME, Toolbox
 from callbridge.service.tools import ToolRegistry
+from callbridge.service.webhooks import WebhookSigner
 
 
 class AgentSpec(BaseModel):
@@ -75,44 +88,126 @@ class AgentsFile(BaseModel):
     default_agent: str = "default"
     agents: dict[str, AgentSpec] = {}
     numbers: dict[str, str] = {}
+    tools: dict[str, HttpToolSpec] = {}
 
 
-@dataclasses.dataclass(frozen=True)
 class AgentDirectory:
-    """The agents a service knows, and which one answers which number."""
+    """The agents a service knows, and which one answers which number.
 
-    default: AgentConfig
-    agents: Mapping[str, AgentConfig]
-    numbers: Mapping[str, str]
+    An agent is looked up with the tools it has now (an MCP server's tools come and go): :attr:`agents` is a
+    mapping that builds each agent's configuration from the toolbox as it is, again only when the toolbox changed.
+    """
+
+    def __init__(
+        self,
+        agents: Mapping[str, AgentConfig],
+        tools: Mapping[str, tuple[str, ...] | None],
+        default: str,
+        numbers: Mapping[str, str],
+        toolbox: Toolbox,
+    ) -> None:
+        self._base = dict(agents)
+        self._tools = dict(tools)
+        self.default_name = default
+        self.numbers = dict(numbers)
+        self.toolbox = toolbox
+        self._built: dict[str, tuple[int, AgentConfig]] = {}
+        self.agents: Mapping[str, AgentConfig] = _CurrentAgents(self)
+
+    @property
+    def default(self) -> AgentConfig:
+        return self.current(self.default_name)
 
     def for_number(self, called: str | None) -> str:
         """The agent that answers calls to ``called``."""
-        return self.numbers.get(called or "", self.default.name)
+        return self.numbers.get(called or "", self.default_name)
 
     def get(self, name: str | None) -> AgentConfig | None:
         return self.agents.get(name or "")
 
+    def current(self, name: str) -> AgentConfig:
+        """The agent ``name`` with the tools it has now (``KeyError`` for an unknown agent)."""
+        version = self.toolbox.version
+        built = self._built.get(name)
+        if built is not None and built[0] == version:
+            return built[1]
+        agent = dataclasses.replace(self._base[name], tools=self.toolbox.schemas(self._tools[name]))
+        self._built[name] = (version, agent)
+        return agent
+
+
+class _CurrentAgents(Mapping[str, AgentConfig]):
+    """The agents by name, each with its current tools (what a call's session looks its agent up in)."""
+
+    def __init__(self, directory: AgentDirectory) -> None:
+        self._directory = directory
+
+    def __getitem__(self, name: str) -> AgentConfig:
+        return self._directory.current(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._directory._base)
+
+    def __len__(self) -> int:
+        return len(self._directory._base)
+
 
 def load_agents(settings: Settings, registry: ToolRegistry, path: Path | None = None) -> AgentDirectory:
-    """Agents from ``path`` (TOML), or the single agent the settings describe."""
+    """Agents from ``path`` (TOML), or the single agent the settings describe.
+
+    Checks everything the file declares (the tools' schemas, that no two tools share a name, that HTTP tools can
+    be signed) without reaching any of them: MCP servers are connected to by the toolbox's :meth:`Toolbox.start`.
+    """
     spec = AgentsFile()
     if path is not None:
         try:
             spec = AgentsFile.model_validate(tomllib.loads(path.read_text()))
         except ValidationError as exc:
             raise ValueError(f"{path}: {_first_error(exc)}") from None
+    try:
+        toolbox = Toolbox(registry, _http_tools(settings, spec.tools))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}" if path else str(exc)) from None
     agents = {}
+    selections: dict[str, tuple[str, ...] | None] = {}
     for name, agent in spec.agents.items():
         try:
-            agents[name] = _agent(settings, registry, name, agent)
+            agents[name] = _agent(settings, toolbox, name, agent)
         except ValidationError as exc:  # a value the settings would refuse (vad_threshold = 7)
             raise ValueError(f"{path}: agent {name!r}: {_first_error(exc)}") from None
+        selections[name] = None if agent.tools is None else tuple(agent.tools)
     if spec.default_agent not in agents:
-        agents[spec.default_agent] = _agent(settings, registry, spec.default_agent, AgentSpec())
+        agents[spec.default_agent] = _agent(settings, toolbox, spec.default_agent, AgentSpec())
+        selections[spec.default_agent] = None
     for number, name in spec.numbers.items():
         if name not in agents:
             raise ValueError(f"number {number} is mapped to an unknown agent {name!r}")
-    return AgentDirectory(agents[spec.default_agent], agents, spec.numbers)
+    return AgentDirectory(agents, selections, spec.default_agent, spec.numbers, toolbox)
+
+
+def _http_tools(settings: Settings, specs: Mapping[str, HttpToolSpec]) -> dict[str, HttpTool]:
+    """The file's HTTP tools, each schema checked; their requests are signed, so they need the webhook secret."""
+    if not specs:
+        return {}
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+    if not secret:
+        raise ValueError(
+            f"HTTP tools ({', '.join(specs)}) need CALLBRIDGE_WEBHOOK_SECRET: their requests are signed with it "
+            "(`callbridge secret` prints a new one)"
+        )
+    try:
+        signer = WebhookSigner(secret)
+    except ValueError as exc:
+        raise ValueError(f"CALLBRIDGE_WEBHOOK_SECRET {exc} (the HTTP tools' requests are signed with it)") from None
+    tools = {}
+    for name, spec in specs.items():
+        if not TOOL_NAME.match(name):
+            raise ValueError(f"tool {name!r}: a tool's name is 1 to 64 letters, digits, _ or -")
+        try:
+            tools[name] = HttpTool(name, spec, signer, settings.max_request_bytes)
+        except ValueError as exc:
+            raise ValueError(f"tool {name!r}: {exc}") from None
+    return tools
 
 
 _SETTING_OF = {
@@ -140,20 +235,16 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {message}" if where else message
 
 
-def _agent(settings: Settings, registry: ToolRegistry, name: str, spec: AgentSpec) -> AgentConfig:
-    """The settings' agent, with what ``spec`` says instead."""
+def _agent(settings: Settings, toolbox: Toolbox, name: str, spec: AgentSpec) -> AgentConfig:
+    """The settings' agent, with what ``spec`` says instead; its tools are the directory's to fill in."""
     fields = spec.model_dump(exclude={"tools", "transfer_number", "record"}, exclude_none=True)
     merged = _merged(settings, {_SETTING_OF.get(key, key): value for key, value in fields.items()})
-    schemas = registry.schemas
     builtin: tuple[str, ...] = ()
     if spec.tools is not None:
-        unknown = [tool for tool in spec.tools if tool not in registry and tool not in BUILTIN_TOOLS]
-        if unknown:
-            raise ValueError(f"agent {name!r} names unknown tools: {', '.join(unknown)}")
-        schemas = tuple(schema for schema in schemas if schema["name"] in spec.tools)
+        toolbox.check_selection(name, spec.tools)
         builtin = tuple(tool for tool in spec.tools if tool in BUILTIN_TOOLS)
     return dataclasses.replace(
-        merged.agent(schemas),
+        merged.agent(),
         name=name,
         builtin_tools=builtin,
         transfer_number=spec.transfer_number,

@@ -29,7 +29,7 @@ import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, get_type_hints
+from typing import Any, Protocol, get_type_hints
 
 import orjson
 from pydantic import BaseModel, Field, ValidationError, create_model
@@ -46,6 +46,18 @@ class ToolContext:
 
     call_sid: str
     context: CallContext
+    agent: str | None = None
+    """The agent that answers the call (its context's ``agent`` may be unset: the default agent)."""
+
+
+class ToolRunner(Protocol):
+    """What a call needs of its tools: run one by name. :class:`ToolRegistry` is one; the service's
+    :class:`~callbridge.service.toolbox.Toolbox` (Python, HTTP and MCP tools together) is another."""
+
+    async def run(self, name: str, arguments: str, context: ToolContext, time_limit: float) -> tuple[bool, str]:
+        """Run a tool; return ``(ok, output)``, the output a JSON string for the model (``{"error": ...}``
+        when not ok). Never raises: a tool's failure is the model's to hear, not the call's."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +111,10 @@ class ToolRegistry:
         return len(self._tools)
 
     @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._tools)
+
+    @property
     def schemas(self) -> tuple[dict[str, Any], ...]:
         return tuple(tool.schema for tool in self._tools.values())
 
@@ -106,11 +122,11 @@ class ToolRegistry:
         """Run a tool; return ``(ok, output)`` where output is the JSON string sent back to the model."""
         tool = self._tools.get(name)
         if tool is None:
-            return False, _error(f"unknown tool {name!r}")
+            return False, error_output(f"unknown tool {name!r}")
         try:
             parsed = tool.arguments_model.model_validate_json(arguments or "{}")
         except ValidationError as exc:
-            return False, _error(f"invalid arguments: {exc.errors(include_url=False)}")
+            return False, error_output(f"invalid arguments: {exc.errors(include_url=False)}")
         kwargs = dict(parsed)
         if tool.context_parameter:
             kwargs[tool.context_parameter] = context
@@ -121,13 +137,14 @@ class ToolRegistry:
                 else:
                     result = await asyncio.to_thread(tool.function, **kwargs)
         except TimeoutError:
-            return False, _error(f"the tool did not answer within {time_limit:g} s")
+            return False, error_output(f"the tool did not answer within {time_limit:g} s")
         except Exception as exc:  # a tool's failure is reported to the model, never fatal to the call
-            return False, _error(f"{type(exc).__name__}: {exc}")
+            return False, error_output(f"{type(exc).__name__}: {exc}")
         return True, result if isinstance(result, str) else orjson.dumps(result, default=str).decode()
 
 
-def _error(message: str) -> str:
+def error_output(message: str) -> str:
+    """The output the model gets for a tool that failed: ``{"error": message}``."""
     return orjson.dumps({"error": message}).decode()
 
 
