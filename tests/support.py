@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from callbridge.service.webhooks import new_secret
 from callbridge.telephony import g711 as audio
 from callbridge.telephony.rest import TwilioCalls
 from callbridge.testing.caller import CallRecording, SimulatedCaller
@@ -37,7 +38,7 @@ AUTH_TOKEN = secret("e2e-twilio-token-" + secrets.token_hex(8))
 SECRET = secret("e2e-callbridge-secret-" + secrets.token_hex(8))
 OPENAI_KEY = secret("sk-e2e-" + secrets.token_hex(16))
 API_TOKEN = secret("api-" + secrets.token_hex(8))
-WEBHOOK_SECRET = secret("hook-" + secrets.token_hex(8))
+WEBHOOK_SECRET = secret(new_secret())  # Standard Webhooks: whsec_ and base64
 ACCOUNT_SID = "AC" + "7" * 32
 CALLBRIDGE = Path(sys.executable).with_name("callbridge")
 GREETING = "Hello, you have reached the test line."

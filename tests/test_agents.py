@@ -1,4 +1,4 @@
-"""Agents from a file, context resolvers, and the signatures callbridge puts on what it sends."""
+"""Agents from a file, context resolvers, and the Standard Webhooks signatures callbridge puts on what it sends."""
 
 from __future__ import annotations
 
@@ -6,17 +6,19 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from callbridge.config import Settings
 from callbridge.core.context import CallContext, ContextItem
 from callbridge.service.agents import load_agents
 from callbridge.service.resolvers import HttpContextResolver, PythonContextResolver
-from callbridge.service.signing import HEADER, sign, verify_signature
 from callbridge.service.tools import ToolRegistry
+from callbridge.service.webhooks import WebhookSigner, new_secret
 
 registry = ToolRegistry()
 
@@ -122,28 +124,38 @@ def test_without_a_file_there_is_one_default_agent() -> None:
     assert directory.default.name == "default" and len(directory.default.tools) == 2
 
 
-def test_signatures_round_trip() -> None:
+def test_signatures_are_standard_webhooks() -> None:
+    """A receiver verifies with any Standard Webhooks library: here the reference one, ``standardwebhooks``."""
+    key = new_secret()
     body = b'{"call_sid": "CA1"}'
-    header = sign("secret", body, timestamp=1000)
-    assert verify_signature("secret", body, header, now=1010)
-    assert not verify_signature("secret", body + b" ", header, now=1010)
-    assert not verify_signature("other", body, header, now=1010)
-    assert not verify_signature("secret", body, header, now=2000)  # too old: a replay
-    assert not verify_signature("secret", body, "garbage", now=1010)
+    headers = WebhookSigner(key).headers(body, "msg_1")
+    assert headers["webhook-id"] == "msg_1" and headers["Content-Type"] == "application/json"
+    assert Webhook(key).verify(body, headers) == {"call_sid": "CA1"}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(key).verify(body + b" ", headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_secret()).verify(body, headers)
+    stale = WebhookSigner(key).headers(body, "msg_1", at=datetime.now(UTC) - timedelta(hours=1))
+    with pytest.raises(WebhookVerificationError):  # too old: a replay
+        Webhook(key).verify(body, stale)
+    for refused in ("", "whsec_", "hook-secret", "whsec_not base64!"):
+        with pytest.raises(ValueError, match="whsec_"):
+            WebhookSigner(refused)
 
 
 async def test_http_resolver_signs_and_reads_the_answer() -> None:
+    key = new_secret()
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        assert verify_signature("hook-secret", request.content, request.headers[HEADER])
+        Webhook(key).verify(request.content, dict(request.headers))
         return httpx.Response(
             200, json={"name": "Ada", "greeting": "Hi Ada!", "items": [{"role": "user", "text": "x"}]}
         )
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    resolver = HttpContextResolver("https://app.example/callbridge/context", "hook-secret", client)
+    resolver = HttpContextResolver("https://app.example/callbridge/context", key, client)
     context = CallContext(call_sid="CA1", reference="customer-42", caller="+1", called="+2", agent="reception")
     resolved = await resolver(context)
     assert resolved == CallContext(name="Ada", greeting="Hi Ada!", items=(ContextItem("user", "x"),))

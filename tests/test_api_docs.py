@@ -29,7 +29,7 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
-from callbridge.api import rest
+from callbridge.api import rest, webhooks
 from callbridge.api.app import create_app
 from callbridge.api.docs import ErrorBody, ValidationErrorBody
 from callbridge.config import Settings
@@ -178,10 +178,10 @@ async def openapi(tmp_path: Path) -> dict[str, Any]:
 async def test_every_api_operation_documents_its_error_answers(tmp_path: Path) -> None:
     spec = await openapi(tmp_path)
     api = [(method, path, operation) for method, path, operation in operations(spec) if path.startswith("/api/")]
-    assert len(api) == 8
+    assert len(api) == 10
     for method, path, operation in api:
         responses = operation["responses"]
-        expected = {"401", "413", "422"} | ({"404"} if "{call_sid}" in path else set())
+        expected = {"401", "413", "422"} | ({"404"} if "{call_sid}" in path or "{delivery_id}" in path else set())
         assert expected <= set(responses), (method, path, sorted(responses))
         for status in expected - {"413"}:
             schema = resolve(spec, responses[status]["content"]["application/json"]["schema"])
@@ -220,6 +220,8 @@ async def test_every_parameter_and_field_is_described(tmp_path: Path) -> None:
         (rest.CallPage, repository.CallPage),
         (rest.CallEvent, repository.CallEvent),
         (rest.TranscriptLine, transcript.TranscriptLine),
+        (webhooks.WebhookDelivery, repository.OutboxEntry),
+        (webhooks.WebhookDeliveryPage, repository.OutboxPage),
     ],
 )
 def test_each_answer_carries_every_field_of_its_record(answer: type[BaseModel], record: type[Any]) -> None:

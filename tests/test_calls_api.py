@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 import websockets
 from fastapi import FastAPI, Request, Response
+from standardwebhooks.webhooks import Webhook
 from twilio.request_validator import RequestValidator
 
 from callbridge.api.rest import router
@@ -26,7 +27,6 @@ from callbridge.core.session import CallSession, SessionConfig
 from callbridge.core.usage import TokenUsage
 from callbridge.service.agents import load_agents
 from callbridge.service.calls import CallServices
-from callbridge.service.signing import HEADER, verify_signature
 from callbridge.service.tools import ToolRegistry
 from callbridge.store import Store
 from callbridge.telephony import g711 as audio
@@ -172,6 +172,7 @@ async def test_token_usage_on_record_and_in_the_post_call_webhook(kind: str, tmp
             api_token=API_TOKEN,
             database_url=db,
             webhook_url="https://host.example/hooks/calls",
+            webhook_secret=WEBHOOK_SECRET,
             _env_file=None,
         )
         store = await Store.open(db)
@@ -284,17 +285,19 @@ class Receiver:
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
-        self.received: list[tuple[bytes, str]] = []
+        self.received: list[tuple[bytes, dict[str, str]]] = []
+        self.ids: list[str] = []  # the webhook-id of every attempt
         self.attempts = 0
         app = FastAPI()
 
         @app.post("/hooks/calls")
         async def hook(request: Request) -> Response:
             self.attempts += 1
+            self.ids.append(request.headers["webhook-id"])
             if self.failures > 0:
                 self.failures -= 1
                 return Response(status_code=503)
-            self.received.append((await request.body(), request.headers[HEADER]))
+            self.received.append((await request.body(), dict(request.headers)))
             return Response(status_code=204)
 
         self.app = app
@@ -318,19 +321,23 @@ async def test_post_call_webhook_is_signed_retried_and_survives_a_restart(tmp_pa
     port = free_port()
     behavior = FakeBehavior(transcripts=["Hello."], ms_per_char=20)
     db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
-    hook = {"CALLBRIDGE_WEBHOOK_URL": f"http://127.0.0.1:{port}/hooks/calls"}
+    # Waits of a second at most between attempts (a minute by default), drawn at random.
+    hook = {
+        "CALLBRIDGE_WEBHOOK_URL": f"http://127.0.0.1:{port}/hooks/calls",
+        "CALLBRIDGE_WEBHOOK_BACKOFF_SECONDS": "0.5",
+    }
     script = CallScript([Pause(1000), Say(audio.tone(600, 330)), Pause(2000), HangUp()])
 
     receiver = Receiver(failures=2)  # the host app is flaky: two 503s, then it accepts
     async with receiving(receiver, port), service(tmp_path, behavior, db, **hook) as (running, _):
         first = await running.caller().place_call(script, max_duration_s=30)
         await wait_until(lambda: receiver.received, 15, what="the webhook delivered")
-    body, signature = receiver.received[0]
-    assert verify_signature(WEBHOOK_SECRET, body, signature)
-    payload = json.loads(body)
+    body, headers = receiver.received[0]
+    payload = Webhook(WEBHOOK_SECRET).verify(body, headers)
     assert payload["call"]["call_sid"] == first.call_sid and payload["call"]["end_reason"] == "caller_hung_up"
     assert [line["speaker"] for line in payload["transcript"]] == ["agent", "caller", "agent"]
     assert receiver.attempts == 3
+    assert len(set(receiver.ids)) == 1  # the retries of one delivery carry its webhook-id
 
     # The receiver is down when the next call ends, and callbridge restarts before it comes back.
     async with service(tmp_path, behavior, db, **hook) as (running, _):

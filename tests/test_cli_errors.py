@@ -54,6 +54,9 @@ def assert_one_line(done: subprocess.CompletedProcess[str], status: int, *named:
         (("serve", "--port", "9"), {"CALLBRIDGE_TURN_DETECTION": "semantic"}, 2, "CALLBRIDGE_TURN_DETECTION"),
         (("serve", "--port", "9"), {"CALLBRIDGE_REALTIME_URL": "not-a-url"}, 2, "CALLBRIDGE_REALTIME_URL"),
         (("serve", "--port", "9"), {"CALLBRIDGE_WEBHOOK_URL": "ftp://x"}, 2, "CALLBRIDGE_WEBHOOK_URL"),
+        (("serve", "--port", "9"), {"CALLBRIDGE_WEBHOOK_URL": "http://x/h"}, 2, "CALLBRIDGE_WEBHOOK_SECRET"),
+        (("serve", "--port", "9"), {"CALLBRIDGE_CONTEXT_URL": "http://x/c"}, 2, "CALLBRIDGE_CONTEXT_URL"),
+        (("serve", "--port", "9"), {"CALLBRIDGE_WEBHOOK_SECRET": "hook-secret"}, 2, "CALLBRIDGE_WEBHOOK_SECRET"),
         (("db", "upgrade"), {"CALLBRIDGE_DATABASE_URL": "not a url"}, 2, "CALLBRIDGE_DATABASE_URL"),
         (("demo", "--script", "/nonexistent"), {}, 2, "/nonexistent"),
         (("calls", "--url", CLOSED, "--token", "t"), {}, 3, CLOSED),
@@ -101,7 +104,7 @@ async def place_call(running: Service) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["", "serve", "simulate", "demo", "engine", "call", "calls", "transcript", "db", "db upgrade"]
+    "command", ["", "serve", "simulate", "demo", "engine", "call", "calls", "transcript", "db", "db upgrade", "secret"]
 )
 def test_help_reads_cleanly(tmp_path: Path, command: str) -> None:
     """No type names (``<str>``), no raw markup, every option with a metavar that says what it takes."""

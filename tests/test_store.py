@@ -110,7 +110,7 @@ async def test_migrations_apply_from_zero_and_again(database: Database) -> None:
         # The migrations build exactly what the models describe.
         diff = await connection.run_sync(lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata))
     assert set(tables) >= TABLES
-    assert version == ["0003"]
+    assert version == ["0004"]
     assert diff == []
 
 
@@ -350,14 +350,15 @@ async def test_events_in_recorded_order(store: Store) -> None:
 
 async def test_outbox_lifecycle(store: Store) -> None:
     now = datetime.now(UTC)
-    first = await store.enqueue_webhook("https://example.com/hook", {"event": "call.ended", "call": {"n": 1}})
-    second = await store.enqueue_webhook("https://example.com/hook", {"event": "call.ended", "call": {"n": 2}})
+    first = await store.enqueue_webhook("https://example.com/hook", {"event": "call.ended", "call": {"n": 1}}, "msg_1")
+    second = await store.enqueue_webhook("https://example.com/hook", {"event": "call.ended", "call": {"n": 2}}, "msg_2")
     assert await store.due_webhooks(now - timedelta(minutes=1)) == []  # not due yet
 
     claimed = await store.due_webhooks(now + timedelta(seconds=1), lease=timedelta(minutes=5))
     assert [entry.id for entry in claimed] == [first, second]
     assert claimed[0].payload == {"event": "call.ended", "call": {"n": 1}}
     assert claimed[0].attempts == 0 and claimed[0].delivered_at is None and claimed[0].last_error is None
+    assert (claimed[0].webhook_id, claimed[0].status) == ("msg_1", "pending")
     assert await store.due_webhooks(now + timedelta(seconds=2)) == []  # claimed: others pass them by
 
     await store.mark_delivered(first)
@@ -366,18 +367,80 @@ async def test_outbox_lifecycle(store: Store) -> None:
     assert await store.due_webhooks(retry_at - timedelta(seconds=1)) == []
     [retry] = await store.due_webhooks(retry_at)
     assert (retry.id, retry.attempts, retry.last_error) == (second, 1, "ConnectError: refused")
+    assert retry.webhook_id == "msg_2"  # every attempt of a delivery carries its id
 
     # A claim that is never finished (the process died) falls due again when its lease runs out.
     [again] = await store.due_webhooks(retry_at + timedelta(minutes=6))
     assert again.id == second
-    await store.mark_failed(second, "HTTPStatusError: 500", retry_at + timedelta(minutes=7))
-    await store.mark_delivered(second)
+    await store.mark_failed(second, "HTTPStatusError: 500", retry_at + timedelta(minutes=7), 500)
+    await store.mark_delivered(second, 204)
     assert await store.due_webhooks(now + timedelta(days=1)) == []
+    delivered = await store.get_webhook(second)
+    assert delivered is not None and (delivered.status, delivered.attempts, delivered.last_status) == (
+        "delivered",
+        2,
+        204,
+    )
+
+
+async def test_outbox_dead_deliveries_are_listed_and_retried(store: Store) -> None:
+    ids = [await store.enqueue_webhook("https://example.com/hook", {"n": n}, f"msg_{n}") for n in range(5)]
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    await store.due_webhooks(now)
+    await store.mark_failed(ids[1], "HTTPStatusError: 503", None, 503)  # no next attempt: dead
+    await store.mark_failed(ids[3], "ConnectError: refused", None)
+    await store.mark_delivered(ids[4], 200)
+    later = await store.due_webhooks(now + timedelta(days=2))  # dead ones are never due
+    assert [entry.id for entry in later] == [ids[0], ids[2]]
+
+    dead = await store.list_webhooks(status="dead")
+    assert [(entry.id, entry.status, entry.last_status) for entry in dead.entries] == [
+        (ids[3], "dead", None),
+        (ids[1], "dead", 503),
+    ]
+    assert all(entry.dead_at is not None and entry.attempts == 1 for entry in dead.entries)
+    # Newest first, a page at a time.
+    first = await store.list_webhooks(limit=2)
+    assert [entry.id for entry in first.entries] == [ids[4], ids[3]] and first.next_cursor is not None
+    rest = await store.list_webhooks(limit=3, cursor=first.next_cursor)
+    assert [entry.id for entry in rest.entries] == ids[2::-1] and rest.next_cursor is None
+    assert [entry.id for entry in (await store.list_webhooks(status="pending")).entries] == [ids[2], ids[0]]
+    with pytest.raises(ValueError, match="cursor"):
+        await store.list_webhooks(cursor="nope")
+
+    retried = await store.retry_webhook(ids[1], now, reset_attempts=True)
+    assert retried is not None and (retried.status, retried.attempts, retried.dead_at) == ("pending", 0, None)
+    [due] = await store.due_webhooks(now)
+    assert (due.id, due.webhook_id) == (ids[1], "msg_1")
+    delivered = await store.retry_webhook(ids[4], now, reset_attempts=True)
+    assert delivered is not None and delivered.status == "delivered"  # left as it was
+    assert await store.retry_webhook(10_000, now, reset_attempts=True) is None
+
+
+async def test_outbox_migration_keeps_the_entries_in_the_outbox(database: Database) -> None:
+    """0004 adds ids and statuses to an outbox already in use: each entry gets an id of its own and its status."""
+    store = await database.open(migrate=False)
+    async with store.engine.begin() as connection:
+        await connection.run_sync(lambda sync: command.upgrade(alembic_config(sync), "0003"))
+        for delivered in (None, T0):
+            await connection.execute(
+                sa.text(
+                    "INSERT INTO webhook_outbox (url, payload, attempts, next_attempt_at, delivered_at, created_at)"
+                    " VALUES ('https://example.com/hook', '{}', 1, :at, :delivered, :at)"
+                ),
+                {"at": T0, "delivered": delivered},
+            )
+    await store.upgrade()
+    entries = (await store.list_webhooks()).entries
+    assert [(entry.status, entry.attempts) for entry in entries] == [("delivered", 1), ("pending", 1)]
+    assert len({entry.webhook_id for entry in entries}) == 2
+    [due] = await store.due_webhooks(datetime.now(UTC))
+    assert due.status == "pending"
 
 
 async def test_outbox_claims_do_not_overlap(database: Database) -> None:
     one, other = await database.open(), await database.open(migrate=False)
-    ids = [await one.enqueue_webhook("https://example.com/hook", {"n": n}) for n in range(6)]
+    ids = [await one.enqueue_webhook("https://example.com/hook", {"n": n}, f"msg_{n}") for n in range(6)]
     now = datetime.now(UTC) + timedelta(seconds=1)
 
     first = await one.due_webhooks(now, limit=2)

@@ -345,6 +345,15 @@ def db_upgrade() -> None:
     typer.echo(f"database at head: {settings.database_url}")
 
 
+@app.command()
+def secret() -> None:
+    """Print a new CALLBRIDGE_WEBHOOK_SECRET (whsec_…): the key that signs every request to your app (Standard
+    Webhooks), which your app verifies with it."""
+    from callbridge.service.webhooks import new_secret
+
+    typer.echo(new_secret())
+
+
 ApiUrl = Annotated[
     str | None,
     typer.Option(

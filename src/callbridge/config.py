@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -100,6 +101,11 @@ class Settings(BaseSettings):
     context_timeout_seconds: float = Field(default=2.0, gt=0)
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
+    """Standard Webhooks key (``whsec_`` and base64) signing every request to the host application."""
+    webhook_max_attempts: int = Field(default=12, ge=1)
+    """Attempts of one webhook delivery (backoff with jitter, about a day for 12) before it is dead."""
+    webhook_backoff_seconds: float = Field(default=60.0, gt=0)
+    """The longest wait after a delivery's first failed attempt; it doubles with each failure, up to 8 h."""
     webhook_events: str = "call.ended"
     """A comma list of live event types also POSTed to the webhook URL, through the outbox."""
     redis_url: str | None = None
@@ -211,6 +217,28 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a Redis URL: it must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        """Empty is unset; anything else must be a key Standard Webhooks libraries take."""
+        if value is None or not value.get_secret_value():
+            return None
+        check_webhook_secret(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _signed_requests(self) -> Self:
+        """What callbridge sends the host application is always signed: a URL to send to needs the key."""
+        urls = {"CALLBRIDGE_WEBHOOK_URL": self.webhook_url, "CALLBRIDGE_CONTEXT_URL": self.context_url}
+        unsigned = [name for name, url in urls.items() if url]
+        if unsigned and self.webhook_secret is None:
+            named = " and ".join(unsigned)
+            raise ValueError(
+                f"{named} set without CALLBRIDGE_WEBHOOK_SECRET: every request to your app is signed "
+                "(Standard Webhooks); set it to the key your app verifies with (`callbridge secret` prints a new one)"
+            )
+        return self
+
     @field_validator("webhook_events")
     @classmethod
     def _webhook_events(cls, value: str) -> str:
@@ -290,6 +318,16 @@ class Settings(BaseSettings):
             tool_filler_after_ms=self.tool_filler_after_ms,
             idle_hangup_after=self.idle_hangup_after,
         )
+
+
+def check_webhook_secret(secret: str) -> None:
+    """Raise ``ValueError`` unless ``secret`` is a Standard Webhooks key (``whsec_`` and non-empty base64)."""
+    try:
+        key = secret.removeprefix("whsec_").rstrip("=")
+        if not secret.startswith("whsec_") or not base64.b64decode(key + "=" * (-len(key) % 4), validate=True):
+            raise ValueError("empty")
+    except Exception:
+        raise ValueError("must be whsec_ and base64, as `callbridge secret` prints") from None
 
 
 def _comma_list(value: str) -> list[str]:

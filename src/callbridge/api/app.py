@@ -28,6 +28,7 @@ from callbridge.api.live import live_router
 from callbridge.api.rest import router
 from callbridge.api.streams import StreamCalls
 from callbridge.api.twilio import twilio_router
+from callbridge.api.webhooks import webhooks_router
 from callbridge.bridge import CallRegistry, ContextResolver, RealtimeEndpoint
 from callbridge.config import Settings
 from callbridge.core.session import SessionConfig
@@ -82,7 +83,7 @@ def create_app(
     twilio_rest = None
     if settings.twilio_account_sid and auth_token:
         twilio_rest = TwilioCalls(settings.twilio_account_sid, auth_token, api_base_url=settings.twilio_api_base_url)
-    resolver = _resolver(settings, secret)
+    resolver = _resolver(settings)
     metrics = Metrics(lambda: registry.sessions())  # the live calls, read at each scrape
     registry = CallRegistry(settings.max_calls, metrics)
 
@@ -116,6 +117,7 @@ def create_app(
     app.include_router(twilio_router(settings, signatures, registry, metrics))
     app.include_router(router())
     app.include_router(live_router())
+    app.include_router(webhooks_router())
     app.include_router(health_router(registry, metrics))
     serve_docs(app)
     mount_dashboard(app)
@@ -149,7 +151,7 @@ async def _lifespan(
     app.state.recordings = recordings = Recordings(settings, store)
     await recordings.recover()  # what a killed process left incomplete is made whole before any call starts
     # Without a webhook URL nothing is ever queued: no task polls the database for nothing.
-    outbox = asyncio.create_task(services.deliver_webhooks()) if settings.webhook_url else None
+    outbox = asyncio.create_task(services.outbox.run()) if settings.webhook_url else None
     sweeps = asyncio.create_task(recordings.sweep_forever()) if settings.recordings_retention_days else None
     await agents.toolbox.start()  # MCP servers: connected in the background, retried until they answer
     try:
@@ -202,9 +204,9 @@ def _signatures(settings: Settings) -> TwilioSignatures:
     return signatures
 
 
-def _resolver(settings: Settings, secret: str) -> ContextResolver | None:
-    if settings.context_url:
-        webhook_secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else secret
+def _resolver(settings: Settings) -> ContextResolver | None:
+    if settings.context_url:  # the settings refuse a context URL without a webhook secret
+        webhook_secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
         return HttpContextResolver(settings.context_url, webhook_secret)
     if settings.context_function:
         return PythonContextResolver(settings.context_function)

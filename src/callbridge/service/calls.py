@@ -1,4 +1,5 @@
-"""Calls on record: the application layer between the HTTP routes, the store, Twilio's REST API and webhooks."""
+"""Calls on record: the application layer between the HTTP routes, the store, Twilio's REST API and webhooks (whose
+delivery is :class:`callbridge.service.webhooks.WebhookOutbox`'s)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import re
 import secrets
 import time
 from collections.abc import Coroutine, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import orjson
 import structlog
 
@@ -23,7 +23,7 @@ from callbridge.core.transcript import TranscriptLine
 from callbridge.service.agents import AgentDirectory
 from callbridge.service.live import LiveEvents, LocalLiveEvents
 from callbridge.service.ownership import process_identity
-from callbridge.service.signing import HEADER, sign
+from callbridge.service.webhooks import WebhookOutbox
 from callbridge.store.models import ENDED, FINAL_STATUSES
 from callbridge.store.repository import CallEvent, CallPage, CallRecord, Store
 from callbridge.telephony.params import StreamParameterSigner
@@ -33,7 +33,6 @@ from callbridge.telephony.twiml import connect_stream_twiml, dial_twiml, fallbac
 log = structlog.stdlib.get_logger("callbridge.services")
 
 STATUS_EVENTS = ["initiated", "ringing", "answered", "completed"]
-WEBHOOK_MAX_BACKOFF_S = 600
 BINDING_WAIT_S = 2.0
 """How long an outbound call's stream may wait for its call record (Twilio answered before we stored it)."""
 
@@ -120,11 +119,12 @@ class CallServices:
         self.twilio = twilio
         self.api_token = settings.api_token.get_secret_value() if settings.api_token else None
         self.owner = process_identity()
-        self._http = httpx.AsyncClient(timeout=10)
+        self.outbox = WebhookOutbox(settings, store)
+        """The webhooks to deliver: ``outbox.run()`` delivers them, for the app's life."""
 
     async def aclose(self) -> None:
         await asyncio.gather(*self._pending, return_exceptions=True)
-        await self._http.aclose()
+        await self.outbox.aclose()
         if self.twilio is not None:
             await self.twilio.aclose()
 
@@ -396,7 +396,7 @@ class CallServices:
                 "transcript": [_jsonable(dataclasses.asdict(line)) for line in lines],
                 "events": [_jsonable(dataclasses.asdict(event)) for event in events],
             }
-            await self.store.enqueue_webhook(self.settings.webhook_url, payload)
+            await self.outbox.enqueue(payload)
 
     async def record_event(self, call_sid: str, kind: str, data: dict[str, Any]) -> None:
         await self.store.add_event(call_sid, kind, data)
@@ -410,8 +410,7 @@ class CallServices:
         """A live event, and the webhook's copy when its type is in CALLBRIDGE_WEBHOOK_EVENTS."""
         self.live.publish(call_sid, kind, data)
         if kind in self._webhooked and kind != "call.ended" and self.settings.webhook_url:
-            payload = {"event": kind, "call_sid": call_sid, "data": data}
-            await self.store.enqueue_webhook(self.settings.webhook_url, payload)
+            await self.outbox.enqueue({"event": kind, "call_sid": call_sid, "data": data})
 
     def publish_soon(self, call_sid: str, kind: str, data: dict[str, Any]) -> None:
         """:meth:`publish` from where nothing may wait (the call's audio path): the webhook's copy, if any, later.
@@ -466,36 +465,6 @@ class CallServices:
             await self.record_event(call_sid, stream_event.replace("-", "_"), data)
         except Exception as exc:  # an event the store cannot take is logged; Twilio has nothing to do about it
             log.error("twilio.stream_status_failed", call_sid=call_sid, error=f"{type(exc).__name__}: {exc}")
-
-    # --- post-call webhooks ------------------------------------------------------------------------------
-
-    async def deliver_webhooks(self, poll_s: float = 1.0) -> None:
-        """Deliver the outbox, forever: signed, retried with exponential backoff, surviving restarts."""
-        secret = self.settings.webhook_secret.get_secret_value() if self.settings.webhook_secret else ""
-        while True:
-            try:
-                for entry in await self.store.due_webhooks(datetime.now(UTC)):
-                    body = orjson.dumps(entry.payload)
-                    try:
-                        response = await self._http.post(
-                            entry.url,
-                            content=body,
-                            headers={"Content-Type": "application/json", HEADER: sign(secret, body)},
-                        )
-                        response.raise_for_status()
-                    except httpx.HTTPError as exc:
-                        delay = min(WEBHOOK_MAX_BACKOFF_S, 2 ** (entry.attempts + 1))
-                        retry_at = datetime.now(UTC) + timedelta(seconds=delay)
-                        await self.store.mark_failed(entry.id, f"{type(exc).__name__}: {exc}", retry_at)
-                        log.warning("webhook.failed", url=entry.url, attempts=entry.attempts + 1, retry_in_s=delay)
-                    else:
-                        await self.store.mark_delivered(entry.id)
-                        log.info("webhook.delivered", url=entry.url, id=entry.id)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the outbox must outlive a transient database error
-                log.error("webhook.outbox_error", error=str(exc))
-            await asyncio.sleep(poll_s)
 
 
 def _context_of(record: CallRecord, call_sid: str) -> CallContext:

@@ -5,7 +5,7 @@ plus the call's numbers. At call start, while the model connection opens, a reso
 person's name, instructions, a greeting and earlier conversation items:
 
 - :class:`HttpContextResolver` (``CALLBRIDGE_CONTEXT_URL``): callbridge POSTs JSON to the host app (Rails,
-  Django, anything), signed as in :mod:`callbridge.service.signing`, and reads the JSON answer;
+  Django, anything), signed per Standard Webhooks (:mod:`callbridge.service.webhooks`), and reads the JSON answer;
 - :class:`PythonContextResolver` (``CALLBRIDGE_CONTEXT_FUNCTION=package.module:function``): an async function;
 - a static context from the agents file needs no resolver at all.
 A resolver that fails or misses the deadline leaves the agent's defaults: the caller never waits in silence.
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from callbridge.core.context import CallContext, ContextItem
 from callbridge.service.plugins import load_object
-from callbridge.service.signing import HEADER, sign
+from callbridge.service.webhooks import WebhookSigner
 
 
 class ResolvedItem(BaseModel):
@@ -63,15 +63,17 @@ def request_body(context: CallContext) -> dict[str, Any]:
 
 
 class HttpContextResolver:
+    """POSTs the call's reference and numbers to ``url``, signed with ``secret`` (``CALLBRIDGE_WEBHOOK_SECRET``,
+    ``whsec_…``; an empty or malformed key is refused here, so no request is ever signed without one)."""
+
     def __init__(self, url: str, secret: str, client: httpx.AsyncClient | None = None) -> None:
         self._url = url
-        self._secret = secret
+        self._signer = WebhookSigner(secret)
         self._client = client or httpx.AsyncClient()
 
     async def __call__(self, context: CallContext) -> CallContext | None:
         body = orjson.dumps(request_body(context))
-        headers = {"Content-Type": "application/json", HEADER: sign(self._secret, body)}
-        response = await self._client.post(self._url, content=body, headers=headers)
+        response = await self._client.post(self._url, content=body, headers=self._signer.headers(body))
         response.raise_for_status()
         return ResolvedContext.model_validate_json(response.content).to_context()
 

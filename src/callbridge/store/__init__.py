@@ -7,6 +7,7 @@ from callbridge.store.repository import (
     CallRecord,
     DatabaseTranscriptSink,
     OutboxEntry,
+    OutboxPage,
     Store,
     async_database_url,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "CallRecord",
     "DatabaseTranscriptSink",
     "OutboxEntry",
+    "OutboxPage",
     "Store",
     "async_database_url",
 ]

@@ -1,4 +1,4 @@
-"""The tables: calls, their transcript lines and events, and the outbox of post-call webhooks.
+"""The tables: calls, their transcript lines and events, and the outbox of webhooks to deliver.
 
 These ORM classes stay inside the store; the repository hands callers plain frozen dataclasses. The schema itself
 is owned by the Alembic migrations next to this module: change a model, then add a revision.
@@ -137,6 +137,10 @@ class EventRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+OUTBOX_STATUSES = ("pending", "delivered", "dead")
+"""A delivery is pending (due now or later), delivered (the receiver answered 2xx) or dead (its attempts ran out)."""
+
+
 class OutboxRow(Base):
     __tablename__ = "webhook_outbox"
     # Delivered entries pile up; the index of the pending ones stays small.
@@ -144,16 +148,22 @@ class OutboxRow(Base):
         Index(
             "ix_webhook_outbox_pending",
             "next_attempt_at",
-            postgresql_where=text("delivered_at IS NULL"),
-            sqlite_where=text("delivered_at IS NULL"),
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
         ),
+        Index(None, "status", "id"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
+    webhook_id: Mapped[str]
+    """The ``webhook-id`` of every attempt of this delivery: receivers tell a retry from a new delivery by it."""
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column(Json)
+    status: Mapped[str] = mapped_column(default="pending")  # one of OUTBOX_STATUSES
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
+    dead_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None]  # the receiver's HTTP status at the last attempt (None: no answer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

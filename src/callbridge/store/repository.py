@@ -1,4 +1,4 @@
-"""The store: calls on record, their transcripts and events, and the outbox of post-call webhooks.
+"""The store: calls on record, their transcripts and events, and the outbox of webhooks to deliver.
 
 One ``Store`` serves a process, on one async engine (SQLite through aiosqlite, PostgreSQL through asyncpg). Every
 method is its own short transaction, committed before it returns, and hands back plain frozen dataclasses: ORM
@@ -101,14 +101,28 @@ class CallEvent:
 @dataclass(frozen=True, slots=True)
 class OutboxEntry:
     id: int
+    webhook_id: str
+    """The Standard Webhooks ``webhook-id`` of every attempt of this delivery."""
     url: str
     payload: dict[str, Any]
+    status: str
+    """``pending``, ``delivered`` or ``dead`` (its attempts ran out)."""
     attempts: int
     """Failed attempts so far."""
     next_attempt_at: datetime
     delivered_at: datetime | None
+    dead_at: datetime | None
     last_error: str | None
+    last_status: int | None
+    """The receiver's HTTP status at the last attempt (None: it did not answer)."""
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxPage:
+    entries: tuple[OutboxEntry, ...]
+    next_cursor: str | None
+    """Pass it back as ``cursor`` for the next page; ``None`` on the last page."""
 
 
 class CallChanges(TypedDict, total=False):
@@ -347,16 +361,16 @@ class Store:
 
     # ------------------------------------------------------------------------------------------------ the outbox
 
-    async def enqueue_webhook(self, url: str, payload: dict[str, Any]) -> int:
-        """Keep a webhook to deliver, due now; returns its id."""
-        statement = insert(OutboxRow).values(url=url, payload=payload).returning(OutboxRow.id)
+    async def enqueue_webhook(self, url: str, payload: dict[str, Any], webhook_id: str) -> int:
+        """Keep a webhook to deliver, due now, with the ``webhook-id`` all its attempts carry; returns its id."""
+        statement = insert(OutboxRow).values(url=url, payload=payload, webhook_id=webhook_id).returning(OutboxRow.id)
         async with self.engine.begin() as connection:
             return (await connection.execute(statement)).scalar_one()
 
     async def due_webhooks(
         self, now: datetime, limit: int = 20, *, lease: timedelta = timedelta(minutes=5)
     ) -> list[OutboxEntry]:
-        """Claim up to ``limit`` undelivered webhooks whose next attempt is due at ``now``.
+        """Claim up to ``limit`` pending webhooks whose next attempt is due at ``now``.
 
         Claiming moves an entry's next attempt ``lease`` ahead, so that other processes polling the outbox pass it by
         while this one delivers it; should this one die, the entry falls due again when the lease runs out. Finish
@@ -366,7 +380,7 @@ class Store:
         # claim committed meanwhile are checked again by FOR UPDATE. SQLite has one writer at a time anyway.
         claimable = (
             select(OutboxRow.id)
-            .where(OutboxRow.delivered_at.is_(None), OutboxRow.next_attempt_at <= now)
+            .where(OutboxRow.status == "pending", OutboxRow.next_attempt_at <= now)
             .order_by(OutboxRow.next_attempt_at, OutboxRow.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -381,19 +395,74 @@ class Store:
             rows = (await session.scalars(claim)).all()
             return sorted((_plain(OutboxEntry, row) for row in rows), key=lambda entry: entry.id)
 
-    async def mark_delivered(self, entry_id: int) -> None:
-        async with self.engine.begin() as connection:
-            await connection.execute(update(OutboxRow).where(OutboxRow.id == entry_id).values(delivered_at=utcnow()))
-
-    async def mark_failed(self, entry_id: int, error: str, next_attempt_at: datetime) -> None:
-        """Count a failed attempt and schedule the next one."""
+    async def mark_delivered(self, entry_id: int, status_code: int | None = None) -> None:
         statement = (
             update(OutboxRow)
             .where(OutboxRow.id == entry_id)
-            .values(attempts=OutboxRow.attempts + 1, last_error=error, next_attempt_at=next_attempt_at)
+            .values(status="delivered", delivered_at=utcnow(), last_status=status_code)
         )
         async with self.engine.begin() as connection:
             await connection.execute(statement)
+
+    async def mark_failed(
+        self, entry_id: int, error: str, next_attempt_at: datetime | None, status_code: int | None = None
+    ) -> None:
+        """Count a failed attempt and schedule the next one; with no next attempt (``None``) the delivery is dead."""
+        changes: dict[str, Any] = {
+            "attempts": OutboxRow.attempts + 1,
+            "last_error": error,
+            "last_status": status_code,
+        }
+        if next_attempt_at is None:
+            changes |= {"status": "dead", "dead_at": utcnow()}
+        else:
+            changes["next_attempt_at"] = next_attempt_at
+        statement = update(OutboxRow).where(OutboxRow.id == entry_id, OutboxRow.status == "pending").values(**changes)
+        async with self.engine.begin() as connection:
+            await connection.execute(statement)
+
+    async def get_webhook(self, entry_id: int) -> OutboxEntry | None:
+        async with self._sessions() as session:
+            row = await session.get(OutboxRow, entry_id)
+            return None if row is None else _plain(OutboxEntry, row)
+
+    async def list_webhooks(
+        self, *, status: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> OutboxPage:
+        """Deliveries, newest first, a page at a time (cut by id, like the calls' pages by position).
+
+        Raises ``ValueError`` for a cursor this store did not make.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        query = select(OutboxRow).order_by(OutboxRow.id.desc()).limit(limit + 1)
+        if status is not None:
+            query = query.where(OutboxRow.status == status)
+        if cursor is not None:
+            query = query.where(OutboxRow.id < _decode_id_cursor(cursor))
+        async with self._sessions() as session:
+            rows = (await session.scalars(query)).all()
+        page = rows[:limit]
+        next_cursor = _encode_id_cursor(page[-1].id) if len(rows) > limit else None
+        return OutboxPage(entries=tuple(_plain(OutboxEntry, row) for row in page), next_cursor=next_cursor)
+
+    async def retry_webhook(self, entry_id: int, now: datetime, *, reset_attempts: bool) -> OutboxEntry | None:
+        """Make a pending or dead delivery due at ``now`` (pending again, with all its attempts ahead of it when
+        ``reset_attempts``); a delivered one is left as it is. ``None`` when there is no such delivery."""
+        changes: dict[str, Any] = {"status": "pending", "next_attempt_at": now, "dead_at": None}
+        if reset_attempts:
+            changes["attempts"] = 0
+        statement = (
+            update(OutboxRow)
+            .where(OutboxRow.id == entry_id, OutboxRow.status.in_(("pending", "dead")))
+            .values(**changes)
+            .returning(OutboxRow)
+        )
+        async with self._sessions.begin() as session:
+            row = (await session.scalars(statement)).one_or_none()
+            if row is None:
+                row = await session.get(OutboxRow, entry_id)
+            return None if row is None else _plain(OutboxEntry, row)
 
 
 class DatabaseTranscriptSink:
@@ -425,6 +494,18 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
         created_at, id_ = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         return datetime.fromisoformat(created_at), int(id_)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"invalid cursor {cursor!r}") from exc
+
+
+def _encode_id_cursor(id_: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps([id_]).encode()).decode().rstrip("=")
+
+
+def _decode_id_cursor(cursor: str) -> int:
+    try:
+        (id_,) = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return int(id_)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"invalid cursor {cursor!r}") from exc
 
