@@ -48,10 +48,12 @@ def test_backoff_is_drawn_at_random_within_its_bounds() -> None:
 
 
 def test_a_url_to_send_to_needs_the_key() -> None:
-    for url in ({"webhook_url": "https://app.example/hooks"}, {"context_url": "https://app.example/context"}):
-        with pytest.raises(ValidationError, match="without CALLBRIDGE_WEBHOOK_SECRET"):
-            Settings(**url, _env_file=None)
-        assert Settings(**url, webhook_secret=new_secret(), _env_file=None).webhook_secret is not None
+    with pytest.raises(ValidationError, match="CALLBRIDGE_WEBHOOK_URL set without CALLBRIDGE_WEBHOOK_SECRET"):
+        Settings(webhook_url="https://app.example/hooks", _env_file=None)
+    with pytest.raises(ValidationError, match="CALLBRIDGE_CONTEXT_URL set without CALLBRIDGE_WEBHOOK_SECRET"):
+        Settings(context_url="https://app.example/context", _env_file=None)
+    signed = Settings(webhook_url="https://app.example/hooks", webhook_secret=new_secret(), _env_file=None)
+    assert signed.webhook_secret is not None
     with pytest.raises(ValidationError, match="whsec_"):
         Settings(webhook_secret="hook-secret", _env_file=None)
     assert Settings(webhook_secret="", _env_file=None).webhook_secret is None  # empty is unset
