@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from callbridge.config import Settings
 from callbridge.core.context import BUILTIN_TOOLS, AgentConfig
 from callbridge.service.http_tools import HttpTool, HttpToolSpec
+from callbridge.service.mcp_tools import SERVER_NAME, McpServerSpec, expand_headers
 from callbridge.service.toolbox import TOOL_NAME, Toolbox
 from callbridge.service.tools import ToolRegistry
 from callbridge.service.webhooks import WebhookSigner
@@ -89,6 +90,7 @@ class AgentsFile(BaseModel):
     agents: dict[str, AgentSpec] = {}
     numbers: dict[str, str] = {}
     tools: dict[str, HttpToolSpec] = {}
+    mcp_servers: dict[str, McpServerSpec] = {}
 
 
 class AgentDirectory:
@@ -165,7 +167,7 @@ def load_agents(settings: Settings, registry: ToolRegistry, path: Path | None = 
         except ValidationError as exc:
             raise ValueError(f"{path}: {_first_error(exc)}") from None
     try:
-        toolbox = Toolbox(registry, _http_tools(settings, spec.tools))
+        toolbox = Toolbox(registry, _http_tools(settings, spec.tools), _mcp_servers(settings, spec.mcp_servers))
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}" if path else str(exc)) from None
     agents = {}
@@ -183,6 +185,25 @@ def load_agents(settings: Settings, registry: ToolRegistry, path: Path | None = 
         if name not in agents:
             raise ValueError(f"number {number} is mapped to an unknown agent {name!r}")
     return AgentDirectory(agents, selections, spec.default_agent, spec.numbers, toolbox)
+
+
+def _mcp_servers(
+    settings: Settings, specs: Mapping[str, McpServerSpec]
+) -> dict[str, tuple[McpServerSpec, dict[str, str]]]:
+    """The file's MCP servers, with their headers' ``${VAR}`` filled in from the environment."""
+    servers = {}
+    for name, spec in specs.items():
+        if not SERVER_NAME.match(name):
+            raise ValueError(f"mcp_servers.{name}: a server's name is letters, digits, - and single _ (no __)")
+        if spec.native and settings.realtime_dialect == "beta":
+            raise ValueError(
+                f"mcp_servers.{name}: native MCP servers need the GA Realtime API (CALLBRIDGE_REALTIME_DIALECT)"
+            )
+        try:
+            servers[name] = (spec, expand_headers(spec.headers))
+        except ValueError as exc:
+            raise ValueError(f"mcp_servers.{name}: {exc}") from None
+    return servers
 
 
 def _http_tools(settings: Settings, specs: Mapping[str, HttpToolSpec]) -> dict[str, HttpTool]:
