@@ -109,6 +109,10 @@ class CallContext:
     metadata: dict[str, Any] = field(default_factory=dict)
     binding: str | None = None
     """Ties parameters minted before Twilio assigned the call SID (outbound calls) to the call's record."""
+    machine_detection: bool = False
+    """Twilio's answering-machine detection runs on this outbound call: the agent waits for its verdict."""
+    voicemail: str | None = None
+    """Said word for word to an answering machine, then the call ends (``None``: hang up on a machine)."""
 
     @property
     def person_number(self) -> str | None:
@@ -133,6 +137,8 @@ def merge_context(base: CallContext, resolved: CallContext | None) -> CallContex
         items=base.items + resolved.items,
         metadata={**base.metadata, **resolved.metadata},
         binding=base.binding,
+        machine_detection=base.machine_detection,
+        voicemail=base.voicemail,
     )
 
 

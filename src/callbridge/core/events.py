@@ -270,6 +270,16 @@ class CallRefused:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class AmdVerdict:
+    """Twilio's answering-machine detection decided (``AnsweredBy``): ``human``, ``unknown``, ``machine_start``,
+    ``machine_end_beep``, ``machine_end_silence``, ``machine_end_other`` or ``fax``."""
+
+    answered_by: str
+    detection_ms: int | None = None
+    """How long Twilio listened before deciding (``MachineDetectionDuration``)."""
+
+
 # --- The host application's call control --------------------------------------------------------------------
 
 
@@ -345,5 +355,6 @@ Event = (
     | HangupRequested
     | EndRequested
     | CallRefused
+    | AmdVerdict
     | HostEvent
 )

@@ -107,6 +107,11 @@ PARTIAL_EVERY_S = 0.1
 PARTIAL_CHARS = 4000
 """Interim text kept of a line being spoken, at most (a longer line shows its beginning until it completes)."""
 TOOL_FILLER = "One moment while I check."
+VOICEMAIL_LEFT = "voicemail_left"
+MACHINE_DETECTED = "machine_detected"
+VOICEMAIL_CHARS_PER_S = 8.0
+"""A voicemail message's time to play, at its slowest, beyond :data:`GOODBYE_LIMIT_S` (speech runs 12-16
+characters a second)."""
 HOST_SAY = "Say this to the caller now, word for word and nothing else, by saying exactly: "
 """The instructions of a response that says the host application's text (the same ``saying exactly:`` form as the
 greeting and the filler, which models follow to the letter)."""
@@ -150,6 +155,11 @@ class SessionConfig:
     rollover_after_s: float | None = 55 * 60
     """Replace the model's session by a fresh one (with the conversation) at the first quiet moment after this
     long, before the provider's session limit (60 minutes for OpenAI) cuts it mid-sentence."""
+    amd_timeout_s: float = 6.0
+    """A call with answering-machine detection and no verdict this long after the stream's start: a person."""
+    amd_machine_wait_s: float = 30.0
+    """After ``machine_start``, how long to wait for the end of the machine's greeting (Twilio's default
+    ``MachineDetectionTimeout``) before leaving the message all the same."""
 
 
 @dataclass(slots=True)
@@ -245,6 +255,7 @@ _DRIVER_EVENTS = (
     ev.HangupRequested,
     ev.EndRequested,
     ev.CallRefused,
+    ev.AmdVerdict,
 )
 
 
@@ -288,6 +299,12 @@ class CallSession:
         # "queued": the host application's last sentence waits its turn (no other response becomes the goodbye)
         self._closing_stage: Literal["", "queued", "awaiting_goodbye", "goodbye"] = ""
         self._closing_since = 0.0
+        self._closing_limit_s = GOODBYE_LIMIT_S
+        # Answering-machine detection: "pending" until Twilio's verdict (no greeting, no response meanwhile),
+        # "machine_start" while a machine's greeting plays; "" when there is none or it is decided.
+        self._amd: Literal["", "pending", "machine_start"] = ""
+        self._amd_deadline: float | None = None
+        self._amd_early: ev.AmdVerdict | None = None  # a verdict that came before the model was ready
         self._next_instructions: str | None = None  # for the next response.create the session sends
 
         self._active_response: str | None = None
@@ -444,6 +461,8 @@ class CallSession:
             case ev.CallRefused():
                 self.context = None  # not this call's to claim: nothing is recorded against it
                 return self._refuse(event.reason, now)
+            case ev.AmdVerdict():
+                return self._on_amd(event, now)
         return []  # pragma: no cover - every driver event is matched above
 
     def _on_model_event(self, event: ev.Event, now: float) -> list[Command]:
@@ -482,7 +501,9 @@ class CallSession:
         if self.phase == "connecting" and self._ready_by is not None:
             deadlines.append(self._ready_by)
         if self._closing is not None:
-            deadlines.append(self._closing_since + GOODBYE_LIMIT_S)
+            deadlines.append(self._closing_since + self._closing_limit_s)
+        if self._amd and self._amd_deadline is not None:
+            deadlines.append(self._amd_deadline)
         if self.phase == "live" and self._rollover_at is not None:
             if now < self._rollover_at:
                 deadlines.append(self._rollover_at)
@@ -503,8 +524,10 @@ class CallSession:
         commands: list[Command] = []
         if self._held and due >= self._held_since + COALESCE_HOLD_S:
             commands += self._flush_held(now)
-        if self._closing is not None and due >= self._closing_since + GOODBYE_LIMIT_S:
+        if self._closing is not None and due >= self._closing_since + self._closing_limit_s:
             return [*commands, *self._goodbye_overdue(now)]
+        if self._amd and self._amd_deadline is not None and due >= self._amd_deadline:
+            return [*commands, *self._amd_timed_out(now)]
         filler_after = self.agent.tool_filler_after_ms / 1000
         if (
             self._tools_since is not None
@@ -558,6 +581,9 @@ class CallSession:
         agents = self.config.agents
         self.agent = agents.get(context.agent or "") or agents.get(self.config.agent.name, self.config.agent)
         commands: list[Command] = [Log("call.admitted", "info", {"caller": context.caller, "agent": self.agent.name})]
+        if context.machine_detection and context.direction == "outbound" and not self._amd:
+            self._amd = "pending"
+            self._amd_deadline = self._t0 + self.config.amd_timeout_s
         if self.config.resolve_context:
             commands.append(ResolveContext(context))
         return commands
@@ -682,6 +708,8 @@ class CallSession:
         return [update]
 
     def _session_update(self, agent: AgentConfig, context: CallContext) -> UpdateSession:
+        if self._amd:
+            agent = _listening_only(agent)
         return self._send(UpdateSession(self._event_id(), agent, context.instructions or agent.instructions))
 
     def _on_session_updated(self, event: ev.RealtimeSessionUpdated, now: float) -> list[Command]:
@@ -704,7 +732,7 @@ class CallSession:
         items = self._seed_items(context)
         items += [self._history_item(who, text) for who, text in self._history]
         commands += [self._send(CreateItem(self._event_id(), item)) for item in items]
-        if agent.speaks_first and not self._history:  # after a reconnect the conversation goes on, no new greeting
+        if agent.speaks_first and not self._history and not self._amd:  # after a reconnect: no new greeting
             self._greeting_request = self._greeting(agent, context)
             commands.append(self._response_create(self._greeting_request))
         frames = self._buffer.frames
@@ -715,6 +743,9 @@ class CallSession:
             commands.append(self._append(frames.popleft().payload))
         self._buffer.bytes = 0
         commands.append(Log("realtime.ready", "info", {"buffered_frames": buffered}))
+        if self._amd_early is not None:  # Twilio decided before the model was ready
+            early, self._amd_early = self._amd_early, None
+            commands += self._on_amd(early, now)
         return commands + self._flush_host()  # what the host application asked for before the model was lost
 
     def _session_rejected(self, code: str, message: str, param: str | None, now: float) -> list[Command]:
@@ -904,6 +935,8 @@ class CallSession:
             del turns[next(iter(turns))]
         self._idle_prompts = 0
         self._idle_goodbye = False
+        if self._closing is not None and self._closing[0] == VOICEMAIL_LEFT:
+            return []  # a machine's beep or noise does not cut the message short
         active = self._active_response
         fresh_response = active is not None and active not in self._interrupted_responses
         if not self._pending_marks and not self._held and not fresh_response:
@@ -1228,8 +1261,9 @@ class CallSession:
         ]
 
     def _continue_after_tools(self) -> list[Command]:
-        """One ``response.create`` once every tool of the turn has answered and no response is active."""
-        if not self._needs_response or self._running_tools or self._active_response is not None:
+        """One ``response.create`` once every tool of the turn has answered and no response is active (held while
+        an answering-machine verdict is awaited)."""
+        if not self._needs_response or self._running_tools or self._active_response is not None or self._amd:
             return []
         self._needs_response = False
         if self._closing is not None and not self._closing_stage:
@@ -1253,6 +1287,70 @@ class CallSession:
         if transfer_to is not None:
             return [TransferCall(transfer_to), *self._end(reason, now)]
         return self._end(reason, now, hang_up=True)
+
+    # ---------------------------------------------------------------------------------------------- answering machines
+
+    def _on_amd(self, event: ev.AmdVerdict, now: float) -> list[Command]:
+        """Twilio's verdict: a person hears the greeting; a machine gets the voicemail at the end of its greeting."""
+        verdict = event.answered_by
+        data: dict[str, Any] = {"answered_by": verdict, "detection_ms": event.detection_ms}
+        data["after_ms"] = round((now - self._t0) * 1000)
+        if not self._amd:  # no detection awaited, or decided already (a late verdict is kept, not acted on)
+            return [Log("amd.ignored", "info", data), RecordEvent("amd", {**data, "acted": False})]
+        if self.phase != "live":
+            self._amd_early = event
+            return [Log("amd.verdict_early", "info", data)]
+        commands: list[Command] = [Log("amd.verdict", "info", data), RecordEvent("amd", {**data, "acted": True})]
+        if verdict == "machine_start":
+            self._amd = "machine_start"
+            self._amd_deadline = now + self.config.amd_machine_wait_s
+            return commands
+        if verdict.startswith("machine_end"):
+            return commands + self._leave_voicemail(now)
+        if verdict == "fax":
+            self._amd = ""
+            return commands + self._end("fax", now, hang_up=True)
+        return commands + self._amd_person()  # human, unknown, or a value Twilio may add
+
+    def _amd_timed_out(self, now: float) -> list[Command]:
+        waited = round((now - self._t0) * 1000)
+        if self._amd == "machine_start":  # a machine whose greeting never ended: the message all the same
+            data = {"answered_by": "machine_start", "timed_out": True, "after_ms": waited}
+            return [RecordEvent("amd", data), *self._leave_voicemail(now)]
+        data = {"answered_by": None, "timed_out": True, "after_ms": waited}
+        commands: list[Command] = [Log("amd.timeout", "info", data), RecordEvent("amd", data)]
+        if self.phase != "live":
+            self._amd_early = ev.AmdVerdict("unknown")  # a person, once the model is ready
+            return commands
+        return commands + self._amd_person()
+
+    def _amd_person(self) -> list[Command]:
+        """A person answered: the agent listens and answers again, and greets."""
+        self._amd = ""
+        self._amd_deadline = None
+        agent, context = self.agent, self.context or CallContext()
+        commands: list[Command] = [self._session_update(agent, context)]
+        if agent.speaks_first and not self._history:
+            self._greeting_request = self._greeting(agent, context)
+            commands.append(self._response_create(self._greeting_request))
+        return commands + self._continue_after_tools() + self._flush_host()
+
+    def _leave_voicemail(self, now: float) -> list[Command]:
+        """The message word for word, then the call ends once it has played (``voicemail_left``); without a message
+        the call ends at once (``machine_detected``)."""
+        self._amd = ""
+        self._amd_deadline = None
+        message = (self.context or CallContext()).voicemail
+        if not message:
+            return self._end(MACHINE_DETECTED, now, hang_up=True)
+        self._closing = (VOICEMAIL_LEFT, None)
+        self._closing_since = now
+        self._closing_limit_s = GOODBYE_LIMIT_S + len(message) / VOICEMAIL_CHARS_PER_S
+        self._closing_stage = "queued"
+        self._needs_response = False
+        self._host_responses.clear()
+        self._host_responses.append((HOST_SAY + message, True))
+        return [Log("amd.voicemail", "info", {"chars": len(message)}), *self._flush_host()]
 
     # ------------------------------------------------------------------------------------------------ host control
 
@@ -1328,6 +1426,7 @@ class CallSession:
             or self._active_response is not None
             or self._awaiting_response is not None
             or self.phase != "live"
+            or self._amd  # held until the verdict: nothing is said to a machine's greeting
         ):
             return []
         instructions, goodbye = self._host_responses.popleft()
@@ -1508,3 +1607,12 @@ class CallSession:
 
 def _json(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+def _listening_only(agent: AgentConfig) -> AgentConfig:
+    """The agent while an answering-machine verdict is awaited: turn detection runs (the caller's words are heard
+    and transcribed) but creates no response and interrupts nothing, and no idle re-prompt is due."""
+    detection = {key: value for key, value in agent.turn_detection.items() if key != "idle_timeout_ms"}
+    return dataclasses.replace(
+        agent, turn_detection={**detection, "create_response": False, "interrupt_response": False}
+    )
