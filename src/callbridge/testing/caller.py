@@ -79,7 +79,8 @@ STREAM_ERRORS = {
 """Twilio's error for each way a stream's WebSocket fails to open (https://www.twilio.com/docs/api/errors/31920 …):
 a handshake answered with anything but 101, a refused TCP connection, no answer at all."""
 
-EndedBy = Literal["caller", "server", "timeout"]
+EndedBy = Literal["caller", "server", "timeout", "twilio"]
+"""``"twilio"``: the line was ended from outside the stream (``hang_up`` of :meth:`SimulatedCaller.place_call`)."""
 
 
 # --- Script ---------------------------------------------------------------------------------------------
@@ -253,6 +254,7 @@ class SimulatedCaller:
         on_event: EventHook | None = None,
         twiml: str | None = None,
         call_sid: str | None = None,
+        hang_up: asyncio.Event | None = None,
     ) -> CallRecording:
         """Call, run the script, and return the recording once the call is over.
 
@@ -263,6 +265,9 @@ class SimulatedCaller:
 
         ``twiml`` (with ``call_sid``) connects with TwiML the application gave Twilio directly, as for an outbound
         call created with inline TwiML or a live call redirected to the agent, instead of asking the voice webhook.
+
+        Setting ``hang_up`` ends the call from outside, as Twilio ends a stream when the call is hung up or
+        redirected through REST: ``stop``, a close with 1000, and ``ended_by == "twilio"``.
         """
         deadline = asyncio.get_running_loop().time() + max_duration_s
         call_sid = call_sid or "CA" + uuid.uuid4().hex
@@ -274,7 +279,7 @@ class SimulatedCaller:
         status = None
         if stream.status_callback:  # a relative URL is relative to the TwiML's own, as Twilio resolves it
             status = _StreamStatus(self, urljoin(document_url, stream.status_callback), stream, recording, on_event)
-        call = _Call(self.account_sid, script, recording, hang_up_after_s, on_event, status)
+        call = _Call(self.account_sid, script, recording, hang_up_after_s, on_event, status, hang_up)
         signature = self._validator.compute_signature(stream.url, {})
         try:
             async with connect(
@@ -460,8 +465,10 @@ class _Call:
         hang_up_after_s: float | None,
         on_event: EventHook | None,
         status: _StreamStatus | None = None,
+        hang_up: asyncio.Event | None = None,
     ) -> None:
         self.account_sid = account_sid
+        self.hang_up = hang_up
         self.status = status
         self.started = False  # ``start`` went out: the stream is open, a status callback says so
         self._started_callback: asyncio.Task[None] | None = None
@@ -533,9 +540,12 @@ class _Call:
         """Tick k is due at t0 + k * 20 ms (an absolute schedule, so late ticks catch up instead of drifting)."""
         loop = asyncio.get_running_loop()
         receiving = asyncio.create_task(self.ws.recv())
+        ended = asyncio.create_task((self.hang_up or asyncio.Event()).wait())
         try:
             while True:
                 now = loop.time()
+                if ended.done():
+                    return "twilio"
                 if now >= deadline:
                     return "timeout"
                 due = self.t0 + self.tick * FRAME_MS / 1000
@@ -543,14 +553,15 @@ class _Call:
                     if not await self._tick():
                         return "caller"
                     continue
-                done, _ = await asyncio.wait({receiving}, timeout=min(due, deadline) - now)
-                if done:
+                done, _ = await asyncio.wait({receiving, ended}, timeout=min(due, deadline) - now)
+                if receiving in done:
                     data = receiving.result()  # raises ConnectionClosed once the server closed
                     receiving = asyncio.create_task(self.ws.recv())
                     await self._receive(data)
         finally:
             receiving.cancel()
-            await asyncio.gather(receiving, return_exceptions=True)
+            ended.cancel()
+            await asyncio.gather(receiving, ended, return_exceptions=True)
 
     async def _tick(self) -> bool:
         """Echo marks passed, send the caller's next frame, play 20 ms. False when the caller hangs up."""
