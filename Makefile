@@ -17,6 +17,8 @@ install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[offline,test]'
 	@# The browser tests drive Debian's Chromium (never a browser downloaded at run time).
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	@# The Ruby receiver example is syntax-checked with Debian's Ruby.
+	@command -v ruby >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq ruby; }
 
 demo: install
 	$(BIN)/callbridge demo
