@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mcp.client import Client
 
 from callbridge.config import Settings
 from callbridge.core.commands import UpdateSession
@@ -56,10 +57,36 @@ uvicorn.run(server.streamable_http_app(), host="127.0.0.1", port=int(sys.argv[1]
 """
 
 
+GROWING_MCP_SERVER = """
+import sys
+
+import uvicorn
+from mcp.server.mcpserver import Context, MCPServer
+
+server = MCPServer("crm")
+
+
+def cancel_order(order_id: int) -> str:
+    \"\"\"Cancel an order.\"\"\"
+    return "cancelled"
+
+
+@server.tool()
+async def unlock(ctx: Context) -> str:
+    \"\"\"Offer one more tool.\"\"\"
+    server.add_tool(cancel_order)
+    await ctx.notify_tools_changed()
+    return "unlocked"
+
+
+uvicorn.run(server.streamable_http_app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
 @asynccontextmanager
-async def mcp_server(tmp_path: Path, port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+async def mcp_server(tmp_path: Path, port: int, script: str = MCP_SERVER) -> AsyncIterator[asyncio.subprocess.Process]:
     """The MCP server as a process of its own, once it accepts connections; killed on the way out."""
-    (tmp_path / "mcp_server.py").write_text(MCP_SERVER)
+    (tmp_path / "mcp_server.py").write_text(script)
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(tmp_path / "mcp_server.py"), str(port), str(tmp_path / "mcp_calls.jsonl"), cwd=tmp_path
     )
@@ -147,20 +174,45 @@ async def test_mcp_tools_reach_the_model_and_a_killed_server_is_an_error_output(
 
 @pytest.mark.e2e
 @pytest.mark.slow
-async def test_an_mcp_server_down_at_start_leaves_its_tools_out_and_serve_runs(tmp_path: Path) -> None:
-    behavior = FakeBehavior(transcripts=["hello"], greeting="Hi.", ms_per_char=10)
-    port = free_port()  # nothing listens there
+async def test_an_mcp_server_down_at_start_leaves_its_tools_out_until_it_answers(tmp_path: Path) -> None:
+    behavior = FakeBehavior(transcripts=["hello", "hello again"], greeting="Hi.", ms_per_char=10)
+    port = free_port()  # nothing listens there, yet
     env = agents_file(tmp_path, port, tools='tools = ["crm", "end_call"]')
+    script = CallScript([Pause(1000), Say(audio.tone(600, 330)), Pause(2000), HangUp()])
     async with serve(tmp_path, behavior, **env) as service:
         (down, *_) = await service.wait_for_logs("mcp.unavailable", 1, server="crm")
-        script = CallScript([Pause(1000), Say(audio.tone(600, 330)), Pause(2000), HangUp()])
         await service.caller().place_call(script, max_duration_s=20)
-        (session,) = service.fake.sessions
-        await wait_closed([session])
+        async with mcp_server(tmp_path, port):  # it comes up: retried in the background, it is found
+            assert await service.wait_for_logs("mcp.connected", 1, seconds=30, server="crm")
+            await service.caller().place_call(script, max_duration_s=20)
+        first, second = service.fake.sessions
+        await wait_closed([first, second])
     assert down["level"] == "error" and "retried" in down["detail"]
-    (update, *_) = session.client_events_of("session.update")
-    assert [tool["name"] for tool in update["session"]["tools"]] == ["end_call"]
+    tools = [
+        [tool["name"] for tool in s.client_events_of("session.update")[0]["session"]["tools"]] for s in (first, second)
+    ]
+    assert tools == [["end_call"], ["crm__find_order", "crm__export_orders", "end_call"]]
     assert "crm-token-never-logged" not in service.log_path.read_text()
+
+
+@pytest.mark.e2e
+async def test_a_changed_tool_list_reaches_the_calls_that_start_after_it(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "agents.toml"
+    path.write_text(f'[agents.a]\ntools = ["crm"]\n[mcp_servers.crm]\nurl = "http://127.0.0.1:{port}/mcp"\n')
+    async with mcp_server(tmp_path, port, GROWING_MCP_SERVER):
+        directory = load_agents(Settings(_env_file=None), ToolRegistry(), path)
+        await directory.toolbox.start()
+        try:
+            before = directory.agents["a"]
+            assert [tool["name"] for tool in before.tools] == ["crm__unlock"]
+            async with Client(f"http://127.0.0.1:{port}/mcp") as admin:  # someone else changes the server's tools
+                await admin.call_tool("unlock", {})
+            await wait_until(lambda: len(directory.agents["a"].tools) == 2, what="the new tool is offered")
+            assert [tool["name"] for tool in directory.agents["a"].tools] == ["crm__unlock", "crm__cancel_order"]
+            assert [tool["name"] for tool in before.tools] == ["crm__unlock"]  # a call keeps what it started with
+        finally:
+            await directory.toolbox.aclose()
 
 
 # --- the agents file -------------------------------------------------------------------------------------------
