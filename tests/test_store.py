@@ -31,7 +31,16 @@ from callbridge.store.repository import alembic_config
 
 POSTGRES_URL = os.environ.get("CALLBRIDGE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-TABLES = {"calls", "transcript_lines", "call_events", "webhook_outbox"}
+TABLES = {
+    "calls",
+    "transcript_lines",
+    "call_events",
+    "webhook_outbox",
+    "campaigns",
+    "campaign_contacts",
+    "campaign_attempts",
+}
+TABLES |= {"dnc_numbers", "leases"}
 
 
 @dataclass
@@ -110,7 +119,7 @@ async def test_migrations_apply_from_zero_and_again(database: Database) -> None:
         # The migrations build exactly what the models describe.
         diff = await connection.run_sync(lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata))
     assert set(tables) >= TABLES
-    assert version == ["0004"]
+    assert version == ["0005"]
     assert diff == []
 
 

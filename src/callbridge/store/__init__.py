@@ -1,5 +1,6 @@
-"""Calls on record: SQLAlchemy models, the repository, and the Alembic migrations that own the schema."""
+"""Calls and campaigns on record: SQLAlchemy models, repositories, and the Alembic migrations that own the schema."""
 
+from callbridge.store.campaigns import CampaignStore
 from callbridge.store.repository import (
     CallChanges,
     CallEvent,
@@ -17,6 +18,7 @@ __all__ = [
     "CallEvent",
     "CallPage",
     "CallRecord",
+    "CampaignStore",
     "DatabaseTranscriptSink",
     "OutboxEntry",
     "OutboxPage",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 from twilio.base.exceptions import TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
@@ -53,9 +54,15 @@ class TwilioCalls:
         status_callback: str | None = None,
         status_callback_event: list[str] | None = None,
         machine_detection: str | None = None,
+        amd_callback: str | None = None,
         time_limit: int | None = None,
     ) -> str:
-        """Place an outbound call that runs ``twiml``; returns its call SID."""
+        """Place an outbound call that runs ``twiml``; returns its call SID.
+
+        ``amd_callback`` makes answering-machine detection asynchronous: the call connects at once and the verdict
+        is POSTed there (``AsyncAmd``, ``AsyncAmdStatusCallback``), so that a person who answers never waits in
+        silence for it.
+        """
         _check_twiml(twiml)
         async with asyncio.timeout(self._timeout):
             call = await self._twilio().calls.create_async(
@@ -65,10 +72,24 @@ class TwilioCalls:
                 status_callback=status_callback,
                 status_callback_event=status_callback_event,
                 machine_detection=machine_detection,
+                async_amd="true" if amd_callback else None,
+                async_amd_status_callback=amd_callback,
                 time_limit=time_limit,
             )
         sid: str = call.sid
         return sid
+
+    async def fetch(self, call_sid: str) -> tuple[str, str | None]:
+        """The call's status and, when answering-machine detection ran, its verdict (``answered_by``)."""
+        async with asyncio.timeout(self._timeout):
+            call = await self._twilio().calls(call_sid).fetch_async()
+        return str(call.status), call.answered_by
+
+    async def created_since(self, *, to: str, from_: str, since: datetime) -> list[str]:
+        """SIDs of the calls from ``from_`` to ``to`` created at or after ``since``, newest first."""
+        async with asyncio.timeout(self._timeout):
+            calls = await self._twilio().calls.list_async(to=to, from_=from_, limit=50)
+        return [str(call.sid) for call in calls if call.date_created is not None and call.date_created >= since]
 
     async def hang_up(self, call_sid: str) -> None:
         """End the call (cancel it if it has not been answered yet). A call that is already over is no error."""

@@ -1,0 +1,249 @@
+"""The dialer: places the calls of running campaigns, one step at a time, with all of its state in the database.
+
+Each step, under the ``dialer`` lease (one dialer at a time across processes and hosts):
+
+1. attempts whose call is over are settled: their outcome, and the contact's next status (a retry, or final);
+2. attempts left ``claimed`` by a process that died between claiming and learning what Twilio did are resolved
+   against Twilio: the call it created is adopted, or, when Twilio has none, the attempt is undone. Nothing dials
+   the contact again before that;
+3. each running campaign dials its due contacts whose calling window is open, within ``max_concurrent``, its
+   ``calls_per_second`` and the process's headroom; contacts on the do-not-call list are marked ``dnc`` instead;
+4. a campaign with nobody left to call completes (and its ``campaign.completed`` webhook is queued).
+
+An attempt is claimed in its own transaction before ``calls.create``: a crash at any point either leaves it claimed
+(step 2) or created (step 1), never dialed twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import structlog
+
+from callbridge.service.campaigns import settings_of
+from callbridge.service.dialing import Pacer, outcome
+from callbridge.store.campaigns import Attempt, Campaign, CampaignContact, CampaignStore
+
+log = structlog.stdlib.get_logger("callbridge.dialer")
+
+LEASE = "dialer"
+REFRESH_AFTER_S = 60.0
+"""How long a placed call may go without a final status before Twilio is asked for it (a status callback can be
+lost while no process was up to receive it)."""
+
+
+class Throttled(Exception):
+    """Twilio refused the create for now (HTTP 429, error 20429): nothing was created."""
+
+    def __init__(self, retry_after: float | None = None) -> None:
+        super().__init__("throttled")
+        self.retry_after = retry_after
+
+
+class Refused(Exception):
+    """Twilio refused the create for good (a 4xx other than 429): nothing was created."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallState:
+    """What the dialer needs to know of a placed call."""
+
+    status: str
+    """Twilio's status (``queued`` … ``completed``, ``busy``, ``no-answer``, ``failed``, ``canceled``)."""
+    over: bool
+    """Whether everything about the call is known (its final status, and its stream's end when it had one)."""
+    end_reason: str | None = None
+    answered_by: str | None = None
+
+
+class Telephone(Protocol):
+    """How the dialer reaches Twilio and the calls on record (the services implement it)."""
+
+    async def place(self, campaign: Campaign, contact: CampaignContact, attempt: Attempt) -> str:
+        """Create the call; its SID. Raises :class:`Throttled`, :class:`Refused`, or anything else when the outcome
+        is unknown (a timeout, a 5xx, a dropped connection)."""
+        ...
+
+    async def find_created(self, campaign: Campaign, contact: CampaignContact, since: datetime) -> str | None:
+        """The SID of a call Twilio created from the campaign's number to the contact since ``since``, if any."""
+        ...
+
+    async def state(self, call_sid: str, *, refresh: bool) -> CallState | None:
+        """The call as on record (``refresh``: after asking Twilio for its status); ``None`` if unknown."""
+        ...
+
+    async def completed(self, campaign: Campaign, counts: dict[str, int]) -> None:
+        """A campaign completed (its webhook)."""
+        ...
+
+
+class Dialer:
+    def __init__(
+        self,
+        campaigns: CampaignStore,
+        telephone: Telephone,
+        *,
+        holder: str,
+        capacity: Callable[[], int],
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        lease_s: float = 15.0,
+        step_s: float = 0.5,
+        refresh_after_s: float = REFRESH_AFTER_S,
+    ) -> None:
+        self.campaigns = campaigns
+        self.telephone = telephone
+        self.holder = holder
+        self._capacity = capacity
+        """How many more calls this deployment may take on now (the headroom under CALLBRIDGE_MAX_CALLS)."""
+        self._clock = clock
+        self._lease_s = lease_s
+        self._step_s = step_s
+        self._refresh_after_s = refresh_after_s
+        self._pacers: dict[str, Pacer] = {}
+        self._placing: set[int] = set()
+        self._checked: dict[int, float] = {}  # attempt id → when Twilio was last asked about its call
+        self.leading = False
+
+    async def run(self) -> None:
+        """Step forever while holding the lease; a database error is logged and the next step tries again."""
+        try:
+            while True:
+                try:
+                    self.leading = await self.campaigns.lease(LEASE, self.holder, self._lease_s, self._clock())
+                    if self.leading:
+                        await self.step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the dialer outlives a transient database or network error
+                    log.error("dialer.step_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(self._step_s)
+        finally:
+            if self.leading:
+                await asyncio.shield(self._release())
+
+    async def _release(self) -> None:
+        try:
+            await self.campaigns.release(LEASE, self.holder)
+        except Exception as exc:  # the lease runs out by itself
+            log.warning("dialer.release_failed", error=str(exc))
+
+    async def step(self) -> None:
+        open_attempts = await self.campaigns.open_attempts()
+        campaigns = {campaign.id: campaign for campaign in await self.campaigns.campaigns()}
+        for attempt, contact in open_attempts:
+            campaign = campaigns.get(contact.campaign_id)
+            if campaign is None or attempt.id in self._placing:
+                continue
+            if attempt.call_sid is None:
+                await self._resolve(campaign, contact, attempt)
+            else:
+                await self._settle(campaign, attempt, attempt.call_sid)
+        in_flight = len(await self.campaigns.open_attempts())
+        room = self._capacity() - in_flight
+        for campaign in campaigns.values():
+            if campaign.status != "running":
+                continue
+            room -= await self._dial(campaign, room)
+            await self._complete_if_done(campaign)
+
+    async def _settle(self, campaign: Campaign, attempt: Attempt, call_sid: str) -> None:
+        now = time.monotonic()
+        refresh = now - self._checked.setdefault(attempt.id, now) > self._refresh_after_s
+        if refresh:
+            self._checked[attempt.id] = now
+        state = await self.telephone.state(call_sid, refresh=refresh)
+        if state is None or not state.over:
+            return
+        _, policy, _ = settings_of(campaign)
+        result = outcome(state.status, state.end_reason, state.answered_by)
+        status, wait = policy.after(result, attempt.number)
+        next_at = self._clock() + timedelta(seconds=wait) if wait is not None else None
+        if await self.campaigns.settle(attempt, result, status, next_at):
+            self._checked.pop(attempt.id, None)
+            log.info("dialer.settled", call_sid=call_sid, outcome=result, contact_status=status, attempt=attempt.number)
+
+    async def _resolve(self, campaign: Campaign, contact: CampaignContact, attempt: Attempt) -> None:
+        """A claimed attempt no process is placing: its create's outcome is unknown. Ask Twilio."""
+        since = attempt.claimed_at - timedelta(seconds=5)
+        call_sid = await self.telephone.find_created(campaign, contact, since)
+        if call_sid is not None:
+            await self.campaigns.placed(attempt.id, call_sid)
+            log.warning("dialer.adopted", call_sid=call_sid, contact=contact.id, attempt=attempt.number)
+        else:
+            await self.campaigns.not_placed(attempt, None)
+            log.warning("dialer.undone", contact=contact.id, attempt=attempt.number, reason="Twilio has no such call")
+
+    async def _dial(self, campaign: Campaign, room: int) -> int:
+        """Dial what is due in ``campaign``; the number of calls placed."""
+        hours, _, spec = settings_of(campaign)
+        await self.campaigns.mark_dnc(campaign.id)
+        open_here = len(await self.campaigns.open_attempts(campaign.id))
+        room = min(room, int(spec.get("max_concurrent", 5)) - open_here)
+        if room <= 0:
+            return 0
+        pacer = self._pacers.setdefault(campaign.id, Pacer(float(spec.get("calls_per_second", 1.0))))
+        placed = 0
+        now = self._clock()
+        for contact in await self.campaigns.due(campaign.id, now, room * 4):
+            if placed >= room:
+                break
+            opens = hours.next_open(now, contact.zones)
+            if opens is None or opens > now:
+                await self.campaigns.waiting_until(contact.id, opens or now + timedelta(days=1))
+                continue
+            await asyncio.sleep(pacer.wait(time.monotonic()))
+            if not await self._still_running(campaign.id):
+                break
+            attempt = await self.campaigns.claim(contact)
+            if attempt is None:
+                continue
+            outcome_known = await self._place(campaign, contact, attempt, pacer)
+            if outcome_known is None:
+                break  # throttled: no more creates this step
+            placed += outcome_known
+        return placed
+
+    async def _place(self, campaign: Campaign, contact: CampaignContact, attempt: Attempt, pacer: Pacer) -> int | None:
+        """1 when the call was created, 0 when not (or unknown), ``None`` when Twilio asked us to slow down."""
+        self._placing.add(attempt.id)
+        try:
+            pacer.placed(time.monotonic())
+            call_sid = await self.telephone.place(campaign, contact, attempt)
+        except Throttled as throttled:
+            pacer.throttled(time.monotonic(), throttled.retry_after)
+            await self.campaigns.not_placed(attempt, None)
+            log.warning("dialer.throttled", campaign=campaign.id, rate=pacer.rate)
+            return None
+        except Refused as refused:
+            _, policy, _ = settings_of(campaign)
+            status, wait = policy.after("failed", attempt.number)
+            next_at = self._clock() + timedelta(seconds=wait) if wait is not None else None
+            await self.campaigns.settle(attempt, "failed", status, next_at)
+            log.warning("dialer.refused", campaign=campaign.id, contact=contact.id, error=str(refused))
+            return 0
+        except Exception as exc:  # the outcome is unknown: the attempt stays claimed until Twilio is asked
+            log.error("dialer.create_unknown", campaign=campaign.id, contact=contact.id, error=f"{type(exc).__name__}")
+            return 0
+        finally:
+            self._placing.discard(attempt.id)
+        await self.campaigns.placed(attempt.id, call_sid)
+        log.info("dialer.placed", campaign=campaign.id, call_sid=call_sid, attempt=attempt.number)
+        return 1
+
+    async def _still_running(self, campaign_id: str) -> bool:
+        campaign = await self.campaigns.get(campaign_id)
+        return campaign is not None and campaign.status == "running"
+
+    async def _complete_if_done(self, campaign: Campaign) -> None:
+        if await self.campaigns.unfinished(campaign.id):
+            return
+        done = await self.campaigns.transition(campaign.id, "completed", ["running"])
+        if done is not None:
+            counts = await self.campaigns.counts(campaign.id)
+            log.info("dialer.campaign_completed", campaign=campaign.id, **counts)
+            await self.telephone.completed(done, counts)
