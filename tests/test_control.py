@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
 
+import httpx
+
+from callbridge.api.app import create_app
+from callbridge.config import Settings
 from callbridge.core import events as ev
 from callbridge.core.commands import Command, ControlRefused, EndCall, RecordEvent, TransferCall
 from callbridge.core.context import AgentConfig
+from callbridge.store.repository import Store
 
 from conftest import Harness, of_type, twilio_messages
 
@@ -185,3 +194,79 @@ def test_commands_while_the_agent_says_goodbye_are_refused() -> None:
     harness.handle(ev.RealtimeFunctionCallDone("resp_1", "item_f", "call_1", "end_call", "{}", "completed"))
     (refusal,) = refusals(harness.handle(ev.HostTransfer("+15550107777")))
     assert refusal.reason == "ending"
+
+
+# --- the REST API in one process, without Redis ---------------------------------------------------------------
+
+API_TOKEN = "control-api-token"
+BASE_URL = "http://callbridge.test"
+
+
+@asynccontextmanager
+async def app_in_process(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Store]]:
+    """The app with its lifespan (no Redis, no Twilio REST), a client with the API token, and its store."""
+    settings = Settings(
+        api_token=API_TOKEN,
+        database_url=f"sqlite:///{tmp_path / 'calls.db'}",
+        realtime_url="ws://127.0.0.1:9/v1/realtime",
+        public_url=BASE_URL,
+        redis_url=None,
+        _env_file=None,
+    )
+    app = create_app(settings)
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    transport = httpx.ASGITransport(app)
+    client = httpx.AsyncClient(transport=transport, base_url=BASE_URL, headers=headers)
+    async with client as http, app.router.lifespan_context(app):
+        yield http, app.state.services.store
+
+
+async def on_record(store: Store, *, owner: str | None, started: bool = True, ended: bool = False) -> str:
+    call_sid = "CA" + uuid.uuid4().hex
+    await store.record_call(call_sid=call_sid, direction="inbound", status="in-progress")
+    now = datetime.now(UTC)
+    await store.update_call(call_sid, owner=owner, started_at=now if started else None, ended_at=now if ended else None)
+    return call_sid
+
+
+async def test_a_worker_without_redis_refuses_a_call_another_process_carries_and_knows_the_rest(
+    tmp_path: Path,
+) -> None:
+    async with app_in_process(tmp_path) as (http, store):
+        elsewhere = await on_record(store, owner="another-host:4242:99")
+        ended = await on_record(store, owner="another-host:4242:99", ended=True)
+        waiting = await on_record(store, owner=None, started=False)
+        unknown = "CA" + "0" * 32
+        for path, body in [("say", {"text": "Hello."}), ("instruct", {"text": "Facts.", "respond": True})]:
+            refused = await http.post(f"/api/calls/{elsewhere}/{path}", json=body)
+            assert refused.status_code == 409, refused.text
+            assert refused.json()["code"] == "not_live_here" and "CALLBRIDGE_REDIS_URL" in refused.json()["detail"]
+            for call_sid in (ended, waiting):
+                over = await http.post(f"/api/calls/{call_sid}/{path}", json=body)
+                assert over.status_code == 409 and over.json()["code"] == "not_live", over.text
+            assert (await http.post(f"/api/calls/{unknown}/{path}", json=body)).status_code == 404
+        ended_detail = (await http.post(f"/api/calls/{ended}/say", json={"text": "Hi."})).json()["detail"]
+        assert ended_detail == "the call has ended"
+        # Transfers need Twilio's REST API, which this app has not got.
+        unconfigured = await http.post(f"/api/calls/{elsewhere}/transfer", json={"to": "+15550107777"})
+        assert unconfigured.status_code == 503, unconfigured.text
+
+
+async def test_what_cannot_be_said_is_refused_before_it_reaches_a_call(tmp_path: Path) -> None:
+    async with app_in_process(tmp_path) as (http, store):
+        call_sid = await on_record(store, owner="another-host:4242:99")
+        for path, body in [
+            ("say", {"text": "x" * 4001}),
+            ("say", {"text": ""}),
+            ("say", {"text": "   "}),
+            ("say", {"text": "Hi.", "volume": 11}),
+            ("instruct", {"text": "y" * 4001}),
+            ("transfer", {"to": "12"}),
+            ("transfer", {"to": "+15550107777", "say": "z" * 4001}),
+        ]:
+            response = await http.post(f"/api/calls/{call_sid}/{path}", json=body)
+            assert response.status_code == 422, (path, body, response.text)
+        too_long = (await http.post(f"/api/calls/{call_sid}/say", json={"text": "x" * 4001})).json()["detail"]
+        assert too_long[0]["loc"] == ["body", "text"] and "4000 characters" in too_long[0]["msg"]
+        anonymous = await http.post(f"/api/calls/{call_sid}/say", json={"text": "Hi."}, headers={"Authorization": ""})
+        assert anonymous.status_code == 401

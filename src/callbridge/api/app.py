@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from callbridge.api.control import control_router
 from callbridge.api.dashboard import mount_dashboard
 from callbridge.api.docs import ErrorBody, serve_docs
 from callbridge.api.health import health_router
@@ -36,6 +37,7 @@ from callbridge.core.transcript import TranscriptLine, TranscriptSink
 from callbridge.observability.metrics import Metrics
 from callbridge.service.agents import AgentDirectory, load_agents
 from callbridge.service.calls import CallServices, Invalid, NotConfigured, NotFound, ServiceError, Upstream
+from callbridge.service.control import NotLive
 from callbridge.service.live import live_events
 from callbridge.service.ownership import is_orphan
 from callbridge.service.recordings import Recordings
@@ -117,6 +119,7 @@ def create_app(
     app.include_router(twilio_router(settings, signatures, registry, metrics))
     app.include_router(router())
     app.include_router(live_router())
+    app.include_router(control_router())
     app.include_router(webhooks_router())
     app.include_router(health_router(registry, metrics))
     serve_docs(app)
@@ -240,14 +243,17 @@ def _session_config(
     )
 
 
-_STATUS_OF = {NotFound: 404, Invalid: 422, NotConfigured: 503, Upstream: 502}
+_STATUS_OF = {NotFound: 404, Invalid: 422, NotConfigured: 503, Upstream: 502, NotLive: 409}
 """The HTTP status of each kind of refusal of the services."""
 
 
 async def _refused(request: Request, exc: Exception) -> Response:
     """The one place a service's refusal becomes an HTTP answer: an :class:`ErrorBody` with its status."""
     status = next((code for kind, code in _STATUS_OF.items() if isinstance(exc, kind)), 500)
-    return JSONResponse(ErrorBody(detail=str(exc)).model_dump(), status_code=status)
+    body = ErrorBody(detail=str(exc)).model_dump()
+    if isinstance(exc, NotLive):
+        body["code"] = exc.code  # not_live, or not_live_here: another worker carries the call
+    return JSONResponse(body, status_code=status)
 
 
 async def _invalid_request(request: Request, exc: Exception) -> Response:

@@ -29,6 +29,7 @@ from callbridge.core.commands import (
     CancelResponse,
     ClearAudio,
     Command,
+    ControlRefused,
     CreateItem,
     CreateResponse,
     DeleteItem,
@@ -208,6 +209,7 @@ class CallBridge:
         self._writer: asyncio.Task[None] | None = None
         self._finished: asyncio.Future[None] | None = None
         self._ending = False
+        self._refusal: ControlRefused | None = None  # of the host application's command being handled
         self._last_action: asyncio.Task[None] | None = None
         # Two timers wake the session: one at its next deadline, one when held agent audio is due (set and cleared
         # every 40 ms of agent audio, so it is kept apart and costs one call_at and one cancel).
@@ -274,6 +276,16 @@ class CallBridge:
     def request_end(self, reason: str = "shutdown") -> None:
         """Let the call go with the fallback (apology or human), e.g. when a drain deadline has passed."""
         self._dispatch(ev.EndRequested(reason))
+
+    def control(self, command: ev.HostEvent) -> ControlRefused | None:
+        """The host application's command to the call (say, instruct, transfer), from the event loop: carried out
+        at once or queued in the call (``None``), or refused, with why (the call is not live, or ending)."""
+        if self._finished is None or self._ending:
+            return ControlRefused("ended", "the call has ended")
+        self._refusal = None
+        self._dispatch(command)  # handled before this returns: a task never runs inside another event's handling
+        refusal, self._refusal = self._refusal, None
+        return refusal
 
     def realtime_message(self, connection: ModelConnection, payload: bytes | memoryview) -> None:
         if connection is not self._realtime:
@@ -458,10 +470,9 @@ class CallBridge:
             case Log(event, level, fields):
                 getattr(self._log, level)(event, **fields)
             case Measure(name, value):
-                if self._metrics is not None:
-                    self._metrics.observe(name, value)
-                if name == "turn_latency_s":
-                    self._publish("turn.metrics", {"turn_latency_s": value})
+                self._measure(name, value)
+            case ControlRefused():
+                self._refusal = command
             case ShowPartial(speaker, item_id, text):
                 self._publish("transcript.partial", {"speaker": speaker, "item_id": item_id, "text": text})
             case EndCall():
@@ -470,6 +481,12 @@ class CallBridge:
                     self._recorder.end(time.monotonic())  # what is still queued for the caller is never heard
                 self._close_realtime()
                 self._in_order(self._end(command))
+
+    def _measure(self, name: str, value: float) -> None:
+        if self._metrics is not None:
+            self._metrics.observe(name, value)
+        if name == "turn_latency_s":
+            self._publish("turn.metrics", {"turn_latency_s": value})
 
     def _publish(self, kind: str, data: dict[str, Any]) -> None:
         """A live event of the call, for whoever watches it (never waits)."""

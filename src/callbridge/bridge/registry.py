@@ -56,6 +56,17 @@ class CallRegistry:
         call_sid = bridge.session.call_sid
         return any(other is not bridge and other.session.call_sid == call_sid for other in self._calls)
 
+    def find(self, call_sid: str) -> CallBridge | None:
+        """The bridge that carries the call in this process, if any: the one not yet ended when a replayed stream of
+        the same call is being refused beside it (an ended one still answers, with its refusal)."""
+        found = None
+        for bridge in self._calls:
+            if bridge.session.call_sid == call_sid:
+                if bridge.session.phase != "ended":
+                    return bridge
+                found = bridge
+        return found
+
     def start(self, bridge: CallBridge, twilio: TwilioLink, on_ended: CallEnded) -> None:
         """Run a call whose stream has just been accepted, until it has ended and been kept."""
         bridge.start(twilio)
