@@ -474,6 +474,43 @@ def transcript(
     Console(width=120).print(table)
 
 
+CallSidArgument = Annotated[str, typer.Argument(metavar="CALL_SID", hidden=True)]  # in the usage line and the doc
+TextArgument = Annotated[str, typer.Argument(metavar="TEXT", hidden=True)]
+
+
+def _control(url: str | None, token: str | None, call_sid: str, command: str, body: dict[str, Any]) -> None:
+    """Send a command to a live call; one line says which process took it (a refusal is a :class:`Failure`)."""
+    with _api(url, token) as client:
+        taken = _check(client.post(f"/api/calls/{call_sid}/{command}", json=body))
+    typer.echo(f"{call_sid}: {command} taken by {taken['carried_by']}")
+
+
+@app.command()
+def say(
+    call_sid: CallSidArgument,
+    text: TextArgument,
+    interrupt: Annotated[
+        bool, typer.Option("--interrupt", help="Say it now, cutting off the agent (else after its current turn).")
+    ] = False,
+    url: ApiUrl = None,
+    token: ApiToken = None,
+) -> None:
+    """Have the agent of the live call CALL_SID say TEXT, word for word."""
+    _control(url, token, call_sid, "say", {"text": text, "interrupt": interrupt})
+
+
+@app.command()
+def instruct(
+    call_sid: CallSidArgument,
+    text: TextArgument,
+    respond: Annotated[bool, typer.Option("--respond", help="Have the agent speak about it.")] = False,
+    url: ApiUrl = None,
+    token: ApiToken = None,
+) -> None:
+    """Give the agent of the live call CALL_SID new facts or instructions: TEXT, as a system message."""
+    _control(url, token, call_sid, "instruct", {"text": text, "respond": respond})
+
+
 @app.command()
 def watch(
     call_sid: Annotated[str | None, typer.Argument(metavar="CALL_SID", hidden=True)] = None,  # usage line, doc
