@@ -117,7 +117,8 @@ class Toolbox:
         """Run the tool ``name``; ``(ok, output)`` as :meth:`ToolRegistry.run` returns it."""
         if (http_tool := self.http_tools.get(name)) is not None:
             if self._client is None:
-                self._client = httpx.AsyncClient(follow_redirects=False)
+                # No timeout of its own: each tool's timeout_seconds bounds its whole request (asyncio.timeout).
+                self._client = httpx.AsyncClient(follow_redirects=False, timeout=None)
             return await http_tool.run(self._client, arguments, context, time_limit)
         if name in self.registry:
             return await self.registry.run(name, arguments, context, time_limit)
