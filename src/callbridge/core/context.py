@@ -35,7 +35,7 @@ class AgentConfig:
     idle_hangup_after: int = 2
     """Re-prompts of a silent caller (server VAD's ``idle_timeout_ms``) before the agent says goodbye."""
     builtin_tools: tuple[str, ...] = ()
-    """Call-control tools the model may use: ``end_call``, ``transfer_call`` (opt-in per agent)."""
+    """Built-in tools the model may use: ``end_call``, ``transfer_call``, ``do_not_call`` (opt-in per agent)."""
     transfer_number: str | None = None
     record: bool = True
     """Whether the agent's calls are recorded."""
@@ -68,6 +68,16 @@ BUILTIN_TOOLS: dict[str, dict[str, Any]] = {
         "parameters": {
             "type": "object",
             "properties": {"reason": {"type": "string", "description": "why the call ends"}},
+            "required": [],
+        },
+    },
+    "do_not_call": {
+        "type": "function",
+        "name": "do_not_call",
+        "description": "Put the person on the do-not-call list when they ask not to be called again. Then confirm it.",
+        "parameters": {
+            "type": "object",
+            "properties": {"reason": {"type": "string", "description": "what they said, in a few words"}},
             "required": [],
         },
     },

@@ -1226,7 +1226,10 @@ class CallSession:
         return [Log("tool.filler", "info", {}), self._response_create(instructions)]
 
     def _call_control(self, event: ev.RealtimeFunctionCallDone, now: float) -> list[Command]:
-        """``end_call`` and ``transfer_call``: the model says a last sentence, then the call ends or moves on."""
+        """``end_call`` and ``transfer_call``: the model says a last sentence, then the call ends or moves on;
+        ``do_not_call``: the person goes on the do-not-call list, and the call goes on."""
+        if event.name == "do_not_call":
+            return self._do_not_call(event)
         self._closing_since = now
         if event.name == "transfer_call" and not self.agent.transfer_number:
             output = {"ok": False, "error": "No transfer number is configured; keep helping the caller yourself."}
@@ -1242,6 +1245,29 @@ class CallSession:
         return [
             Log("tool.call", "info", {"name": event.name, "call_id": event.call_id}),
             RecordEvent("tool_call", record),
+            self._send(CreateItem(self._event_id(), FunctionOutput(event.call_id, result))),
+            *self._continue_after_tools(),
+        ]
+
+    def _do_not_call(self, event: ev.RealtimeFunctionCallDone) -> list[Command]:
+        number = (self.context or CallContext()).person_number
+        try:
+            reason = json.loads(event.arguments or "{}").get("reason")
+        except (ValueError, AttributeError):
+            reason = None
+        output = {"ok": True, "instruction": "Confirm in one short sentence that they will not be called again."}
+        if number is None:
+            output = {"ok": False, "error": "The person's number is not known: say a colleague will see to it."}
+        self._needs_response = True
+        result = _json(output)
+        commands: list[Command] = [
+            Log("tool.call", "info", {"name": event.name, "call_id": event.call_id}),
+            RecordEvent("tool_call", {"name": event.name, "arguments": event.arguments, "output": result, "ok": True}),
+        ]
+        if number is not None:  # the service puts the number on the list when it keeps this event
+            commands.append(RecordEvent("do_not_call", {"number": number, "reason": reason}))
+        return [
+            *commands,
             self._send(CreateItem(self._event_id(), FunctionOutput(event.call_id, result))),
             *self._continue_after_tools(),
         ]
