@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -29,8 +30,9 @@ from callbridge.telephony.g711 import BYTES_PER_MS, tone
 from callbridge.telephony.rest import TwilioCalls, TwilioRestException
 from callbridge.testing import Busy, Failed, FakeTwilio, Human, Machine, NoAnswer
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
+from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeCall, Outcome
-from support import wait_until
+from support import api, service, wait_until
 
 pytestmark = [pytest.mark.e2e]
 
@@ -81,7 +83,10 @@ class Receiver:
         async def callback(request: Request) -> Response:
             params = {key: str(value) for key, value in (await request.form()).items()}
             url = PUBLIC + request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            if not validator.validate(url, params, request.headers.get("x-twilio-signature", "")):
+            signed = params  # a GET is signed over its URL with the parameters in the query string
+            if request.method == "GET":
+                params, signed = dict(request.query_params), {}
+            if not validator.validate(url, signed, request.headers.get("x-twilio-signature", "")):
                 self.bad_signatures.append(request.url.path)
                 return Response(status_code=403)
             self.callbacks.append((request.url.path, params))
@@ -89,7 +94,7 @@ class Receiver:
                 self.event(self.beeps, params["CallSid"]).set()
             return Response(status_code=204)
 
-        app.add_api_route("/status", callback, methods=["POST"])
+        app.add_api_route("/status", callback, methods=["POST", "GET"])
         app.add_api_route("/amd", callback, methods=["POST"])
         app.add_api_websocket_route("/stream", self.stream)
         return app
@@ -435,3 +440,57 @@ async def test_peak_of_calls_live_at_once() -> None:
         await twilio.ended(await place(twilio, "+15550100039"))  # alone: the peak stays
     assert twilio.peak_live == 3
     assert [twilio.calls[sid].ended_by for sid in sids] == ["rest"] * 3
+
+
+async def test_status_callbacks_by_get() -> None:
+    async with receiving() as (receiver, twilio):
+        twilio.script("+15550100040", NoAnswer(ring_s=0.1))
+        sid = await place(twilio, "+15550100040", status_callback_method="GET")
+        call = await twilio.ended(sid)
+    assert [c.method for c in call.callbacks] == ["GET"] * 3
+    assert call_statuses(call) == ["initiated", "ringing", "no-answer"]
+    assert_status_callbacks_well_formed(receiver, call)
+
+
+async def test_synchronous_amd_starts_the_twiml_after_the_verdict() -> None:
+    async with receiving() as (receiver, twilio):
+        twilio.script("+15550100041", Machine(greeting=600, ring_s=0.1, max_message_s=0.3))
+        sid = await place(twilio, "+15550100041", machine_detection="DetectMessageEnd")  # no AsyncAmd
+        call = await twilio.ended(sid)
+    assert receiver.of("/amd", sid) == [] and call.amd_callbacks == []
+    assert (
+        call.answered_by == "machine_end_beep" and call.status_callbacks[-1].params["AnsweredBy"] == "machine_end_beep"
+    )
+    assert call.voicemail is not None and call.voicemail.greeting_ms == 0  # over before the stream connected
+    assert call.ended_by == "callee"
+
+
+async def test_time_limit_ends_the_call() -> None:
+    async with receiving() as (receiver, twilio):
+        twilio.script("+15550100042", Human(CallScript([Pause(60000)]), ring_s=0.1))
+        sid = await place(twilio, "+15550100042", time_limit=1)
+        call = await twilio.ended(sid)
+    assert call.recording is not None and call.recording.ended_by == "timeout"
+    assert (call.ended_by, call.status) == ("time_limit", "completed")
+    assert receiver.streams[sid][-1]["event"] == "stop"
+
+
+@pytest.mark.slow
+async def test_callbridge_serve_places_a_call_the_fake_plays_out(tmp_path: Path) -> None:
+    behavior = FakeBehavior(transcripts=["Yes, I can make it."], reply=lambda _: "See you then.", ms_per_char=30)
+    script = CallScript([Pause(2000), Say(tone(800, 330)), Pause(2500), HangUp()])
+    async with service(tmp_path, behavior, f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}") as (running, twilio):
+        twilio.script("+15550100043", Human(script, ring_s=0.2))
+        async with api(running) as client:
+            created = await client.post("/api/calls", json={"to": "+15550100043", "from": "+15550100001"})
+            assert created.status_code == 201, created.text
+            sid = created.json()["call_sid"]
+            call = await twilio.ended(sid, 60)
+            await running.wait_for_logs("call.summary", 1)
+            record = (await client.get(f"/api/calls/{sid}")).json()
+    # The service's own /twilio/status accepted every callback: the signatures were Twilio's.
+    assert call_statuses(call) == ["initiated", "ringing", "in-progress", "completed"]
+    assert [c.status_code for c in call.callbacks] == [204] * 4
+    assert call.recording is not None and call.recording.ended_by == "caller"
+    assert len(call.recording.heard_audio) > 0  # the agent's greeting reached the callee
+    assert (record["status"], record["end_reason"]) == ("completed", "caller_hung_up")
