@@ -117,6 +117,16 @@ def test_agents_file_errors(tmp_path: Path) -> None:
     path.write_text("[agents.a]\nvoyce = 'x'\n")
     with pytest.raises(ValueError, match="voyce"):
         load_agents(Settings(_env_file=None), registry, path)
+    path.write_text("[agents.a]\nvoicemail_message = 'Hi {name.__class__}'\n")
+    with pytest.raises(ValueError, match=r"agents.a.voicemail_message: .*plain names"):
+        load_agents(Settings(_env_file=None), registry, path)
+
+
+def test_an_agent_leaves_voicemail(tmp_path: Path) -> None:
+    path = tmp_path / "agents.toml"
+    path.write_text('[agents.reminders]\nmachine_detection = true\nvoicemail_message = "Hi {name}, at {time}."\n')
+    agent = load_agents(Settings(_env_file=None), registry, path).agents["reminders"]
+    assert agent.machine_detection and agent.voicemail_message == "Hi {name}, at {time}."
 
 
 def test_without_a_file_there_is_one_default_agent() -> None:

@@ -39,6 +39,10 @@ class AgentConfig:
     transfer_number: str | None = None
     record: bool = True
     """Whether the agent's calls are recorded."""
+    machine_detection: bool = False
+    """Its outbound calls run answering-machine detection."""
+    voicemail_message: str | None = None
+    """The template of what it leaves on an answering machine (placeholders filled from each call's context)."""
     name: str = "default"
 
     @property

@@ -44,10 +44,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from callbridge.config import Settings
 from callbridge.core.context import BUILTIN_TOOLS, AgentConfig
+from callbridge.service.contacts import placeholders
 from callbridge.service.http_tools import HttpTool, HttpToolSpec
 from callbridge.service.mcp_tools import SERVER_NAME, McpServerSpec, expand_headers
 from callbridge.service.toolbox import TOOL_NAME, Toolbox
@@ -81,6 +82,18 @@ class AgentSpec(BaseModel):
     tool_filler_after_ms: int | None = Field(default=None, ge=0)
     record: bool | None = None
     """Record this agent's calls (default: ``CALLBRIDGE_RECORD_CALLS``)."""
+    machine_detection: bool = False
+    """Outbound calls of this agent run Twilio's answering-machine detection (``POST /api/calls`` may say too)."""
+    voicemail_message: str | None = None
+    """Left word for word on an answering machine; ``{name}``-style placeholders come from the call's context and
+    metadata (a missing one refuses the call at request time). Without it, a machine is hung up on."""
+
+    @field_validator("voicemail_message")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            placeholders(value)  # plain names only
+        return value
 
 
 class AgentsFile(BaseModel):
@@ -258,7 +271,8 @@ def _first_error(exc: ValidationError) -> str:
 
 def _agent(settings: Settings, toolbox: Toolbox, name: str, spec: AgentSpec) -> AgentConfig:
     """The settings' agent, with what ``spec`` says instead; its tools are the directory's to fill in."""
-    fields = spec.model_dump(exclude={"tools", "transfer_number", "record"}, exclude_none=True)
+    own = {"tools", "transfer_number", "record", "machine_detection", "voicemail_message"}
+    fields = spec.model_dump(exclude=own, exclude_none=True)
     merged = _merged(settings, {_SETTING_OF.get(key, key): value for key, value in fields.items()})
     builtin: tuple[str, ...] = ()
     if spec.tools is not None:
@@ -270,4 +284,6 @@ def _agent(settings: Settings, toolbox: Toolbox, name: str, spec: AgentSpec) -> 
         builtin_tools=builtin,
         transfer_number=spec.transfer_number,
         record=settings.record_calls if spec.record is None else spec.record,
+        machine_detection=spec.machine_detection,
+        voicemail_message=spec.voicemail_message,
     )
