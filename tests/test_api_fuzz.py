@@ -100,7 +100,7 @@ def test_no_server_errors(api_url: str) -> None:
     for result in schema.get_all_operations():
         assert isinstance(result, Ok), result
         operations.append(result.ok())
-    assert len([op for op in operations if op.path.startswith("/api/")]) == 8
+    assert len([op for op in operations if op.path.startswith("/api/")]) == 13
     for operation in operations:
 
         @given(case=operation.as_strategy())
@@ -115,9 +115,9 @@ def test_no_server_errors(api_url: str) -> None:
 def test_every_api_route_requires_the_token(api_url: str) -> None:
     spec = httpx.get(f"{api_url}/openapi.json").json()
     routes = [(method, path) for path, item in spec["paths"].items() for method in item if path.startswith("/api/")]
-    assert len(routes) == 8
+    assert len(routes) == 13
     for method, path in routes:
-        concrete = path.replace("{call_sid}", "CA" + "0" * 32)
+        concrete = path.replace("{call_sid}", "CA" + "0" * 32).replace("{delivery_id}", "1")
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             response = httpx.request(method, f"{api_url}{concrete}", headers=headers, json={})
             assert response.status_code == 401, (method, path, headers)

@@ -49,7 +49,7 @@ class WebhookDeliveryPage(BaseModel):
     next_cursor: str | None = Field(description="Pass it back as cursor for the next page; null on the last page")
 
 
-DeliveryId = Annotated[int, Path(description="The delivery's number in the outbox (its id)")]
+DeliveryId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The delivery's number in the outbox (its id)")]
 
 _REFUSED_RETRY: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No such delivery in the outbox"},

@@ -159,9 +159,6 @@ class WebhookOutbox:
         """Deliveries, newest first, a page at a time; ``ValueError`` for a cursor this service did not make."""
         return await self.store.list_webhooks(status=status, limit=limit, cursor=cursor)
 
-    async def delivery(self, entry_id: int) -> OutboxEntry | None:
-        return await self.store.get_webhook(entry_id)
-
     async def retry(self, entry_id: int) -> OutboxEntry | None:
         """Make a dead or pending delivery due now, with all of ``max_attempts`` ahead of it again (its
         ``webhook-id`` kept); a delivered one is returned unchanged. None: no such delivery."""
