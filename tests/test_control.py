@@ -17,7 +17,7 @@ from callbridge.core.commands import Command, ControlRefused, EndCall, RecordEve
 from callbridge.core.context import AgentConfig
 from callbridge.store.repository import Store
 
-from conftest import Harness, of_type, twilio_messages
+from conftest import Harness, audio, of_type, twilio_messages
 
 
 def refusals(commands: Sequence[object]) -> list[ControlRefused]:
@@ -100,6 +100,20 @@ def test_say_waits_for_a_response_asked_for_but_not_yet_started() -> None:
     harness.handle(ev.RealtimeResponseCreated("resp_greeting"))
     commands = harness.handle(ev.RealtimeResponseDone("resp_greeting", "completed"))
     assert [text.endswith("Hello from the host.") for text in said(commands)] == [True]
+
+
+def test_say_with_interrupt_cancels_a_response_asked_for_before_it_once_it_starts() -> None:
+    harness = Harness()
+    harness.go_live()  # the greeting is asked for, not started
+    commands = harness.handle(ev.HostSay("Sorry to cut in.", interrupt=True))
+    assert said(commands) == [] and twilio_messages(commands) == []
+    (cancel,) = of_type(harness.handle(ev.RealtimeResponseCreated("resp_greeting")), "response.cancel")
+    assert cancel["response_id"] == "resp_greeting"
+    assert twilio_messages(harness.handle(ev.RealtimeAudioDelta("resp_greeting", "item_g", audio(100)))) == []
+    commands = harness.handle(ev.RealtimeResponseDone("resp_greeting", "cancelled", output_item_ids=("item_g",)))
+    assert [text.endswith("exactly: Sorry to cut in.") for text in said(commands)] == [True]
+    harness.handle(ev.RealtimeResponseCreated("resp_say"))  # the say itself is not cancelled
+    assert twilio_messages(harness.handle(ev.RealtimeAudioDelta("resp_say", "item_s", audio(100))))
 
 
 def test_a_say_refused_for_an_active_response_of_the_server_waits_its_turn_again() -> None:

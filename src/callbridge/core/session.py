@@ -309,6 +309,7 @@ class CallSession:
 
         self._active_response: str | None = None
         self._awaiting_response: str | None = None  # a response.create's event id, until its response is created
+        self._cut_next_response = False  # the host application cut in while a response was asked for: it is cancelled
         # The host application's responses waiting their turn: (instructions, whether it is the call's last sentence)
         self._host_responses: deque[tuple[str | None, bool]] = deque()
         # The last one sent, until a response is done (a refusal of it comes before: while another one is active)
@@ -1019,6 +1020,11 @@ class CallSession:
     def _on_response_created(self, event: ev.RealtimeResponseCreated, now: float) -> list[Command]:
         self._active_response = event.response_id
         self._awaiting_response = None
+        if self._cut_next_response:  # asked for before the host application cut in: it is not heard
+            self._cut_next_response = False
+            self._interrupted_responses.add(event.response_id)
+            self.stats.cancels += 1
+            return [self._send(CancelResponse(self._event_id(), event.response_id))]
         if self._idle_goodbye and self._closing is None:
             # The server re-prompts a silent caller by itself; after the last re-prompt the agent says goodbye.
             self._idle_goodbye = False
@@ -1400,8 +1406,8 @@ class CallSession:
         commands: list[Command] = [Log("host.say", "info", {"interrupt": event.interrupt, "chars": len(event.text)})]
         data: dict[str, Any] = {"text": event.text, "interrupt": event.interrupt}
         if event.interrupt:
-            cut, data["cut_off"] = self._cut_off(now, cancel=True)  # the server cancels only for the caller's speech
-            commands += [*cut, *self._settle_agent_items(now)]
+            cut, data["cut_off"] = self._cut_in(now)
+            commands += cut
             self._host_responses.appendleft((HOST_SAY + event.text, False))
         else:
             self._host_responses.append((HOST_SAY + event.text, False))
@@ -1429,13 +1435,12 @@ class CallSession:
         self._needs_response = False  # no more answers: the call moves on
         self._next_instructions = None
         self._host_responses.clear()
-        cut, taken_back = self._cut_off(now, cancel=True)
+        cut, taken_back = self._cut_in(now)
         # Kept as the request; the redirect, once Twilio has it, is a ``transfer`` event of its own (``{"to"}``).
         data = {"to": event.to, "say": event.say, "requested_by": "host", "cut_off": taken_back}
         commands: list[Command] = [
             Log("host.transfer", "info", {"say": event.say is not None}),
             *cut,
-            *self._settle_agent_items(now),
             RecordEvent("transfer", data),
         ]
         if event.say:
@@ -1444,6 +1449,14 @@ class CallSession:
             return commands + self._flush_host()
         self._closing_stage = "goodbye"  # nothing to say: as soon as nothing plays any more
         return commands + self._close_after_goodbye(now)
+
+    def _cut_in(self, now: float) -> tuple[list[Command], dict[str, Any]]:
+        """The host application cuts in: the agent stops as for a barge-in (its response cancelled by us: the server
+        cancels only for the caller's speech), and a response asked for but not started yet is cancelled once it
+        starts."""
+        commands, taken_back = self._cut_off(now, cancel=True)
+        self._cut_next_response = self._awaiting_response is not None
+        return [*commands, *self._settle_agent_items(now)], taken_back
 
     def _flush_host(self) -> list[Command]:
         """The host application's next response, once no response is active or asked for."""
@@ -1480,6 +1493,7 @@ class CallSession:
         caused_by = self._control_events.get(event.event_id or "")
         if event.event_id is not None and event.event_id == self._awaiting_response:
             self._awaiting_response = None  # refused: no response comes of it
+            self._cut_next_response = False
         fields = {
             "code": event.code,
             "message": event.message,
@@ -1594,6 +1608,7 @@ class CallSession:
             self._requeue_host()  # sent to the old session, never started: the new one says it
         self._host_request = None
         self._awaiting_response = None
+        self._cut_next_response = False
         self._interrupted_responses.clear()  # the old connection's events no longer arrive
         self._responses_with_audio.clear()
         self._dropped_items.clear()
