@@ -5,6 +5,11 @@ Webhooks specification (``webhook-id``, ``webhook-timestamp``, ``webhook-signatu
 ``standardwebhooks`` package and keyed by ``CALLBRIDGE_WEBHOOK_SECRET`` (``whsec_`` and base64; ``callbridge secret``
 prints a new one). Receivers verify them with any Standard Webhooks library (Ruby, Python, Node, PHP, Go…). A retry
 of one delivery keeps its ``webhook-id``, so that a receiver can tell it from a new one.
+
+:class:`WebhookOutbox` delivers what goes to ``CALLBRIDGE_WEBHOOK_URL`` from a durable outbox: each failed attempt
+is followed by a wait drawn at random (full jitter) up to a maximum that doubles per failure, for
+``CALLBRIDGE_WEBHOOK_MAX_ATTEMPTS`` attempts; then the delivery is dead until it is retried through the REST API
+(``POST /api/webhooks/deliveries/{id}/retry``).
 """
 
 from __future__ import annotations
