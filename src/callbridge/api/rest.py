@@ -97,6 +97,12 @@ class OutboundCall(_Body):
     agent: str | None = Field(default=None, description=_AGENT)
     context: ContextIn = Field(default=ContextIn(), description=_CONTEXT)
     say: str | None = Field(default=None, max_length=300, description="Spoken before the agent connects")
+    machine_detection: bool | None = Field(
+        default=None,
+        description="Twilio's answering-machine detection (default: the agent's): the agent waits for the verdict, "
+        "greets a person, and leaves the agent's voicemail_message on a machine, its {placeholders} filled from "
+        "the context (name, reference, metadata): a missing one is a 422",
+    )
 
 
 class Handoff(_Body):
@@ -139,6 +145,10 @@ class CallRecord(_Record):
     usage: dict[str, int] | None = Field(description="Tokens the model billed for the call, once it has ended")
     owner: str | None = Field(
         description="The process that carries (or carried) the call's media stream: host:pid:start time"
+    )
+    answered_by: str | None = Field(
+        description="Twilio's answering-machine verdict when detection ran: human, unknown, machine_end_beep, "
+        "machine_end_silence, machine_end_other or fax"
     )
     updated_at: datetime = Field(description="When the record last changed")
 
@@ -222,7 +232,7 @@ def _calls(api: APIRouter) -> None:
         context = body.context.to_context(
             agent=body.agent, call_sid=None, caller=body.from_, called=body.to, outbound=True
         )
-        return await services.place_call(context, say=body.say)
+        return await services.place_call(context, say=body.say, machine_detection=body.machine_detection)
 
     @api.get("/calls", response_model=CallPage)
     async def list_calls(

@@ -21,6 +21,7 @@ from callbridge.core.context import CallContext, ContextItem
 from callbridge.core.session import CallSession
 from callbridge.core.transcript import TranscriptLine
 from callbridge.service.agents import AgentDirectory
+from callbridge.service.contacts import missing, placeholder_values, render
 from callbridge.service.live import LiveEvents, LocalLiveEvents
 from callbridge.service.ownership import process_identity
 from callbridge.service.webhooks import WebhookOutbox
@@ -97,6 +98,10 @@ class Upstream(ServiceError):
     """Twilio failed or could not be reached."""
 
 
+class TooManyRequests(ServiceError):
+    """Twilio is throttling this account (429, error 20429): nothing was done; try again later."""
+
+
 class CallServices:
     def __init__(
         self,
@@ -147,6 +152,8 @@ class CallServices:
         except TwilioRestException as exc:
             if exc.status == 404:
                 raise NotFound("Twilio knows no such call") from None
+            if exc.status == 429:
+                raise TooManyRequests(f"Twilio is throttling: {exc.msg}") from None
             if 400 <= exc.status < 500:
                 raise Invalid(f"Twilio refused: {exc.msg}") from None
             raise Upstream(f"Twilio failed: {exc.msg}") from None
@@ -198,10 +205,40 @@ class CallServices:
         await self.store.update_call(call_sid, ended_at=datetime.now(UTC), end_reason=reason)
         await self.store.add_event(call_sid, "refused", {"reason": reason})
 
-    async def place_call(self, context: CallContext, say: str | None) -> CallRecord:
+    async def place_call(
+        self,
+        context: CallContext,
+        say: str | None,
+        *,
+        machine_detection: bool | None = None,
+        leave_voicemail: bool = True,
+    ) -> CallRecord:
+        """Place an outbound call answered by the agent.
+
+        ``machine_detection`` (default: the agent's) runs Twilio's asynchronous answering-machine detection: the agent
+        waits for the verdict, and a machine gets the agent's ``voicemail_message`` (unless ``leave_voicemail`` is
+        false), its placeholders filled from the context here, before anything is dialed.
+        """
         agent = self._agent_name(context.agent)
+        config = self.agents.get(agent) or self.agents.default
+        detect = config.machine_detection if machine_detection is None else machine_detection
+        voicemail = None
+        if detect and leave_voicemail and config.voicemail_message:
+            values = placeholder_values(context.name, context.reference, context.called, {}, context.metadata)
+            absent = missing(config.voicemail_message, values)
+            if absent:
+                names = ", ".join(f"{{{name}}}" for name in absent)
+                raise Invalid(f"agent {agent!r}'s voicemail message needs {names}: give it in the context's metadata")
+            voicemail = render(config.voicemail_message, values)
         # The TwiML is signed before Twilio assigns the call SID: a one-time binding ties it to the record instead.
-        context = dataclasses.replace(context, agent=agent, call_sid=None, binding=secrets.token_urlsafe(16))
+        context = dataclasses.replace(
+            context,
+            agent=agent,
+            call_sid=None,
+            binding=secrets.token_urlsafe(16),
+            machine_detection=detect,
+            voicemail=voicemail,
+        )
         twiml = self.stream_twiml(context, say)
         with self._twilio_errors():
             call_sid = await self._twilio().create(
@@ -210,6 +247,8 @@ class CallServices:
                 twiml=twiml,
                 status_callback=f"{self.settings.public_url}/twilio/status",
                 status_callback_event=STATUS_EVENTS,
+                machine_detection="DetectMessageEnd" if detect else None,
+                amd_callback=f"{self.settings.public_url}/twilio/amd" if detect else None,
             )
         return await self.store.record_call(
             call_sid=call_sid,
@@ -485,6 +524,8 @@ def _context_of(record: CallRecord, call_sid: str) -> CallContext:
         items=tuple(ContextItem(item["role"], item["text"]) for item in items if isinstance(item, dict)),
         metadata=metadata if isinstance(metadata, dict) else {},
         binding=kept.get("binding"),
+        machine_detection=bool(kept.get("machine_detection")),
+        voicemail=kept.get("voicemail"),
     )
 
 

@@ -48,13 +48,20 @@ class Contact:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def placeholder_values(self) -> dict[str, str]:
-        """What a message template may name: the contact's fields, its metadata, then its context's plain values."""
-        values = {key: str(value) for key, value in self.context.items() if isinstance(value, str | int | float)}
-        values |= {key: str(value) for key, value in self.metadata.items() if value is not None}
-        for key, value in (("name", self.name), ("reference", self.reference), ("to", self.number)):
-            if value is not None:
-                values[key] = value
-        return values
+        return placeholder_values(self.name, self.reference, self.number, self.context, self.metadata)
+
+
+def placeholder_values(
+    name: str | None, reference: str | None, number: str | None, context: Mapping[str, Any], metadata: Mapping[str, Any]
+) -> dict[str, str]:
+    """What a message template may name: the person's name, reference and number (``to``), then their metadata,
+    then their context's plain values."""
+    values = {key: str(value) for key, value in context.items() if isinstance(value, str | int | float)}
+    values |= {key: str(value) for key, value in metadata.items() if value is not None}
+    for key, value in (("name", name), ("reference", reference), ("to", number)):
+        if value is not None:
+            values[key] = value
+    return values
 
 
 @dataclass(frozen=True, slots=True)

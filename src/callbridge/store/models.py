@@ -106,6 +106,7 @@ class CallRow(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(Json)  # the session's stats, once the call has ended
     usage: Mapped[dict[str, int] | None] = mapped_column(Json)  # the model's token counts, once the call has ended
     owner: Mapped[str | None]  # the process carrying the stream ("host:pid:start"), to tell orphans after a crash
+    answered_by: Mapped[str | None]  # Twilio's answering-machine verdict (human, machine_end_beep, fax, ...)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

@@ -79,6 +79,8 @@ class CallRecord:
     """Tokens the model billed for the call (``TokenUsage.as_record()``), once it has ended."""
     owner: str | None
     """The process that carries (or carried) the call's media stream: ``host:pid:start time``."""
+    answered_by: str | None
+    """Twilio's answering-machine verdict, when detection ran: ``human``, ``machine_end_beep``, ``fax``…"""
     updated_at: datetime
 
 
@@ -141,6 +143,7 @@ class CallChanges(TypedDict, total=False):
     metrics: dict[str, Any] | None
     usage: dict[str, int] | None
     owner: str | None
+    answered_by: str | None
 
 
 # ---------------------------------------------------------------------------------------------------- the store

@@ -1,4 +1,5 @@
-"""Campaigns, their contacts and attempts, the do-not-call list, and leases (one dialer at a time).
+"""Campaigns, their contacts and attempts, the do-not-call list, leases (one dialer at a time), and each call's
+answering-machine verdict.
 
 Revision ID: 0005
 Revises: 0004
@@ -21,6 +22,8 @@ Json = sa.JSON(none_as_null=True)
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("calls") as batch:
+        batch.add_column(sa.Column("answered_by", sa.String(), nullable=True))
     op.create_table(
         "campaigns",
         sa.Column("id", sa.String(), nullable=False),
@@ -106,3 +109,5 @@ def downgrade() -> None:
     op.drop_index("ix_campaign_contacts_campaign_id_status_next_attempt_at", table_name="campaign_contacts")
     op.drop_table("campaign_contacts")
     op.drop_table("campaigns")
+    with op.batch_alter_table("calls") as batch:
+        batch.drop_column("answered_by")
