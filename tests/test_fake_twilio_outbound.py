@@ -29,7 +29,7 @@ from twilio.rest import Client
 from callbridge.telephony.g711 import BYTES_PER_MS, tone
 from callbridge.telephony.rest import TwilioCalls, TwilioRestException
 from callbridge.testing import Busy, Failed, FakeTwilio, Human, Machine, NoAnswer
-from callbridge.testing.caller import CallScript, HangUp, Pause, Say
+from callbridge.testing.caller import CallScript, HangUp, Pause, Say, SayWhenHearing
 from callbridge.testing.fake_realtime import FakeBehavior
 from callbridge.testing.fake_twilio import FakeCall, Outcome
 from support import api, service, wait_until
@@ -218,7 +218,7 @@ def assert_status_callbacks_well_formed(receiver: Receiver, call: FakeCall) -> N
 
 
 async def test_human_answers_and_hangs_up() -> None:
-    script = CallScript([Pause(300), Say(tone(400)), Pause(300), HangUp()])
+    script = CallScript([SayWhenHearing(tone(400), after_heard_ms=200), Pause(300), HangUp()])
     async with receiving(Agent(say_ms=200)) as (receiver, twilio):
         twilio.script("+15550100010", Human(script, ring_s=0.2))
         sid = await place(twilio, "+15550100010")

@@ -747,7 +747,7 @@ class _CallRun:
         self.sequence = 0
         self.outbox: asyncio.Queue[SentCallback | None] = asyncio.Queue()
         self.answered_at = 0.0
-        self.stream_started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.greeting_over: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self.stop = asyncio.Event()  # ends the simulated callee's line
         self.watcher: asyncio.Task[None] | None = None
         detection = call.machine_detection
@@ -861,8 +861,9 @@ class _CallRun:
         return CallScript([Say(greeting), Pause(round(outcome.max_message_s * 1000)), HangUp()])
 
     def _on_stream_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "sent" and data.get("event") == "start" and not self.stream_started.done():
-            self.stream_started.set_result(time.monotonic())
+        """The machine's silence after its greeting begins (its ``Pause`` step): the greeting is over, the beep."""
+        if kind == "step" and data.get("step") == "Pause" and not self.greeting_over.done():
+            self.greeting_over.set_result(time.monotonic())
 
     async def _after_stream(self) -> None:
         """The stream is over (or there was none): the call ends, or goes on with the TwiML that follows."""
@@ -922,8 +923,8 @@ class _CallRun:
     # --- answering machine detection ----------------------------------------------------------------------
 
     def _verdicts(self, outcome: Human | Machine) -> list[tuple[str, float]]:
-        """``(AnsweredBy, seconds after answer)`` of each verdict; the end of a greeting counts from the stream's
-        start when there is one (see :meth:`_detect`), here it is an estimate from the answer."""
+        """``(AnsweredBy, seconds after answer)`` of each verdict. For the end of a greeting on a live stream this
+        is an estimate: :meth:`_detect` waits for the moment the stream leaves the greeting."""
         if not self.amd:
             return []
         if isinstance(outcome, Human):
@@ -941,15 +942,15 @@ class _CallRun:
         ]
 
     async def _detect(self, verdicts: list[tuple[str, float]]) -> None:
-        """Give each verdict at its time; a greeting's end is timed from the stream's start when the stream
-        connects at once (asynchronous detection)."""
-        call = self.call
+        """Give each verdict at its time. With asynchronous detection the end of a machine's greeting is the moment
+        its stream's timeline leaves the greeting (never before an agent's audio played then counts as after it)."""
+        call, outcome = self.call, self.outcome
         for answered_by, after_s in verdicts:
             at = self.answered_at + after_s
-            if answered_by.startswith("machine_end") and self.async_amd and _has_stream(call.twiml):
-                with contextlib.suppress(TimeoutError):
-                    started = await asyncio.wait_for(asyncio.shield(self.stream_started), after_s + 5)
-                    at = started + after_s
+            if answered_by.startswith("machine_end") and isinstance(outcome, Machine) and self.async_amd:
+                with contextlib.suppress(TimeoutError):  # no stream: timed from the answer
+                    over = await asyncio.wait_for(asyncio.shield(self.greeting_over), after_s + 5)
+                    at = over + outcome.end_after_s
             await asyncio.sleep(max(at - time.monotonic(), 0))
             if call.status in ENDED_STATUSES:
                 return
