@@ -142,7 +142,9 @@ async def test_mcp_tools_reach_the_model_and_a_killed_server_is_an_error_output(
         serve(tmp_path, behavior, **agents_file(tmp_path, port)) as service,
     ):
         call = asyncio.create_task(service.caller().place_call(CallScript([*steps, HangUp()]), max_duration_s=40))
-        await wait_until(lambda: len(service.fake.sessions) == 1 and len(outputs(service.fake.sessions[0])) == 2)
+        await wait_until(
+            lambda: len(service.fake.sessions) == 1 and len(outputs(service.fake.sessions[0])) == 2, timeout=30
+        )
         server.kill()  # mid-call, before the third tool call
         await server.wait()
         await call
