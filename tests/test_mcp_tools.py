@@ -201,7 +201,9 @@ async def test_an_mcp_server_down_at_start_leaves_its_tools_out_until_it_answers
 async def test_a_changed_tool_list_reaches_the_calls_that_start_after_it(tmp_path: Path) -> None:
     port = free_port()
     path = tmp_path / "agents.toml"
-    path.write_text(f'[agents.a]\ntools = ["crm"]\n[mcp_servers.crm]\nurl = "http://127.0.0.1:{port}/mcp"\n')
+    path.write_text(
+        f'[agents.a]\ntools = ["crm", "crm__unlock"]\n[mcp_servers.crm]\nurl = "http://127.0.0.1:{port}/mcp"\n'
+    )
     async with mcp_server(tmp_path, port, GROWING_MCP_SERVER):
         directory = load_agents(Settings(_env_file=None), ToolRegistry(), path)
         await directory.toolbox.start()

@@ -19,6 +19,15 @@ vad_eagerness = "low"
 
 [numbers]
 "+15550100002" = "reception"
+
+[tools.lookup_order]           # an HTTP tool: the host application's endpoint answers it
+description = "Look up an order by its number."
+url = "https://app.example.com/callbridge/tools/lookup_order"
+parameters = { type = "object", properties = { order_id = { type = "integer" } }, required = ["order_id"] }
+
+[mcp_servers.crm]              # an MCP server: its tools are crm__<tool>
+url = "https://crm.internal.example/mcp"
+headers = { Authorization = "Bearer ${CRM_TOKEN}" }
 ```
 
 Every field is optional: what an agent leaves out comes from the ``CALLBRIDGE_AGENT_*`` / ``CALLBRIDGE_VAD_*``

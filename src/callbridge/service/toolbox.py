@@ -111,7 +111,8 @@ class Toolbox:
                 chosen += (tool.schema for tool in self.mcp_servers[name].tools.values())
             elif (server := self.mcp_servers.get(name.partition(SEPARATOR)[0])) and name in server.tools:
                 chosen.append(server.tools[name].schema)
-        return tuple(chosen)
+        unique = {schema.get("name") or schema.get("server_label"): schema for schema in chosen}  # "crm", "crm__a"
+        return tuple(unique.values())
 
     async def run(self, name: str, arguments: str, context: ToolContext, time_limit: float) -> tuple[bool, str]:
         """Run the tool ``name``; ``(ok, output)`` as :meth:`ToolRegistry.run` returns it."""
