@@ -163,7 +163,13 @@ async def receiving(agent: Agent | None = None, **fake: Any) -> AsyncIterator[tu
 
 
 async def place(
-    twilio: FakeTwilio, to: str, *, events: list[str] | None = EVENTS, amd: str | None = None, **extra: Any
+    twilio: FakeTwilio,
+    to: str,
+    *,
+    events: list[str] | None = EVENTS,
+    amd: str | None = None,
+    twiml: str = TWIML,
+    **extra: Any,
 ) -> str:
     """Create a call with the stream TwiML and a status callback; with AMD, asynchronous, through the official
     client (callbridge's does not send those parameters)."""
@@ -171,7 +177,7 @@ async def place(
         rest = TwilioCalls(ACCOUNT_SID, AUTH_TOKEN, api_base_url=twilio.base_url)
         try:
             return await rest.create(
-                to=to, from_=FROM, twiml=TWIML, status_callback=f"{PUBLIC}/status", status_callback_event=events
+                to=to, from_=FROM, twiml=twiml, status_callback=f"{PUBLIC}/status", status_callback_event=events
             )
         finally:
             await rest.aclose()
@@ -187,7 +193,7 @@ async def place(
         call = await client.calls.create_async(
             to=to,
             from_=FROM,
-            twiml=TWIML,
+            twiml=twiml,
             status_callback=f"{PUBLIC}/status",
             status_callback_event=events,
             **amd_params,
@@ -473,6 +479,23 @@ async def test_time_limit_ends_the_call() -> None:
     assert call.recording is not None and call.recording.ended_by == "timeout"
     assert (call.ended_by, call.status) == ("time_limit", "completed")
     assert receiver.streams[sid][-1]["event"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("twiml", "stream_error"),
+    [
+        ("<Response><Say>Your appointment is tomorrow.</Say><Hangup/></Response>", False),
+        ('<Response><Connect><Stream url="wss://callbridge.example.com/nowhere"/></Connect></Response>', True),
+    ],
+)
+async def test_twiml_without_a_stream_that_opens_runs_out(twiml: str, stream_error: bool) -> None:
+    async with receiving() as (receiver, twilio):
+        twilio.script("+15550100044", Human(CallScript([Pause(60000)]), ring_s=0.1))
+        sid = await place(twilio, "+15550100044", twiml=twiml)
+        call = await twilio.ended(sid)
+    assert (call.recording, call.ended_by, call.status) == (None, "twiml", "completed")
+    assert (call.stream_error is not None) == stream_error and receiver.streams == {}
+    assert call_statuses(call) == ["initiated", "ringing", "in-progress", "completed"]
 
 
 @pytest.mark.slow

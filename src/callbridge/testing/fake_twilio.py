@@ -113,7 +113,6 @@ from callbridge.telephony.g711 import BYTES_PER_MS, tone
 from callbridge.testing.caller import (
     FRAME_MS,
     CallRecording,
-    CallRefused,
     CallScript,
     HangUp,
     Pause,
@@ -729,7 +728,7 @@ class FakeTwilio:
                 headers = self._headers(self._validator.compute_signature(callback.url, callback.params))
                 response = await self._http.post(self._local(callback.url), data=callback.params, headers=headers)
             callback.status_code = response.status_code
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             callback.error = f"{type(exc).__name__}: {exc}"
 
     @staticmethod
@@ -750,6 +749,7 @@ class _CallRun:
         self.greeting_over: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self.stop = asyncio.Event()  # ends the simulated callee's line
         self.watcher: asyncio.Task[None] | None = None
+        self.streamed_redirects = 0  # redirects before the stream began: its TwiML already includes them
         detection = call.machine_detection
         self.amd = detection in ("Enable", "DetectMessageEnd")
         self.async_amd = self.amd and (call.one("AsyncAmd") or "").lower() == "true"
@@ -834,6 +834,8 @@ class _CallRun:
             account_sid=call.account_sid,
         )
         limit_s = float(call.time_limit or DEFAULT_TIME_LIMIT_S) - (time.monotonic() - self.answered_at)
+        self.streamed_redirects = len(call.redirects)
+        self._watch_line()
         try:
             recording = await caller.place_call(
                 self._script(outcome, skip_ms),
@@ -843,8 +845,8 @@ class _CallRun:
                 hang_up=self.stop,
                 on_event=self._on_stream_event,
             )
-        except (CallRefused, OSError, TimeoutError) as exc:
-            call.stream_error = str(exc)
+        except Exception as exc:  # the stream could not be played: Twilio reports it and goes on with the TwiML
+            call.stream_error = f"{type(exc).__name__}: {exc}"
             return
         call.recording = recording
         if isinstance(outcome, Machine):
@@ -872,16 +874,17 @@ class _CallRun:
             if call.ended_by in ("callee", "time_limit", "closed") or self.twilio._closing:
                 call.ended_by = call.ended_by or "closed"
                 break
-            verbs = (
-                list(_parse(call.twiml) or [])
-                if call.redirects
-                else _verbs_after_connect(call.twiml)
-                if call.twiml is not None
-                else None
-            )
+            redirected = len(call.redirects) > self.streamed_redirects
+            verbs: list[ET.Element] | None
+            if call.twiml is None:  # a Url or an application: not fetched, the call is held
+                verbs = None
+            elif redirected:  # the new TwiML from its start (unparseable TwiML ends the call, as Twilio's 12100)
+                verbs = list(_parse(call.twiml) or [])
+            else:  # what follows the <Connect> whose stream ended
+                verbs = _verbs_after_connect(call.twiml)
             if verbs is not None and _twiml_ends_call(verbs):
                 closed = call.recording is not None and call.recording.ended_by == "server"
-                call.ended_by = call.ended_by or ("redirect" if call.redirects else "stream" if closed else "twiml")
+                call.ended_by = call.ended_by or ("redirect" if redirected else "stream" if closed else "twiml")
                 break
             call._changed.clear()  # held (a <Dial>, a URL): until the service ends it or redirects again
             await call._changed.wait()
@@ -904,8 +907,6 @@ class _CallRun:
     def _advance(self, status: str) -> None:
         self.twilio._set_status(self.call, status)
         self._status({"in-progress": "answered"}.get(status, status))
-        if status == "in-progress":
-            self._watch_line()
 
     def _watch_line(self) -> None:
         """End the callee's line when the call is ended or redirected through REST, or the fake closes."""
