@@ -50,6 +50,13 @@ async def live_call(
     await wait_until(lambda: len(running.fake.sessions) > sessions_before, 10, what="the model connected")
     session = running.fake.sessions[sessions_before]
     await wait_until(lambda: session.server_events_of("response.done"), 10, what="the greeting")
+    async with api(running) as client:  # on record as carried (by whom): what the other worker goes by
+        for _ in range(200):
+            if (await client.get(f"/api/calls/{call_sid}")).json()["owner"]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the call was never on record as carried")
     return call_sid, call
 
 
