@@ -1,4 +1,5 @@
-"""The host application's control of a live call, in the session: what it says, the facts it adds, its transfer."""
+"""The host application's control of a live call: in the session (what it says, the facts it adds, its transfer), and
+the REST API's routing in one process."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import pytest
 
 from callbridge.api.app import create_app
 from callbridge.config import Settings
@@ -16,6 +18,7 @@ from callbridge.core import events as ev
 from callbridge.core.commands import Command, ControlRefused, EndCall, RecordEvent, TransferCall
 from callbridge.core.context import AgentConfig
 from callbridge.store.repository import Store
+from support import free_port
 
 from conftest import Harness, audio, of_type, twilio_messages
 
@@ -217,14 +220,17 @@ BASE_URL = "http://callbridge.test"
 
 
 @asynccontextmanager
-async def app_in_process(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Store]]:
-    """The app with its lifespan (no Redis, no Twilio REST), a client with the API token, and its store."""
+async def app_in_process(
+    tmp_path: Path, redis_url: str | None = None
+) -> AsyncIterator[tuple[httpx.AsyncClient, Store]]:
+    """The app with its lifespan (no Twilio REST; Redis if given), a client with the API token, and its store."""
     settings = Settings(
         api_token=API_TOKEN,
         database_url=f"sqlite:///{tmp_path / 'calls.db'}",
         realtime_url="ws://127.0.0.1:9/v1/realtime",
         public_url=BASE_URL,
-        redis_url=None,
+        redis_url=redis_url,
+        redis_prefix=f"test-{uuid.uuid4().hex[:12]}",
         _env_file=None,
     )
     app = create_app(settings)
@@ -284,3 +290,21 @@ async def test_what_cannot_be_said_is_refused_before_it_reaches_a_call(tmp_path:
         assert too_long[0]["loc"] == ["body", "text"] and "4000 characters" in too_long[0]["msg"]
         anonymous = await http.post(f"/api/calls/{call_sid}/say", json={"text": "Hi."}, headers={"Authorization": ""})
         assert anonymous.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("redis_url", "why"),
+    [
+        ("redis://127.0.0.1:6379/5", "the process that carries the call is gone"),
+        (f"redis://127.0.0.1:{free_port()}/5", "the process that carries the call cannot be reached (Redis)"),
+    ],
+    ids=["owner-gone", "redis-down"],
+)
+async def test_through_redis_a_call_whose_process_does_not_answer_is_not_live(
+    tmp_path: Path, redis_url: str, why: str
+) -> None:
+    async with app_in_process(tmp_path, redis_url) as (http, store):
+        call_sid = await on_record(store, owner="another-host:4242:99")  # nobody listens on its channel
+        refused = await http.post(f"/api/calls/{call_sid}/say", json={"text": "Hello?"})
+    assert refused.status_code == 409, refused.text
+    assert refused.json() == {"detail": why, "code": "not_live"}

@@ -40,11 +40,14 @@ SUBSCRIBE_WAIT_S = 2.0
 """How long start-up waits for the subscription to the command channels (Redis down: the service starts anyway)."""
 
 NotLiveCode = Literal["not_live", "not_live_here"]
-Command = Literal["say", "instruct", "transfer"]
-_EVENTS: dict[str, type[ev.HostSay] | type[ev.HostInstruct] | type[ev.HostTransfer]] = {
+Command = Literal["say", "instruct", "transfer", "amd"]
+ControlEvent = ev.HostEvent | ev.AmdVerdict
+"""What reaches a call from outside it: the host application's commands, and Twilio's answering-machine verdict."""
+_EVENTS: dict[Command, type[ControlEvent]] = {
     "say": ev.HostSay,
     "instruct": ev.HostInstruct,
     "transfer": ev.HostTransfer,
+    "amd": ev.AmdVerdict,
 }
 
 
@@ -67,8 +70,8 @@ class Accepted:
     """The process that carries the call: ``host:pid:start time`` (the call record's ``owner``)."""
 
 
-def _kind(event: ev.HostEvent) -> Command:
-    return "say" if isinstance(event, ev.HostSay) else "instruct" if isinstance(event, ev.HostInstruct) else "transfer"
+def _kind(event: ControlEvent) -> Command:
+    return next(kind for kind, type_ in _EVENTS.items() if isinstance(event, type_))
 
 
 def _text(text: str, what: str) -> str:
@@ -155,7 +158,11 @@ class CallControl:
             raise NotConfigured("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are needed for call control")
         return await self._deliver(call_sid, ev.HostTransfer(to, _text(say, "the last sentence") if say else None))
 
-    async def _deliver(self, call_sid: str, event: ev.HostEvent) -> Accepted:
+    async def amd(self, call_sid: str, answered_by: str, detection_ms: int | None) -> Accepted:
+        """Twilio's answering-machine verdict, to the call that awaits it."""
+        return await self._deliver(call_sid, ev.AmdVerdict(answered_by, detection_ms))
+
+    async def _deliver(self, call_sid: str, event: ControlEvent) -> Accepted:
         """To the call, here or in the process that carries it."""
         if self.registry.find(call_sid) is not None:
             return self.run_here(call_sid, event)
@@ -175,7 +182,7 @@ class CallControl:
             )
         return await self._ask(record.owner, call_sid, event)
 
-    def run_here(self, call_sid: str, event: ev.HostEvent) -> Accepted:
+    def run_here(self, call_sid: str, event: ControlEvent) -> Accepted:
         """Hand the command to the call this process carries; :class:`NotLive` if there is none or it refuses."""
         bridge = self.registry.find(call_sid)
         if bridge is None:
@@ -187,7 +194,7 @@ class CallControl:
 
     # --- through Redis -------------------------------------------------------------------------------------
 
-    async def _ask(self, owner: str | None, call_sid: str, event: ev.HostEvent) -> Accepted:
+    async def _ask(self, owner: str | None, call_sid: str, event: ControlEvent) -> Accepted:
         """Pass the command to the owner (or to every process, when the record names none) and wait for the answer."""
         assert self._publisher is not None
         request_id = secrets.token_hex(8)
@@ -224,18 +231,22 @@ class CallControl:
     async def _listen(self, url: str) -> None:
         """Commands for this process and answers to its own, for ever (resubscribing after a Redis outage)."""
         subscriber = aioredis.from_url(url, socket_connect_timeout=2)
+        down = False
         try:
             while True:
                 try:
                     async with subscriber.pubsub(ignore_subscribe_messages=True) as pubsub:
                         await pubsub.subscribe(self._inbox, self._broadcast, self._replies)
                         self._subscribed.set()
-                        log.info("control.listening", channel=self._inbox)
+                        log.info("control.listening", channel=self._inbox, again=down)
+                        down = False
                         async for message in pubsub.listen():
                             await self._received(message)
                 except (RedisError, OSError) as exc:
                     self._subscribed.clear()
-                    log.warning("control.redis_unavailable", error=f"{type(exc).__name__}: {exc}")
+                    if not down:  # once per outage: commands from other workers do not reach this one meanwhile
+                        log.error("control.redis_unavailable", error=f"{type(exc).__name__}: {exc}")
+                    down = True
                     await asyncio.sleep(1.0)
         finally:
             await subscriber.aclose()
@@ -260,7 +271,7 @@ class CallControl:
         """A command another worker passed on: carried out if this process carries the call, and answered (silence,
         for a command sent to all, when it does not)."""
         call_sid = str(body.get("call_sid"))
-        kind = _EVENTS.get(str(body.get("command")))
+        kind = next((type_ for name, type_ in _EVENTS.items() if name == body.get("command")), None)
         if self.registry.find(call_sid) is None and not body.get("direct"):
             return  # another process's call
         reply: dict[str, Any] = {"id": body.get("id")}
