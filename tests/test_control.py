@@ -161,6 +161,20 @@ def test_instructions_are_given_again_to_a_new_model_session() -> None:
     assert "The order was just refunded." in system
 
 
+def test_a_say_the_lost_model_session_never_started_is_said_by_the_new_one() -> None:
+    harness = live()
+    (create,) = of_type(harness.handle(ev.HostSay("We are back.")), "response.create")
+    harness.handle(ev.RealtimeClosed(1011, "lost"))  # before its response was created
+    harness.handle(ev.RealtimeConnected())
+    assert said(harness.handle(ev.RealtimeSessionUpdated())) == [""]  # nothing was said yet: the agent greets first
+    harness.handle(ev.RealtimeResponseCreated("resp_greeting_2"))
+    commands = harness.handle(ev.RealtimeResponseDone("resp_greeting_2", "completed"))
+    (again,) = of_type(commands, "response.create")
+    assert (
+        again["response"]["instructions"].endswith("exactly: We are back.") and again["event_id"] != create["event_id"]
+    )
+
+
 def test_transfer_with_a_last_sentence_cuts_the_agent_off_says_it_then_redirects() -> None:
     harness = live()
     harness.speak("resp_1", "item_1", chunks=2)
