@@ -4,6 +4,7 @@ word for word for a machine, then the hang-up."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from callbridge.core import events as ev
 from callbridge.core.commands import AppendAudio, Command, EndCall, RecordEvent
@@ -146,3 +147,21 @@ def test_inbound_calls_and_calls_without_detection_greet_at_once() -> None:
     assert len(said(harness.go_live())) == 1
     ignored = harness.handle(ev.AmdVerdict("machine_end_beep"))
     assert ended(ignored) == [] and amd_events(ignored)[0]["acted"] is False
+
+
+def test_a_verdict_before_the_stream_started_is_applied_once_live() -> None:
+    harness = Harness(AGENT)
+    harness.handle(ev.TwilioConnected())
+    assert said(harness.handle(ev.AmdVerdict("machine_end_beep"))) == []  # the call's context is not known yet
+    harness.handle(harness.start_event(outbound()))
+    harness.handle(ev.RealtimeConnected())
+    assert said(harness.handle(ev.RealtimeSessionUpdated())) == [HOST_SAY + VOICEMAIL]
+
+
+def test_a_verdict_on_record_before_the_stream_came_is_applied_once_live() -> None:
+    harness = Harness(AGENT)
+    harness.handle(ev.TwilioConnected())
+    harness.handle(harness.start_event(replace(outbound(), answered_by="human")))
+    harness.handle(ev.RealtimeConnected())
+    commands = harness.handle(ev.RealtimeSessionUpdated())
+    assert [text.endswith("saying exactly: Hello, this is Bright Dental.") for text in said(commands)] == [True]

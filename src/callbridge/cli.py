@@ -576,3 +576,125 @@ def _print_live(console: Any, kind: str, data: dict[str, Any]) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+campaign = typer.Typer(no_args_is_help=True, help="Campaigns: lists of people the agent calls, paced and retried.")
+app.add_typer(campaign, name="campaign")
+CampaignArgument = Annotated[str, typer.Argument(metavar="ID", hidden=True)]  # in the usage line and the doc
+
+
+@campaign.command("create")
+def campaign_create(
+    contacts: Annotated[Path, typer.Argument(metavar="CONTACTS.CSV", hidden=True)],  # in the usage line and the doc
+    agent: Annotated[str, typer.Option(metavar="NAME", help="The agent that talks on the calls.")],
+    from_: Annotated[str, typer.Option("--from", metavar="NUMBER", help="Your Twilio number, E.164.")],
+    name: Annotated[str | None, typer.Option(metavar="TEXT", help="The campaign's name (default: the file's).")] = None,
+    hours: Annotated[
+        str, typer.Option(metavar="HH:MM-HH:MM", help="Calling hours in each contact's local time.")
+    ] = "09:00-20:00",
+    max_concurrent: Annotated[int, typer.Option(metavar="N", min=1, help="Calls at once, at most.")] = 5,
+    draft: Annotated[bool, typer.Option("--draft", help="Leave it a draft (start it with campaign start).")] = False,
+    url: ApiUrl = None,
+    token: ApiToken = None,
+) -> None:
+    """Create a campaign that calls the people of CONTACTS.CSV (a header naming 'to', and any of reference, name,
+    timezone; other columns are metadata the voicemail message may name), and start it."""
+    try:
+        text = contacts.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Failure(f"{contacts}: {exc}") from None
+    body = {
+        "name": name or contacts.stem,
+        "agent": agent,
+        "from": from_,
+        "calling_hours": hours,
+        "max_concurrent": max_concurrent,
+    }
+    with _api(url, token) as client:
+        created = _check(client.post("/api/campaigns", json=body))
+        campaign_id = created["id"]
+        response = client.post(
+            f"/api/campaigns/{campaign_id}/contacts", content=text.encode(), headers={"Content-Type": "text/csv"}
+        )
+        if response.status_code == 422:
+            client.post(f"/api/campaigns/{campaign_id}/cancel")  # nothing of the file was kept: no empty draft stays
+            problems = response.json().get("problems") or [{"row": "", "field": "", "message": response.text}]
+            lines = "\n".join(f"  {p['row']}: {p['field']}: {p['message']}" for p in problems[:20])
+            raise Failure(f"{contacts}: {len(problems)} bad rows, nothing imported:\n{lines}", REFUSED)
+        added = _check(response)["added"]
+        if not draft:
+            _check(client.post(f"/api/campaigns/{campaign_id}/start"))
+    state = "draft" if draft else "running"
+    typer.echo(f"{campaign_id} {state}: {added} contacts (callbridge campaign status {campaign_id})")
+
+
+@campaign.command("status")
+def campaign_status(
+    campaign_id: CampaignArgument,
+    once: Annotated[bool, typer.Option("--once", help="Print the counts once instead of following them.")] = False,
+    url: ApiUrl = None,
+    token: ApiToken = None,
+) -> None:
+    """Follow the campaign ID: a progress bar and its contacts by status, until it completes (Ctrl-C to stop)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(highlight=False)
+    with _api(url, token) as client:
+        body = _check(client.get(f"/api/campaigns/{campaign_id}"))
+        if once or not console.is_terminal:
+            console.print(_campaign_view(body))
+            return
+        with Live(_campaign_view(body), console=console, refresh_per_second=4) as live:
+            while body["status"] in ("draft", "running", "paused"):
+                time.sleep(1)
+                body = _check(client.get(f"/api/campaigns/{campaign_id}"))
+                live.update(_campaign_view(body))
+
+
+def _campaign_view(body: dict[str, Any]) -> Any:
+    """A campaign as the terminal shows it: its name and status, a progress bar, and the counts."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    counts: dict[str, int] = body["counts"]
+    total = body["total"]
+    done = total - sum(counts.get(status, 0) for status in ("pending", "scheduled", "in_progress"))
+    table = Table.grid(padding=(0, 2))
+    for status, count in counts.items():
+        if count:
+            table.add_row(status.replace("_", " "), str(count))
+    title = f"[bold]{escape(body['name'])}[/bold] {body['id']} [dim]{body['status']}[/dim]  {done}/{total} done"
+    return Group(title, ProgressBar(total=max(total, 1), completed=done, width=50), table)
+
+
+def _campaign_action(action: str, campaign_id: str, url: str | None, token: str | None) -> None:
+    with _api(url, token) as client:
+        body = _check(client.post(f"/api/campaigns/{campaign_id}/{action}"))
+    typer.echo(f"{campaign_id} {body['status']}")
+
+
+@campaign.command("start")
+def campaign_start(campaign_id: CampaignArgument, url: ApiUrl = None, token: ApiToken = None) -> None:
+    """Start the draft campaign ID."""
+    _campaign_action("start", campaign_id, url, token)
+
+
+@campaign.command("pause")
+def campaign_pause(campaign_id: CampaignArgument, url: ApiUrl = None, token: ApiToken = None) -> None:
+    """Pause the campaign ID: no new call is placed (calls in progress go on)."""
+    _campaign_action("pause", campaign_id, url, token)
+
+
+@campaign.command("resume")
+def campaign_resume(campaign_id: CampaignArgument, url: ApiUrl = None, token: ApiToken = None) -> None:
+    """Resume the paused campaign ID."""
+    _campaign_action("resume", campaign_id, url, token)
+
+
+@campaign.command("cancel")
+def campaign_cancel(campaign_id: CampaignArgument, url: ApiUrl = None, token: ApiToken = None) -> None:
+    """Cancel the campaign ID for good: no new call is placed (calls in progress go on)."""
+    _campaign_action("cancel", campaign_id, url, token)

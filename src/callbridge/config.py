@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit
@@ -27,6 +28,8 @@ LIVE_EVENT_TYPES = (
     "turn.metrics",
 )
 """The types of live events (``GET /api/live``), which ``CALLBRIDGE_WEBHOOK_EVENTS`` chooses from."""
+WEBHOOK_EVENT_TYPES = (*LIVE_EVENT_TYPES, "campaign.completed")
+"""What ``CALLBRIDGE_WEBHOOK_EVENTS`` chooses from: the live events, and a campaign's end."""
 
 
 def _default(cls: type[Any], name: str) -> Any:
@@ -84,6 +87,10 @@ class Settings(BaseSettings):
     """On SIGTERM, how long live calls may go on before they are handed the fallback and the process exits."""
     dev_disable_signatures: bool = False
     """Local development only: accept Twilio requests without a valid ``X-Twilio-Signature``."""
+    dev_campaign_clock: datetime | None = None
+    """Tests only: the campaigns' wall clock starts at this time (calling hours are judged by it) and runs on."""
+    amd_timeout_seconds: float = Field(default=_default(SessionConfig, "amd_timeout_s"), gt=0, le=60)
+    """An outbound call with answering-machine detection and no verdict this long after it connects: a person."""
     max_message_bytes: int = Field(default=256 * 1024, gt=1024)
     max_request_bytes: int = Field(default=1024 * 1024, gt=1024)
     """Largest HTTP request body (webhooks, REST API): past it, 413."""
@@ -106,7 +113,7 @@ class Settings(BaseSettings):
     """Attempts of one webhook delivery (backoff with jitter, about a day for 12) before it is dead."""
     webhook_backoff_seconds: float = Field(default=60.0, gt=0)
     """The longest wait after a delivery's first failed attempt; it doubles with each failure, up to 8 h."""
-    webhook_events: str = "call.ended"
+    webhook_events: str = "call.ended,campaign.completed"
     """A comma list of live event types also POSTed to the webhook URL, through the outbox."""
     redis_url: str | None = None
     """Live events through Redis Streams, so that every worker and host sees every call's (else: in process)."""
@@ -242,9 +249,9 @@ class Settings(BaseSettings):
     @field_validator("webhook_events")
     @classmethod
     def _webhook_events(cls, value: str) -> str:
-        unknown = [kind for kind in _comma_list(value) if kind not in LIVE_EVENT_TYPES]
+        unknown = [kind for kind in _comma_list(value) if kind not in WEBHOOK_EVENT_TYPES]
         if unknown:
-            raise ValueError(f"unknown event types {unknown}: choose from {', '.join(LIVE_EVENT_TYPES)}")
+            raise ValueError(f"unknown event types {unknown}: choose from {', '.join(WEBHOOK_EVENT_TYPES)}")
         return value
 
     @property

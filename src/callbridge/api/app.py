@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from callbridge.api.campaigns import campaigns_router
 from callbridge.api.control import control_router
 from callbridge.api.dashboard import mount_dashboard
 from callbridge.api.docs import ErrorBody, serve_docs
@@ -36,7 +37,16 @@ from callbridge.core.session import SessionConfig
 from callbridge.core.transcript import TranscriptLine, TranscriptSink
 from callbridge.observability.metrics import Metrics
 from callbridge.service.agents import AgentDirectory, load_agents
-from callbridge.service.calls import CallServices, Invalid, NotConfigured, NotFound, ServiceError, Upstream
+from callbridge.service.calls import (
+    CallServices,
+    Invalid,
+    NotConfigured,
+    NotFound,
+    ServiceError,
+    TooManyRequests,
+    Upstream,
+)
+from callbridge.service.campaigns import CampaignConflict, CampaignInvalid
 from callbridge.service.control import NotLive
 from callbridge.service.live import live_events
 from callbridge.service.ownership import is_orphan
@@ -120,6 +130,7 @@ def create_app(
     app.include_router(router())
     app.include_router(live_router())
     app.include_router(control_router())
+    app.include_router(campaigns_router())
     app.include_router(webhooks_router())
     app.include_router(health_router(registry, metrics))
     serve_docs(app)
@@ -239,11 +250,20 @@ def _session_config(
         resolve_context=resolver is not None,
         reconnect_deadline_s=settings.realtime_reconnect_deadline_seconds,
         ready_timeout_s=settings.realtime_ready_timeout_seconds,
+        amd_timeout_s=settings.amd_timeout_seconds,
         rollover_after_s=settings.realtime_rollover_seconds,
     )
 
 
-_STATUS_OF = {NotFound: 404, Invalid: 422, NotConfigured: 503, Upstream: 502, NotLive: 409}
+_STATUS_OF = {
+    NotFound: 404,
+    Invalid: 422,
+    NotConfigured: 503,
+    Upstream: 502,
+    NotLive: 409,
+    CampaignConflict: 409,
+    TooManyRequests: 429,
+}
 """The HTTP status of each kind of refusal of the services."""
 
 
@@ -253,6 +273,8 @@ async def _refused(request: Request, exc: Exception) -> Response:
     body = ErrorBody(detail=str(exc)).model_dump()
     if isinstance(exc, NotLive):
         body["code"] = exc.code  # not_live, or not_live_here: another worker carries the call
+    if isinstance(exc, CampaignInvalid):
+        body["problems"] = exc.problems  # every bad row of an import, by row and field
     return JSONResponse(body, status_code=status)
 
 

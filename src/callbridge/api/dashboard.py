@@ -26,6 +26,8 @@ from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from callbridge.service.calls import CallServices, Invalid, NotFound, ServiceError
+from callbridge.service.campaigns import Campaigns
+from callbridge.store.campaigns import Campaign
 from callbridge.store.repository import CallEvent, CallRecord
 
 log = structlog.stdlib.get_logger("callbridge.dashboard")
@@ -219,12 +221,44 @@ def _pages(dashboard: APIRouter) -> None:
         }
         return _page(request, "call.html", context)
 
+    @dashboard.get("/campaigns")
+    async def campaigns(request: Request) -> Response:
+        session = _signed_in(request)
+        campaigns: Campaigns = request.app.state.campaigns
+        rows = [await campaigns.summary(campaign.id) for campaign in await campaigns.store.campaigns()]
+        return _page(request, "campaigns.html", {"session": session, "campaigns": [_progress(*row) for row in rows]})
+
+    @dashboard.get("/campaigns/{campaign_id}")
+    async def campaign(request: Request, campaign_id: str) -> Response:
+        session = _signed_in(request)
+        campaigns: Campaigns = request.app.state.campaigns
+        try:
+            found, counts = await campaigns.summary(campaign_id)
+        except NotFound:
+            raise _Refused(404, "No such campaign.") from None
+        contacts = await campaigns.contacts(campaign_id, status=None, after=0, limit=500)
+        context = {"session": session, "campaign": _progress(found, counts), "contacts": contacts}
+        return _page(request, "campaign.html", context)
+
     @dashboard.post("/calls/{call_sid}/hangup")
     async def hang_up(request: Request, call_sid: str, csrf: Annotated[str | None, Form()] = None) -> Response:
         _check_csrf(request, _signed_in(request), csrf)
         await request.app.state.services.hang_up(call_sid)
         log.info("dashboard.hang_up", call_sid=call_sid)
         return RedirectResponse(f"/dashboard/calls/{call_sid}", status_code=303)
+
+
+def _progress(campaign: Campaign, counts: dict[str, int]) -> dict[str, Any]:
+    """A campaign for its page: its counts, and its contacts done as a share of all (the progress bar)."""
+    total = sum(counts.values())
+    done = total - sum(counts.get(status, 0) for status in ("pending", "scheduled", "in_progress"))
+    return {
+        "campaign": campaign,
+        "counts": {status: count for status, count in counts.items() if count},
+        "total": total,
+        "done": done,
+        "share": done / total if total else 0.0,
+    }
 
 
 async def _login_needed(request: Request, exc: Exception) -> Response:

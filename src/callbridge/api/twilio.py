@@ -1,4 +1,5 @@
-"""Twilio's webhooks: an incoming call, call status, stream status. Each is signed with the account's auth token."""
+"""Twilio's webhooks: an incoming call, call status, stream status, answering-machine verdicts. Each is signed with
+the account's auth token."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi.responses import Response
 from callbridge.bridge import CallRegistry
 from callbridge.config import Settings
 from callbridge.observability.metrics import Metrics
-from callbridge.service.calls import CallServices
+from callbridge.service.calls import CallServices, ServiceError
 from callbridge.telephony.signatures import TwilioSignatures
 
 log = structlog.stdlib.get_logger("callbridge.api")
@@ -62,6 +63,21 @@ def twilio_router(
     @router.post("/status")
     async def status(request: Request) -> Response:
         return await callback(request, "/twilio/status", request.app.state.services.status_callback)
+
+    @router.post("/amd")
+    async def amd(request: Request) -> Response:
+        """Twilio's asynchronous answering-machine verdict: on the call's record, and to the call that awaits it
+        (in this process, or the one that carries it). A call not live yet finds it on its record when it starts."""
+        params = await signed_form(request, "/twilio/amd")
+        if params is None:
+            return _forbidden()
+        verdict = await request.app.state.services.amd_verdict(params)
+        if verdict is not None:
+            try:
+                await request.app.state.control.amd(*verdict)
+            except ServiceError as exc:  # not live (yet): the record has it
+                log.info("twilio.amd_not_delivered", call_sid=verdict[0], reason=str(exc))
+        return Response(status_code=204)
 
     @router.post("/stream-status")
     async def stream_status(request: Request) -> Response:

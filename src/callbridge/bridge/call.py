@@ -277,7 +277,7 @@ class CallBridge:
         """Let the call go with the fallback (apology or human), e.g. when a drain deadline has passed."""
         self._dispatch(ev.EndRequested(reason))
 
-    def control(self, command: ev.HostEvent) -> ControlRefused | None:
+    def control(self, command: ev.HostEvent | ev.AmdVerdict) -> ControlRefused | None:
         """The host application's command to the call (say, instruct, transfer), from the event loop: carried out
         at once or queued in the call (``None``), or refused, with why (the call is not live, or ending)."""
         if self._finished is None or self._ending:

@@ -127,6 +127,8 @@ class CallContext:
     """Twilio's answering-machine detection runs on this outbound call: the agent waits for its verdict."""
     voicemail: str | None = None
     """Said word for word to an answering machine, then the call ends (``None``: hang up on a machine)."""
+    answered_by: str | None = None
+    """Twilio's answering-machine verdict, when it came before the call's stream did (it is on the record)."""
 
     @property
     def person_number(self) -> str | None:
@@ -153,6 +155,7 @@ def merge_context(base: CallContext, resolved: CallContext | None) -> CallContex
         binding=base.binding,
         machine_detection=base.machine_detection,
         voicemail=base.voicemail,
+        answered_by=base.answered_by,
     )
 
 

@@ -585,6 +585,8 @@ class CallSession:
         if context.machine_detection and context.direction == "outbound" and not self._amd:
             self._amd = "pending"
             self._amd_deadline = self._t0 + self.config.amd_timeout_s
+            if context.answered_by and self._amd_early is None:  # decided before the stream came
+                self._amd_early = ev.AmdVerdict(context.answered_by)
         if self.config.resolve_context:
             commands.append(ResolveContext(context))
         return commands
@@ -1327,6 +1329,9 @@ class CallSession:
         verdict = event.answered_by
         data: dict[str, Any] = {"answered_by": verdict, "detection_ms": event.detection_ms}
         data["after_ms"] = round((now - self._t0) * 1000)
+        if not self._amd and self.phase in ("awaiting_start", "connecting") and not self._configured:
+            self._amd_early = event  # the call's context (does it await a verdict?) is not known yet
+            return [Log("amd.verdict_early", "info", data)]
         if not self._amd:  # no detection awaited, or decided already (a late verdict is kept, not acted on)
             return [Log("amd.ignored", "info", data), RecordEvent("amd", {**data, "acted": False})]
         if self.phase != "live":

@@ -472,6 +472,20 @@ class CallServices:
         except Exception as exc:  # the call goes on without it; its live event was sent
             log.warning("call.turn_not_kept", call_sid=call_sid, error=f"{type(exc).__name__}: {exc}")
 
+    async def amd_verdict(self, params: dict[str, str]) -> tuple[str, str, int | None] | None:
+        """Twilio's asynchronous answering-machine verdict, kept on the call's record; ``(call SID, verdict,
+        detection ms)`` for the live call, or ``None`` when the callback names no call or verdict."""
+        call_sid, verdict = params.get("CallSid"), params.get("AnsweredBy")
+        if not call_sid or not verdict:
+            log.warning("twilio.amd_incomplete", call_sid=call_sid)
+            return None
+        duration = params.get("MachineDetectionDuration", "")
+        detection_ms = int(duration) if duration.isdigit() else None
+        log.info("twilio.amd", call_sid=call_sid, answered_by=verdict, detection_ms=detection_ms)
+        if await self.store.update_call(call_sid, answered_by=verdict[:40]) is None:
+            log.warning("twilio.amd_unknown_call", call_sid=call_sid)
+        return call_sid, verdict[:40], detection_ms
+
     async def stream_status(self, params: dict[str, str]) -> None:
         """Twilio's ``<Stream statusCallback>``: ``stream-started``, ``stream-stopped`` or ``stream-error`` on the
         call's record. An error is logged whether or not the call is known: a wrong stream URL shows up here."""
@@ -526,6 +540,7 @@ def _context_of(record: CallRecord, call_sid: str) -> CallContext:
         binding=kept.get("binding"),
         machine_detection=bool(kept.get("machine_detection")),
         voicemail=kept.get("voicemail"),
+        answered_by=record.answered_by,
     )
 
 

@@ -29,12 +29,20 @@ LIFECYCLE: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 class RetrySpec(BaseModel):
+    """When a contact is called again."""
+
     model_config = ConfigDict(extra="forbid")
 
-    max_attempts: int = Field(default=3, ge=1, le=20)
-    backoff: list[str] = ["30m", "2h"]
-    """The wait before the 2nd, 3rd… attempt (``30s``, ``30m``, ``2h``, ``1d``); the last repeats."""
-    on: list[Outcome] = ["no-answer", "busy", "failed"]
+    max_attempts: int = Field(default=3, ge=1, le=20, description="Attempts per contact, the first included")
+    backoff: list[str] = Field(
+        default=["30m", "2h"],
+        max_length=20,
+        description="The wait before the 2nd, 3rd… attempt (30s, 30m, 2h, 1d); the last one repeats",
+    )
+    on: list[Outcome] = Field(
+        default=["no-answer", "busy", "failed"],
+        description="The outcomes that are tried again: no-answer, busy, failed, voicemail_left",
+    )
 
     @field_validator("backoff")
     @classmethod
@@ -52,19 +60,26 @@ class CampaignSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    name: str = Field(min_length=1, max_length=200)
-    agent: str
-    from_: str = Field(alias="from")
-    contacts: list[ContactSpec] = Field(default=[], max_length=100_000)
-    calling_hours: str = "09:00-20:00"
-    """The daily window in each contact's local time."""
-    days: list[str] = list(WEEKDAYS)
-    max_concurrent: int = Field(default=5, ge=1, le=1000)
-    calls_per_second: float = Field(default=1.0, gt=0, le=100)
-    """Twilio's default account limit is one call created per second."""
-    retry: RetrySpec = RetrySpec()
-    machine_detection: bool = True
-    on_machine: Literal["leave_message", "hang_up"] = "leave_message"
+    name: str = Field(min_length=1, max_length=200, description="Its name")
+    agent: str = Field(description="The agent that talks on its calls (of the agents file)")
+    from_: str = Field(alias="from", description="The number it calls from (E.164)")
+    contacts: list[ContactSpec] = Field(
+        default=[], max_length=100_000, description="The people to call (more with POST …/contacts, as CSV)"
+    )
+    calling_hours: str = Field(
+        default="09:00-20:00", description="The daily window in each contact's local time, HH:MM-HH:MM"
+    )
+    days: list[str] = Field(default=list(WEEKDAYS), description="The days to call on (monday… or mon…)")
+    max_concurrent: int = Field(default=5, ge=1, le=1000, description="Calls of the campaign at once, at most")
+    calls_per_second: float = Field(
+        default=1.0, gt=0, le=100, description="Calls created per second, at most (Twilio's default limit: 1)"
+    )
+    retry: RetrySpec = Field(default=RetrySpec(), description="When a contact is called again")
+    machine_detection: bool = Field(default=True, description="Twilio's answering-machine detection on each call")
+    on_machine: Literal["leave_message", "hang_up"] = Field(
+        default="leave_message",
+        description="On an answering machine: leave the agent's voicemail_message (word for word), or hang up",
+    )
 
     @field_validator("from_")
     @classmethod

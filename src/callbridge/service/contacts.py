@@ -12,7 +12,7 @@ import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,18 +22,33 @@ CSV_COLUMNS = ("to", "reference", "name", "timezone")
 """The CSV columns a contact is made of; any other column goes to the contact's metadata."""
 
 
+class ContactContext(BaseModel):
+    """What the agent knows of the person, for each of their calls."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instructions: str | None = Field(default=None, max_length=1500, description="Instructions for their calls")
+    greeting: str | None = Field(default=None, max_length=300, description="What the agent says first")
+    items: list[tuple[Literal["system", "user", "assistant"], str]] = Field(
+        default=[], max_length=10, description="Conversation items given to the model first: [role, text] pairs"
+    )
+
+
 class ContactSpec(BaseModel):
     """One contact as the API takes it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    to: str = Field(min_length=1, max_length=64)
-    reference: str | None = Field(default=None, max_length=200)
-    name: str | None = Field(default=None, max_length=200)
-    timezone: str | None = Field(default=None, max_length=64)
-    context: dict[str, Any] = {}
-    """Per-call context for the agent (``instructions``, ``greeting``, ``items``, as ``POST /api/calls`` takes)."""
-    metadata: dict[str, Any] = {}
+    to: str = Field(min_length=1, max_length=64, description="The number to call, in international form (+…)")
+    reference: str | None = Field(default=None, max_length=200, description="Your reference for the person")
+    name: str | None = Field(default=None, max_length=200, description="The person's name")
+    timezone: str | None = Field(
+        default=None, max_length=64, description="Their IANA time zone (default: the zones of the number)"
+    )
+    context: ContactContext = Field(default=ContactContext(), description="What the agent knows of the person")
+    metadata: dict[str, Any] = Field(
+        default={}, description="Anything of yours: kept with each call, and named by the voicemail's placeholders"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +186,8 @@ def check(
             message = f"the zones of {number} ({', '.join(zones[:3])}…) share no calling hour: give its timezone"
             problems.append(ContactProblem(row, "timezone", message))
             continue
-        contact = Contact(number, zones, spec.reference, spec.name, spec.context, spec.metadata)
+        context = spec.context.model_dump(exclude_defaults=True)
+        contact = Contact(number, zones, spec.reference, spec.name, context, spec.metadata)
         for name in missing(template, contact.placeholder_values()) if template else ():
             message = f"the voicemail message needs {{{name}}} and the contact has none"
             problems.append(ContactProblem(row, name, message))

@@ -25,13 +25,18 @@ from typing import Protocol
 
 import structlog
 
+from callbridge.core.context import CallContext, ContextItem
+from callbridge.service.calls import CallServices, Invalid, NotConfigured, NotFound, TooManyRequests
 from callbridge.service.campaigns import settings_of
 from callbridge.service.dialing import Pacer, outcome
 from callbridge.store.campaigns import Attempt, Campaign, CampaignContact, CampaignStore
+from callbridge.store.models import FINAL_STATUSES, utcnow
 
 log = structlog.stdlib.get_logger("callbridge.dialer")
 
 LEASE = "dialer"
+STREAM_GRACE = timedelta(seconds=30)
+"""A call that ended with a stream whose end was never kept (its process died) is settled this long after its end."""
 REFRESH_AFTER_S = 60.0
 """How long a placed call may go without a final status before Twilio is asked for it (a status callback can be
 lost while no process was up to receive it)."""
@@ -107,6 +112,7 @@ class Dialer:
         self._pacers: dict[str, Pacer] = {}
         self._placing: set[int] = set()
         self._checked: dict[int, float] = {}  # attempt id → when Twilio was last asked about its call
+        self._fresh = True  # the first step since the lease was taken
         self.leading = False
 
     async def run(self) -> None:
@@ -114,8 +120,12 @@ class Dialer:
         try:
             while True:
                 try:
-                    self.leading = await self.campaigns.lease(LEASE, self.holder, self._lease_s, self._clock())
-                    if self.leading:
+                    leading = await self.campaigns.lease(LEASE, self.holder, self._lease_s)  # real time, not the clock
+                    if leading and not self.leading:
+                        log.info("dialer.leading", holder=self.holder)
+                        self._fresh = True
+                    self.leading = leading
+                    if leading:
                         await self.step()
                 except asyncio.CancelledError:
                     raise
@@ -143,6 +153,7 @@ class Dialer:
                 await self._resolve(campaign, contact, attempt)
             else:
                 await self._settle(campaign, attempt, attempt.call_sid)
+        self._fresh = False
         in_flight = len(await self.campaigns.open_attempts())
         room = self._capacity() - in_flight
         for campaign in campaigns.values():
@@ -153,8 +164,11 @@ class Dialer:
 
     async def _settle(self, campaign: Campaign, attempt: Attempt, call_sid: str) -> None:
         now = time.monotonic()
-        refresh = now - self._checked.setdefault(attempt.id, now) > self._refresh_after_s
-        if refresh:
+        last = self._checked.get(attempt.id)
+        # Twilio is asked about a call not over yet on this dialer's first step (status callbacks may have been lost
+        # while no process was up), then every ``refresh_after_s``.
+        refresh = self._fresh if last is None else now - last > self._refresh_after_s
+        if last is None or refresh:
             self._checked[attempt.id] = now
         state = await self.telephone.state(call_sid, refresh=refresh)
         if state is None or not state.over:
@@ -247,3 +261,78 @@ class Dialer:
             counts = await self.campaigns.counts(campaign.id)
             log.info("dialer.campaign_completed", campaign=campaign.id, **counts)
             await self.telephone.completed(done, counts)
+
+
+class ServicesTelephone:
+    """The dialer's way to Twilio and to the calls on record: the call services."""
+
+    def __init__(self, services: CallServices, campaigns: CampaignStore) -> None:
+        self.services = services
+        self.campaigns = campaigns
+
+    async def place(self, campaign: Campaign, contact: CampaignContact, attempt: Attempt) -> str:
+        spec = campaign.spec
+        metadata = {**contact.metadata, "campaign_id": campaign.id, "contact_id": contact.id, "attempt": attempt.number}
+        items = contact.context.get("items") or ()
+        context = CallContext(
+            direction="outbound",
+            agent=campaign.agent,
+            reference=contact.reference,
+            caller=campaign.from_number,
+            called=contact.number,
+            name=contact.name,
+            instructions=contact.context.get("instructions"),
+            greeting=contact.context.get("greeting"),
+            items=tuple(ContextItem(role, text) for role, text in items),
+            metadata=metadata,
+        )
+        try:
+            record = await self.services.place_call(
+                context,
+                None,
+                machine_detection=bool(spec.get("machine_detection", True)),
+                leave_voicemail=spec.get("on_machine", "leave_message") == "leave_message",
+            )
+        except TooManyRequests as exc:
+            raise Throttled() from exc
+        except (Invalid, NotFound, NotConfigured) as exc:
+            raise Refused(str(exc)) from exc
+        return record.call_sid
+
+    async def find_created(self, campaign: Campaign, contact: CampaignContact, since: datetime) -> str | None:
+        twilio = self.services.twilio
+        if twilio is None:
+            raise RuntimeError("Twilio is not configured")
+        found = await twilio.created_since(to=contact.number, from_=campaign.from_number, since=since)
+        return found[-1] if found else None  # the oldest: the one the attempt created
+
+    async def state(self, call_sid: str, *, refresh: bool) -> CallState | None:
+        record = await self.services.store.get_call(call_sid)
+        doubtful = record is None or record.status not in FINAL_STATUSES or record.end_reason == "interrupted"
+        if refresh and doubtful and self.services.twilio is not None:
+            status, answered_by = await self.services.twilio.fetch(call_sid)
+            if record is None:
+                return CallState(status, status in FINAL_STATUSES, status, answered_by)
+            if status in FINAL_STATUSES:  # a status callback that was lost while no process was up
+                await self.services.status_callback({"CallSid": call_sid, "CallStatus": status})
+                record = await self.services.store.get_call(call_sid)
+        if record is None:
+            return None
+        over = record.status in FINAL_STATUSES and (
+            record.stream_sid is None  # never answered, or never connected
+            or record.metrics is not None  # its stream has ended and been kept
+            or (record.ended_at is not None and utcnow() - record.ended_at > STREAM_GRACE)
+        )
+        return CallState(record.status, over, record.end_reason, record.answered_by)
+
+    async def completed(self, campaign: Campaign, counts: dict[str, int]) -> None:
+        if "campaign.completed" not in self.services.settings.webhook_event_types:
+            return
+        await self.services.outbox.enqueue(
+            {
+                "event": "campaign.completed",
+                "campaign": {"id": campaign.id, "name": campaign.name, "agent": campaign.agent},
+                "counts": counts,
+                "completed_at": (campaign.completed_at or utcnow()).isoformat(),
+            }
+        )
