@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import inspect
 import json
 import os
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 
 from callbridge.service.webhooks import new_secret
@@ -110,11 +112,13 @@ class Service:
 
 
 @asynccontextmanager
-async def serve(tmp_path: Path, behavior: FakeBehavior, *, workers: str = "1", **env: str) -> AsyncIterator[Service]:
+async def serve(
+    tmp_path: Path, behavior: FakeBehavior, *, workers: str = "1", port: int | None = None, **env: str
+) -> AsyncIterator[Service]:
     """``callbridge serve`` against a fake Realtime server playing ``behavior``, once it answers ``/healthz``;
     ``env`` adds to or overrides its environment. On the way out it is sent SIGTERM (it drains) and waited for."""
     async with FakeRealtimeServer(behavior) as fake:
-        port = free_port()
+        port = port or free_port()
         base_url = f"http://127.0.0.1:{port}"
         environment = {
             **os.environ,
@@ -211,7 +215,7 @@ async def service(
     (tmp_path / "host_app.py").write_text(RESOLVER)
     (tmp_path / "agents.toml").write_text(AGENTS)
     async with FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio:
-        environment = {
+        environment: dict[str, Any] = {  # only strings: Any lets it pass as serve's **env
             "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
             "TWILIO_API_BASE_URL": twilio.base_url,
             "CALLBRIDGE_API_TOKEN": API_TOKEN,
@@ -352,3 +356,27 @@ def opening_hours() -> FakeBehavior:
         greeting=GREETING,
         ms_per_char=40,
     )
+
+
+# --- databases -----------------------------------------------------------------------------------------------
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.asynccontextmanager
+async def database(kind: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty database for one test."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
+        return
+    name = f"callbridge_{secrets.token_hex(6)}"
+    try:
+        admin = await asyncpg.connect(PG_ADMIN)
+    except OSError as exc:
+        raise RuntimeError(f"PostgreSQL is not reachable at {PG_ADMIN}: {exc}") from exc
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 import uvicorn
@@ -42,6 +40,7 @@ from support import (
     WEBHOOK_SECRET,
     Service,
     api,
+    database,
     free_port,
     no_live_call,
     service,
@@ -51,27 +50,6 @@ from support import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@contextlib.asynccontextmanager
-async def database(kind: str, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh, empty database for one test."""
-    if kind == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
-        return
-    name = f"callbridge_{secrets.token_hex(6)}"
-    try:
-        admin = await asyncpg.connect(PG_ADMIN)
-    except OSError as exc:
-        raise RuntimeError(f"PostgreSQL is not reachable at {PG_ADMIN}: {exc}") from exc
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def twilio_status(running: Service, call_sid: str, status: str) -> None:

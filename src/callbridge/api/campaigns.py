@@ -154,7 +154,11 @@ async def _campaigns(app: FastAPI) -> AsyncIterator[None]:
     app.state.campaigns = Campaigns(store, templates, clock)
     headroom = max(1, settings.max_calls // 10)  # inbound calls keep a tenth of the process's capacity
     dialer = Dialer(
-        store, ServicesTelephone(services, store), holder=services.owner, capacity=lambda: settings.max_calls - headroom
+        store,
+        ServicesTelephone(services, store),
+        holder=services.owner,
+        capacity=lambda: settings.max_calls - headroom,
+        clock=clock,
     )
     task = asyncio.create_task(dialer.run()) if services.twilio is not None else None
     try:

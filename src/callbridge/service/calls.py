@@ -25,6 +25,7 @@ from callbridge.service.contacts import missing, placeholder_values, render
 from callbridge.service.live import LiveEvents, LocalLiveEvents
 from callbridge.service.ownership import process_identity
 from callbridge.service.webhooks import WebhookOutbox
+from callbridge.store.campaigns import CampaignStore
 from callbridge.store.models import ENDED, FINAL_STATUSES
 from callbridge.store.repository import CallEvent, CallPage, CallRecord, Store
 from callbridge.telephony.params import StreamParameterSigner
@@ -439,6 +440,10 @@ class CallServices:
 
     async def record_event(self, call_sid: str, kind: str, data: dict[str, Any]) -> None:
         await self.store.add_event(call_sid, kind, data)
+        if kind == "do_not_call":  # the person asked the agent: never again from a campaign
+            number, reason = str(data.get("number")), data.get("reason")
+            await CampaignStore(self.store).dnc_add(number, reason=reason, source="agent", call_sid=call_sid)
+            log.info("dnc.added", call_sid=call_sid, source="agent")
         await self.publish(call_sid, "call.event", {"kind": kind, "data": data})
 
     async def line_completed(self, line: TranscriptLine) -> None:

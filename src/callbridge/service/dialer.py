@@ -223,10 +223,13 @@ class Dialer:
         return placed
 
     async def _place(self, campaign: Campaign, contact: CampaignContact, attempt: Attempt, pacer: Pacer) -> int | None:
-        """1 when the call was created, 0 when not (or unknown), ``None`` when Twilio asked us to slow down."""
+        """1 when the call was created, 0 when not (or unknown), ``None`` when Twilio asked us to slow down.
+
+        The pacing counts from Twilio's answer: Twilio received the request before it, so the next request, a full
+        interval later, reaches Twilio at least that interval after this one, however long each took to get there.
+        """
         self._placing.add(attempt.id)
         try:
-            pacer.placed(time.monotonic())
             call_sid = await self.telephone.place(campaign, contact, attempt)
         except Throttled as throttled:
             pacer.throttled(time.monotonic(), throttled.retry_after)
@@ -234,6 +237,7 @@ class Dialer:
             log.warning("dialer.throttled", campaign=campaign.id, rate=pacer.rate)
             return None
         except Refused as refused:
+            pacer.placed(time.monotonic())
             _, policy, _ = settings_of(campaign)
             status, wait = policy.after("failed", attempt.number)
             next_at = self._clock() + timedelta(seconds=wait) if wait is not None else None
@@ -241,10 +245,12 @@ class Dialer:
             log.warning("dialer.refused", campaign=campaign.id, contact=contact.id, error=str(refused))
             return 0
         except Exception as exc:  # the outcome is unknown: the attempt stays claimed until Twilio is asked
+            pacer.placed(time.monotonic())
             log.error("dialer.create_unknown", campaign=campaign.id, contact=contact.id, error=f"{type(exc).__name__}")
             return 0
         finally:
             self._placing.discard(attempt.id)
+        pacer.placed(time.monotonic())
         await self.campaigns.placed(attempt.id, call_sid)
         log.info("dialer.placed", campaign=campaign.id, call_sid=call_sid, attempt=attempt.number)
         return 1

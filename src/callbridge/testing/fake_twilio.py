@@ -9,6 +9,7 @@ Twilio's error JSON (``code``, ``message``, ``more_info``, ``status``). Every re
   ``Url`` or ``ApplicationSid``); 201 with the call, status ``queued``.
 - ``POST .../Calls/{CallSid}.json``: update a call: ``Status`` (``completed`` or ``canceled``), ``Twiml``, ``Url``.
 - ``GET .../Calls/{CallSid}.json``: fetch a call.
+- ``GET .../Calls.json``: list calls, newest first, filtered by ``To`` and ``From`` (one page).
 
 **Unscripted numbers.** A call to a number nobody scripted does not progress by itself: set
 ``fake.calls[sid].status`` to play its life (``"in-progress"``, ``"completed"``, …).
@@ -562,6 +563,10 @@ class FakeTwilio:
         async def create_call(request: Request, account_sid: str) -> JSONResponse:
             return await self._handle(request, account_sid, None, 201)
 
+        @app.get(f"{calls_path}.json")
+        async def list_calls(request: Request, account_sid: str) -> JSONResponse:
+            return self._list(request, account_sid)
+
         @app.post(f"{calls_path}/{{call_sid}}.json")
         async def update_call(request: Request, account_sid: str, call_sid: str) -> JSONResponse:
             return await self._handle(request, account_sid, call_sid, 200)
@@ -605,6 +610,45 @@ class FakeTwilio:
             response = JSONResponse(call.resource(), status_code=ok_status)
         except _TwilioError as error:
             response = error.response()
+        recorded.status = response.status_code
+        return response
+
+    def _list(self, request: Request, account_sid: str) -> JSONResponse:
+        """``GET .../Calls.json``: the account's calls, newest first, filtered by ``To`` and ``From``; one page of
+        ``PageSize`` (default 50, at most 1000)."""
+        query = request.query_params
+        recorded = RecordedRequest(
+            method="GET",
+            path=request.url.path,
+            form={name: query.getlist(name) for name in query},
+            content_type="",
+            auth_ok=self._auth_ok(request.headers.get("authorization")),
+        )
+        self.requests.append(recorded)
+        if not recorded.auth_ok:
+            response = _TwilioError(401, 20003, "Authenticate").response()
+        elif account_sid != self.account_sid:
+            response = _not_found(recorded.path).response()
+        else:
+            size = min(int(query.get("PageSize", "50") or 50), 1000)
+            found = [
+                call
+                for call in sorted(self.calls.values(), key=lambda call: call.date_created, reverse=True)
+                if query.get("To") in (None, call.to) and query.get("From") in (None, call.from_)
+            ][:size]
+            uri = f"{recorded.path}?PageSize={size}&Page=0"
+            body = {
+                "calls": [call.resource() for call in found],
+                "end": max(len(found) - 1, 0),
+                "first_page_uri": uri,
+                "next_page_uri": None,
+                "page": 0,
+                "page_size": size,
+                "previous_page_uri": None,
+                "start": 0,
+                "uri": uri,
+            }
+            response = JSONResponse(body)
         recorded.status = response.status_code
         return response
 
