@@ -113,12 +113,12 @@ class Service:
 
 @asynccontextmanager
 async def serve(
-    tmp_path: Path, behavior: FakeBehavior, *, workers: str = "1", port: int | None = None, **env: str
+    tmp_path: Path, behavior: FakeBehavior, *, workers: str = "1", port: str | None = None, **env: str
 ) -> AsyncIterator[Service]:
     """``callbridge serve`` against a fake Realtime server playing ``behavior``, once it answers ``/healthz``;
     ``env`` adds to or overrides its environment. On the way out it is sent SIGTERM (it drains) and waited for."""
     async with FakeRealtimeServer(behavior) as fake:
-        port = port or free_port()
+        port = port or str(free_port())  # a string, as ``workers``: the environment's values pass through ``**env``
         base_url = f"http://127.0.0.1:{port}"
         environment = {
             **os.environ,
@@ -215,7 +215,7 @@ async def service(
     (tmp_path / "host_app.py").write_text(RESOLVER)
     (tmp_path / "agents.toml").write_text(AGENTS)
     async with FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio:
-        environment: dict[str, Any] = {  # only strings: Any lets it pass as serve's **env
+        environment = {
             "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
             "TWILIO_API_BASE_URL": twilio.base_url,
             "CALLBRIDGE_API_TOKEN": API_TOKEN,

@@ -83,7 +83,7 @@ def csv_of(kinds: dict[str, str]) -> str:
 
 @asynccontextmanager
 async def campaign_service(
-    tmp_path: Path, twilio: FakeTwilio, db: str, port: int, **env: str
+    tmp_path: Path, twilio: FakeTwilio, db: str, port: str, **env: str
 ) -> AsyncIterator[Service]:
     (tmp_path / "agents.toml").write_text(AGENTS)
     async with serve(
@@ -200,7 +200,7 @@ def outcomes(kinds: dict[str, str]) -> dict[str, list[Outcome]]:
 
 async def test_a_campaign_of_thirty_reaches_everyone_it_may(tmp_path: Path) -> None:
     kinds = contacts()
-    port = free_port()
+    port = str(free_port())
     async with (
         database("sqlite", tmp_path) as db,
         FakeTwilio(ACCOUNT_SID, AUTH_TOKEN, creates_per_second=CALLS_PER_SECOND, outcomes=outcomes(kinds)) as twilio,
@@ -242,7 +242,7 @@ async def test_a_campaign_of_thirty_reaches_everyone_it_may(tmp_path: Path) -> N
 
 async def test_a_campaign_survives_a_kill_at_any_moment(tmp_path: Path) -> None:
     kinds = contacts()
-    port = free_port()
+    port = str(free_port())
     kill_after = random.uniform(3.0, 25.0)
     print(f"SIGKILL {kill_after:.1f} s after the start")
     async with (
