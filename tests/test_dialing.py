@@ -15,6 +15,7 @@ from callbridge.service.dialing import Pacer, RetryPolicy, outcome
         ("completed", "voicemail_left", "machine_end_beep", "voicemail_left"),
         ("completed", "machine_hung_up", "machine_end_silence", "failed"),
         ("completed", "fax", "fax", "failed"),
+        ("completed", "interrupted", "human", "failed"),  # callbridge lost it: tried again
         ("no-answer", "no-answer", None, "no-answer"),
         ("busy", "busy", None, "busy"),
         ("failed", "failed", None, "failed"),
@@ -23,6 +24,11 @@ from callbridge.service.dialing import Pacer, RetryPolicy, outcome
 )
 def test_outcomes(status: str, reason: str, answered_by: str | None, expected: str) -> None:
     assert outcome(status, reason, answered_by) == expected
+
+
+def test_an_answered_call_that_never_reached_the_agent_failed() -> None:
+    assert outcome("completed", "completed", None, reached_agent=False) == "failed"
+    assert outcome("no-answer", "no-answer", None, reached_agent=False) == "no-answer"
 
 
 def test_retries_follow_the_backoff_then_exhaust() -> None:

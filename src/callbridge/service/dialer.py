@@ -28,7 +28,7 @@ import structlog
 from callbridge.core.context import CallContext, ContextItem
 from callbridge.service.calls import CallServices, Invalid, NotConfigured, NotFound, TooManyRequests
 from callbridge.service.campaigns import settings_of
-from callbridge.service.dialing import Pacer, outcome
+from callbridge.service.dialing import INTERRUPTED, Pacer, outcome
 from callbridge.store.campaigns import Attempt, Campaign, CampaignContact, CampaignStore
 from callbridge.store.models import FINAL_STATUSES, utcnow
 
@@ -64,6 +64,8 @@ class CallState:
     """Whether everything about the call is known (its final status, and its stream's end when it had one)."""
     end_reason: str | None = None
     answered_by: str | None = None
+    reached_agent: bool = True
+    """Whether its media stream ever reached callbridge (an answered call whose stream did not: nobody talked)."""
 
 
 class Telephone(Protocol):
@@ -174,7 +176,7 @@ class Dialer:
         if state is None or not state.over:
             return
         _, policy, _ = settings_of(campaign)
-        result = outcome(state.status, state.end_reason, state.answered_by)
+        result = outcome(state.status, state.end_reason, state.answered_by, reached_agent=state.reached_agent)
         status, wait = policy.after(result, attempt.number)
         next_at = self._clock() + timedelta(seconds=wait) if wait is not None else None
         if await self.campaigns.settle(attempt, result, status, next_at):
@@ -314,14 +316,16 @@ class ServicesTelephone:
 
     async def state(self, call_sid: str, *, refresh: bool) -> CallState | None:
         record = await self.services.store.get_call(call_sid)
-        doubtful = record is None or record.status not in FINAL_STATUSES or record.end_reason == "interrupted"
+        doubtful = record is None or record.status not in FINAL_STATUSES or record.end_reason == INTERRUPTED
         if refresh and doubtful and self.services.twilio is not None:
             status, answered_by = await self.services.twilio.fetch(call_sid)
-            if record is None:
-                return CallState(status, status in FINAL_STATUSES, status, answered_by)
+            if record is None:  # never on record: its stream cannot have reached callbridge either
+                return CallState(status, status in FINAL_STATUSES, status, answered_by, reached_agent=False)
+            if answered_by and not record.answered_by:  # its detection callback was lost too
+                await self.services.store.update_call(call_sid, answered_by=answered_by)
             if status in FINAL_STATUSES:  # a status callback that was lost while no process was up
                 await self.services.status_callback({"CallSid": call_sid, "CallStatus": status})
-                record = await self.services.store.get_call(call_sid)
+            record = await self.services.store.get_call(call_sid)
         if record is None:
             return None
         over = record.status in FINAL_STATUSES and (
@@ -329,7 +333,7 @@ class ServicesTelephone:
             or record.metrics is not None  # its stream has ended and been kept
             or (record.ended_at is not None and utcnow() - record.ended_at > STREAM_GRACE)
         )
-        return CallState(record.status, over, record.end_reason, record.answered_by)
+        return CallState(record.status, over, record.end_reason, record.answered_by, record.stream_sid is not None)
 
     async def completed(self, campaign: Campaign, counts: dict[str, int]) -> None:
         if "campaign.completed" not in self.services.settings.webhook_event_types:

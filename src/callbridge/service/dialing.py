@@ -49,8 +49,15 @@ _STATUS_OF_OUTCOME: dict[Outcome, ContactStatus] = {
 }
 
 
-def outcome(call_status: str, end_reason: str | None, answered_by: str | None = None) -> Outcome:
-    """An attempt's outcome from its call's final Twilio status and how callbridge ended it."""
+INTERRUPTED = "interrupted"
+"""The end reason of a call whose process died while it ran (the orphans found at the next start)."""
+
+
+def outcome(
+    call_status: str, end_reason: str | None, answered_by: str | None = None, *, reached_agent: bool = True
+) -> Outcome:
+    """An attempt's outcome from its call's final Twilio status and how callbridge ended it (``reached_agent``:
+    whether its media stream ever reached callbridge)."""
     if call_status == "no-answer":
         return "no-answer"
     if call_status == "busy":
@@ -59,6 +66,8 @@ def outcome(call_status: str, end_reason: str | None, answered_by: str | None = 
         return "failed"
     if end_reason == "voicemail_left":
         return "voicemail_left"
+    if end_reason == INTERRUPTED or not reached_agent:
+        return "failed"  # callbridge lost the call (its process died), or never had it: nobody talked to them
     if end_reason == "fax" or (answered_by or "").startswith(("machine", "fax")):
         return "failed"  # a machine that got no message (the campaign hangs up on machines), or a fax
     return "answered"
