@@ -25,6 +25,8 @@ from typing import Any
 
 import asyncpg
 import httpx
+import uvicorn
+from fastapi import FastAPI, Request, Response
 
 from callbridge.service.webhooks import new_secret
 from callbridge.telephony import g711 as audio
@@ -380,3 +382,48 @@ async def database(kind: str, tmp_path: Path) -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
+
+
+# --- the host application's webhook endpoint -----------------------------------------------------------------
+
+
+class WebhookReceiver:
+    """The host application's webhook endpoint (any path): refuses (503) its first ``failures`` requests and any
+    while ``up`` is false; keeps every attempt, and what it accepted, as ``(body, headers)``."""
+
+    def __init__(self, failures: int = 0, *, up: bool = True) -> None:
+        self.failures = failures
+        self.up = up
+        self.attempts: list[tuple[bytes, dict[str, str]]] = []
+        self.accepted: list[tuple[bytes, dict[str, str]]] = []
+        self.app = FastAPI()
+        self.app.post("/{path:path}")(self.hook)
+
+    async def hook(self, request: Request) -> Response:
+        attempt = (await request.body(), dict(request.headers))
+        self.attempts.append(attempt)
+        if not self.up or self.failures > 0:
+            self.failures -= 1
+            return Response(status_code=503)
+        self.accepted.append(attempt)
+        return Response(status_code=204)
+
+    @property
+    def ids(self) -> list[str]:
+        """The ``webhook-id`` of every attempt."""
+        return [headers["webhook-id"] for _, headers in self.attempts]
+
+
+@asynccontextmanager
+async def receiving(receiver: WebhookReceiver, port: int) -> AsyncIterator[None]:
+    """The receiver under uvicorn on ``port``, for the block's life."""
+    server = uvicorn.Server(uvicorn.Config(receiver.app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started or task.done(), what="the webhook receiver started")  # no event to await
+    if task.done():
+        task.result()  # it failed to start: its error
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await task

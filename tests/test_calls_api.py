@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import websockets
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from standardwebhooks.webhooks import Webhook
 from twilio.request_validator import RequestValidator
 
@@ -39,10 +36,12 @@ from support import (
     CALLBRIDGE,
     WEBHOOK_SECRET,
     Service,
+    WebhookReceiver,
     api,
     database,
     free_port,
     no_live_call,
+    receiving,
     service,
     stream_of,
     wait_closed,
@@ -258,43 +257,6 @@ async def test_call_control_tools_through_twilio(said: str, tool: str, end_reaso
         assert dial is not None and dial.text == "+15550109999"
 
 
-class Receiver:
-    """The host application's webhook endpoint: fails on demand, records what it accepted."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.received: list[tuple[bytes, dict[str, str]]] = []
-        self.ids: list[str] = []  # the webhook-id of every attempt
-        self.attempts = 0
-        app = FastAPI()
-
-        @app.post("/hooks/calls")
-        async def hook(request: Request) -> Response:
-            self.attempts += 1
-            self.ids.append(request.headers["webhook-id"])
-            if self.failures > 0:
-                self.failures -= 1
-                return Response(status_code=503)
-            self.received.append((await request.body(), dict(request.headers)))
-            return Response(status_code=204)
-
-        self.app = app
-
-
-@contextlib.asynccontextmanager
-async def receiving(receiver: Receiver, port: int) -> AsyncIterator[None]:
-    server = uvicorn.Server(uvicorn.Config(receiver.app, host="127.0.0.1", port=port, log_config=None))
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started or task.done(), what="the webhook receiver started")  # no event to await
-    if task.done():
-        task.result()  # it failed to start: its error
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        await task
-
-
 async def test_post_call_webhook_is_signed_retried_and_survives_a_restart(tmp_path: Path) -> None:
     port = free_port()
     behavior = FakeBehavior(transcripts=["Hello."], ms_per_char=20)
@@ -306,25 +268,25 @@ async def test_post_call_webhook_is_signed_retried_and_survives_a_restart(tmp_pa
     }
     script = CallScript([Pause(1000), Say(audio.tone(600, 330)), Pause(2000), HangUp()])
 
-    receiver = Receiver(failures=2)  # the host app is flaky: two 503s, then it accepts
+    receiver = WebhookReceiver(failures=2)  # the host app is flaky: two 503s, then it accepts
     async with receiving(receiver, port), service(tmp_path, behavior, db, **hook) as (running, _):
         first = await running.caller().place_call(script, max_duration_s=30)
-        await wait_until(lambda: receiver.received, 15, what="the webhook delivered")
-    body, headers = receiver.received[0]
+        await wait_until(lambda: receiver.accepted, 15, what="the webhook delivered")
+    body, headers = receiver.accepted[0]
     payload = Webhook(WEBHOOK_SECRET).verify(body, headers)
     assert payload["call"]["call_sid"] == first.call_sid and payload["call"]["end_reason"] == "caller_hung_up"
     assert [line["speaker"] for line in payload["transcript"]] == ["agent", "caller", "agent"]
-    assert receiver.attempts == 3
+    assert len(receiver.attempts) == 3
     assert len(set(receiver.ids)) == 1  # the retries of one delivery carry its webhook-id
 
     # The receiver is down when the next call ends, and callbridge restarts before it comes back.
     async with service(tmp_path, behavior, db, **hook) as (running, _):
         second = await running.caller().place_call(script, max_duration_s=30)
         await running.wait_for_logs("webhook.failed", 1)
-    later = Receiver(failures=0)
+    later = WebhookReceiver()
     async with receiving(later, port), service(tmp_path, behavior, db, **hook):
-        await wait_until(lambda: later.received, 15, what="the webhook delivered after the restart")
-    assert json.loads(later.received[0][0])["call"]["call_sid"] == second.call_sid
+        await wait_until(lambda: later.accepted, 15, what="the webhook delivered after the restart")
+    assert json.loads(later.accepted[0][0])["call"]["call_sid"] == second.call_sid
 
 
 async def test_key_presses_and_a_hanging_resolver(tmp_path: Path) -> None:

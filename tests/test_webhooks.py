@@ -4,16 +4,12 @@ backoff with full jitter, the same ``webhook-id`` on every attempt, dead after t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request, Response
 from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 
@@ -22,7 +18,7 @@ from callbridge.service.webhooks import BACKOFF_CAP_S, backoff_delay, check_secr
 from callbridge.telephony import g711 as audio
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
-from support import CALLBRIDGE, WEBHOOK_SECRET, api, free_port, service, wait_until
+from support import CALLBRIDGE, WEBHOOK_SECRET, WebhookReceiver, api, free_port, receiving, service, wait_until
 
 # --- the delay between attempts ------------------------------------------------------------------------------
 
@@ -76,44 +72,11 @@ def test_callbridge_secret_prints_a_new_key() -> None:
 # --- the outbox, through callbridge serve --------------------------------------------------------------------
 
 
-class Receiver:
-    """The host application's webhook endpoint: refuses (503) while ``up`` is false, keeps every attempt."""
-
-    def __init__(self) -> None:
-        self.up = False
-        self.attempts: list[tuple[bytes, dict[str, str]]] = []
-        self.accepted: list[bytes] = []
-        self.app = FastAPI()
-        self.app.post("/hooks")(self.hook)
-
-    async def hook(self, request: Request) -> Response:
-        body = await request.body()
-        self.attempts.append((body, dict(request.headers)))
-        if not self.up:
-            return Response(status_code=503)
-        self.accepted.append(body)
-        return Response(status_code=204)
-
-
-@contextlib.asynccontextmanager
-async def receiving(receiver: Receiver, port: int) -> AsyncIterator[None]:
-    server = uvicorn.Server(uvicorn.Config(receiver.app, host="127.0.0.1", port=port, log_config=None))
-    task = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started or task.done(), what="the webhook receiver started")
-    if task.done():
-        task.result()
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        await task
-
-
 @pytest.mark.e2e
 @pytest.mark.slow
 async def test_a_delivery_dies_after_its_attempts_and_a_retry_delivers_it(tmp_path: Path) -> None:
     port = free_port()
-    receiver = Receiver()
+    receiver = WebhookReceiver(up=False)
     env = {
         "CALLBRIDGE_WEBHOOK_URL": f"http://127.0.0.1:{port}/hooks",
         "CALLBRIDGE_WEBHOOK_MAX_ATTEMPTS": "3",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from callbridge.service.calling_hours import WEEKDAYS, CallingHours, normalize_number, parse_duration
 from callbridge.service.calls import Invalid, NotFound, ServiceError
@@ -86,10 +86,17 @@ class CampaignSpec(BaseModel):
     def _from(cls, value: str) -> str:
         return normalize_number(value)
 
-    @model_validator(mode="after")
-    def _hours(self) -> CampaignSpec:
-        self.hours()
-        return self
+    @field_validator("calling_hours")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        CallingHours.parse(value)
+        return value
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: list[str]) -> list[str]:
+        CallingHours.parse("00:00-24:00", value)
+        return value
 
     def hours(self) -> CallingHours:
         return CallingHours.parse(self.calling_hours, self.days)
