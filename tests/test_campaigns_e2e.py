@@ -85,6 +85,7 @@ def csv_of(kinds: dict[str, str]) -> str:
 async def campaign_service(
     tmp_path: Path, twilio: FakeTwilio, db: str, port: str, **env: str
 ) -> AsyncIterator[Service]:
+    tmp_path.mkdir(exist_ok=True)
     (tmp_path / "agents.toml").write_text(AGENTS)
     async with serve(
         tmp_path,
@@ -259,3 +260,71 @@ async def test_a_campaign_survives_a_kill_at_any_moment(tmp_path: Path) -> None:
             found = await all_contacts(second.base_url, campaign_id)
     assert {status: count for status, count in body["counts"].items() if count} == EXPECTED
     check_the_line(twilio, kinds, found)
+
+
+async def test_bad_imports_are_refused_whole_with_every_row_and_field_named(tmp_path: Path) -> None:
+    async with (
+        database("sqlite", tmp_path) as db,
+        FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio,
+        campaign_service(tmp_path, twilio, db, str(free_port())) as running,
+        client(running.base_url) as api,
+    ):
+        base = {"name": "c", "agent": "reminders", "from": FROM}
+        unknown = await api.post("/api/campaigns", json={**base, "agent": "ghost"})
+        assert unknown.status_code == 422
+        assert unknown.json()["problems"] == [{"row": "", "field": "agent", "message": "unknown"}]
+        window = await api.post("/api/campaigns", json={**base, "calling_hours": "25:00-09:00"})
+        assert window.status_code == 422
+        (issue,) = window.json()["detail"]
+        assert issue["loc"] == ["body", "calling_hours"] and "00:00 to 24:00" in issue["msg"]
+        created = await api.post("/api/campaigns", json=base)
+        campaign_id = created.json()["id"]
+        csv = (
+            "to,name,time\n"
+            "+12025550101,Ada,10 am\n"
+            "12345,Bo,11 am\n"  # line 3: not a number
+            "+1 202 555 0101,Cy,noon\n"  # line 4: Ada's number again
+            "+12025550104,Di,\n"  # line 5: no {time} for the voicemail
+        )
+        refused = await api.post(
+            f"/api/campaigns/{campaign_id}/contacts", content=csv, headers={"Content-Type": "text/csv"}
+        )
+        assert refused.status_code == 422
+        named = [(problem["row"], problem["field"]) for problem in refused.json()["problems"]]
+        assert named == [("line 3", "to"), ("line 4", "to"), ("line 5", "time")]
+        assert (await summary(running.base_url, campaign_id))["total"] == 0  # nothing half-imported
+        contacts = [{"to": "+12025550101", "name": "Ada", "metadata": {"time": "10 am"}}, {"to": "+12025550102"}]
+        missing = await api.post("/api/campaigns", json={**base, "contacts": contacts})
+        assert missing.status_code == 422
+        assert [(p["row"], p["field"]) for p in missing.json()["problems"]] == [
+            ("contacts[1]", "name"),
+            ("contacts[1]", "time"),
+        ]
+        assert len((await api.get("/api/campaigns")).json()) == 1  # only the empty draft above
+
+
+async def test_one_dialer_runs_on_postgresql_and_another_takes_over_when_it_dies(tmp_path: Path) -> None:
+    async with (
+        database("postgresql", tmp_path) as db,
+        FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio,
+        campaign_service(tmp_path / "one", twilio, db, str(free_port())) as one,
+        campaign_service(tmp_path / "two", twilio, db, str(free_port())) as two,
+    ):
+        await asyncio.sleep(2)  # several steps of each
+        leaders = [service for service in (one, two) if service.logs("dialer.leading")]
+        assert len(leaders) == 1
+        (leader,) = leaders
+        (other,) = [service for service in (one, two) if service is not leader]
+        leader.process.kill()
+        await leader.process.wait()
+        took_over = await other.wait_for_logs("dialer.leading", 1, seconds=30)
+        assert took_over, "the other process did not take the dialer over within 30 s"
+        # It dials: a campaign started now is served by the process that is left.
+        twilio.script("+12025550101", Human(CONVERSATION, ring_s=0.2))
+        async with client(other.base_url) as api:
+            body = {"name": "c", "agent": "reminders", "from": FROM, "machine_detection": False}
+            body["contacts"] = [{"to": "+12025550101", "timezone": "Europe/London", "name": "Ada"}]
+            campaign_id = (await api.post("/api/campaigns", json=body)).json()["id"]
+            await api.post(f"/api/campaigns/{campaign_id}/start")
+        done = await until_completed(other.base_url, campaign_id, seconds=60)
+        assert done["counts"]["answered"] == 1

@@ -146,7 +146,9 @@ class Campaigns:
             raise CampaignInvalid(
                 f"unknown agent {spec.agent!r}", [{"row": "", "field": "agent", "message": "unknown"}]
             )
-        contacts = self._checked(spec.agent, spec.hours(), from_json(spec.contacts), ())
+        contacts = self._checked(
+            self._template(spec.agent, spec.settings()), spec.hours(), from_json(spec.contacts), ()
+        )
         return await self.store.create(
             name=spec.name,
             agent=spec.agent,
@@ -161,12 +163,17 @@ class Campaigns:
             raise CampaignConflict(f"the campaign is {campaign.status}")
         hours, _, _ = settings_of(campaign)
         known = await self.store.numbers(campaign_id)
-        contacts = self._checked(campaign.agent, hours, from_csv(text), known)
+        contacts = self._checked(self._template(campaign.agent, campaign.spec), hours, from_csv(text), known)
         return await self.store.add_contacts(campaign_id, [_new(contact) for contact in contacts])
 
-    def _checked(self, agent: str, hours: CallingHours, rows: Any, known: Any) -> list[Contact]:
+    def _template(self, agent: str, settings: dict[str, Any]) -> str | None:
+        """The voicemail message each contact must be able to fill, when the campaign leaves one on machines."""
+        leaves = settings.get("machine_detection", True) and settings.get("on_machine") == "leave_message"
+        return self._templates.get(agent) if leaves else None
+
+    def _checked(self, template: str | None, hours: CallingHours, rows: Any, known: Any) -> list[Contact]:
         try:
-            return check(rows, hours=hours, now=self._now(), template=self._templates.get(agent), known_numbers=known)
+            return check(rows, hours=hours, now=self._now(), template=template, known_numbers=known)
         except ContactsRefused as refused:
             problems = [
                 {"row": problem.row, "field": problem.field, "message": problem.message} for problem in refused.problems
