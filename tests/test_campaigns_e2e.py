@@ -11,6 +11,7 @@ throughout, once with it killed (SIGKILL) at a random moment and started again.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections import Counter
@@ -85,7 +86,7 @@ def csv_of(kinds: dict[str, str]) -> str:
 async def campaign_service(
     tmp_path: Path, twilio: FakeTwilio, db: str, port: str, **env: str
 ) -> AsyncIterator[Service]:
-    tmp_path.mkdir(exist_ok=True)
+    os.makedirs(tmp_path, exist_ok=True)
     (tmp_path / "agents.toml").write_text(AGENTS)
     async with serve(
         tmp_path,
@@ -328,3 +329,41 @@ async def test_one_dialer_runs_on_postgresql_and_another_takes_over_when_it_dies
             await api.post(f"/api/campaigns/{campaign_id}/start")
         done = await until_completed(other.base_url, campaign_id, seconds=60)
         assert done["counts"]["answered"] == 1
+
+
+async def test_the_agent_is_silent_until_the_verdict_then_greets_a_person(tmp_path: Path) -> None:
+    to = "+12025550150"
+    async with (
+        database("sqlite", tmp_path) as db,
+        FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio,
+        campaign_service(tmp_path, twilio, db, str(free_port())) as running,
+        client(running.base_url) as api,
+    ):
+        body: dict[str, Any] = {"to": to, "from": FROM, "agent": "reminders", "machine_detection": True}
+        missing = await api.post("/api/calls", json=body)  # the voicemail needs {name} and {time}
+        assert missing.status_code == 422 and "{name}, {time}" in missing.json()["detail"]
+        assert twilio.calls == {}  # refused before anything was dialed
+        twilio.script(to, Human(CallScript([Pause(6000), HangUp()]), ring_s=0.3, amd_after_s=2.5))
+        body["context"] = {"name": "Ada", "metadata": {"time": "10 am"}}
+        created = await api.post("/api/calls", json=body)
+        assert created.status_code == 201, created.text
+        call = await twilio.ended(created.json()["call_sid"])
+        record = (await api.get(f"/api/calls/{call.sid}")).json()
+        events = (await api.get(f"/api/calls/{call.sid}/events")).json()
+    assert call.one("MachineDetection") == "DetectMessageEnd" and call.one("AsyncAmd") == "true"
+    assert record["answered_by"] == "human"
+    (amd,) = [event["data"] for event in events if event["kind"] == "amd"]
+    assert amd["answered_by"] == "human" and amd["acted"] is True
+    (session,) = running.fake.sessions
+    kinds = [event["type"] for event in session.client_events if event["type"] in ("session.update", "response.create")]
+    assert kinds[:3] == ["session.update", "session.update", "response.create"]  # listen, verdict, greeting
+    first, second = session.client_events_of("session.update")[:2]
+    assert first["session"]["audio"]["input"]["turn_detection"]["create_response"] is False
+    assert "create_response" not in second["session"]["audio"]["input"]["turn_detection"]
+    # What the callee heard started only once Twilio had decided (the verdict's time is counted from the answer,
+    # the stream's from just after it).
+    verdict_s = int(call.amd_callbacks[0].params["MachineDetectionDuration"]) / 1000
+    assert call.recording is not None and call.recording.heard_timeline
+    first_heard_s = call.recording.heard_timeline[0][0]
+    print(f"greeting heard {first_heard_s - verdict_s:.2f} s after the verdict")
+    assert first_heard_s >= verdict_s - 0.5
