@@ -182,6 +182,19 @@ async def wait_closed(sessions: list[FakeSession], seconds: float = 3.0) -> None
     await asyncio.wait_for(asyncio.gather(*(session.closed.wait() for session in sessions)), seconds)
 
 
+async def cli(running: Service, *arguments: str, status: int = 0) -> str:
+    """``callbridge ARGUMENTS --url --token`` against the service: its output (stderr when it fails)."""
+    process = await asyncio.create_subprocess_exec(
+        *(str(CALLBRIDGE), *arguments, "--url", running.base_url, "--token", API_TOKEN),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == status, (stdout.decode(), stderr.decode())
+    return (stdout if status == 0 else stderr).decode()
+
+
 # --- the calls-API configuration: fake Twilio REST, a context resolver, an agents file -------------------------
 
 RESOLVER = """

@@ -22,12 +22,26 @@ from typing import Any
 
 import httpx
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from callbridge.telephony.g711 import tone
 from callbridge.testing import FakeBehavior
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
 from callbridge.testing.fake_twilio import Busy, FakeCall, FakeTwilio, Human, Machine, NoAnswer, Outcome
-from support import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, Service, database, free_port, serve
+from support import (
+    ACCOUNT_SID,
+    API_TOKEN,
+    AUTH_TOKEN,
+    WEBHOOK_SECRET,
+    Service,
+    WebhookReceiver,
+    cli,
+    database,
+    free_port,
+    receiving,
+    serve,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -367,3 +381,63 @@ async def test_the_agent_is_silent_until_the_verdict_then_greets_a_person(tmp_pa
     first_heard_s = call.recording.heard_timeline[0][0]
     print(f"greeting heard {first_heard_s - verdict_s:.2f} s after the verdict")
     assert first_heard_s >= verdict_s - 0.5
+
+
+async def test_the_cli_runs_a_campaign_the_dashboard_shows_it_and_the_host_app_hears_it_end(tmp_path: Path) -> None:
+    receiver, hook_port = WebhookReceiver(), free_port()
+    numbers = ["+12025550161", "+12025550162"]
+    (tmp_path / "contacts.csv").write_text(
+        "to,name,timezone,time\n" + "".join(f"{n},Ada,Europe/London,9 am\n" for n in numbers)
+    )
+    (tmp_path / "bad.csv").write_text("to,name,time\nnot a number,Bo,9 am\n")
+    async with (
+        database("sqlite", tmp_path) as db,
+        FakeTwilio(ACCOUNT_SID, AUTH_TOKEN, outcomes={n: Human(CONVERSATION, ring_s=0.2) for n in numbers}) as twilio,
+        receiving(receiver, hook_port),
+        campaign_service(
+            tmp_path,
+            twilio,
+            db,
+            str(free_port()),
+            CALLBRIDGE_WEBHOOK_URL=f"http://127.0.0.1:{hook_port}/hooks",
+            CALLBRIDGE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        ) as running,
+    ):
+        refused = await cli(
+            running, "campaign", "create", str(tmp_path / "bad.csv"), "--agent", "reminders", "--from", FROM, status=4
+        )
+        assert "line 2: to:" in refused and "nothing imported" in refused
+        created = await cli(
+            running,
+            "campaign",
+            "create",
+            str(tmp_path / "contacts.csv"),
+            "--agent",
+            "reminders",
+            "--from",
+            FROM,
+            "--hours",
+            "08:00-21:00",
+            "--max-concurrent",
+            "1",
+        )
+        campaign_id = created.split()[0]
+        assert created.startswith(f"{campaign_id} running: 2 contacts")
+        await until_completed(running.base_url, campaign_id, seconds=60)
+        status = await cli(running, "campaign", "status", campaign_id)
+        assert "completed" in status and "2/2 done" in status and "answered" in status
+        assert "409" in await cli(running, "campaign", "pause", campaign_id, status=4)  # completed: nothing to pause
+        async with httpx.AsyncClient(base_url=running.base_url) as browser:
+            await browser.post("/dashboard/login", data={"token": API_TOKEN})
+            page = (await browser.get("/dashboard/campaigns")).text
+        await wait_until(lambda: receiver.accepted, 15, what="the campaign.completed webhook")
+        async with client(running.base_url) as api:
+            listed = (await api.get("/api/campaigns")).json()
+    # The refused file left no draft to start by mistake: its campaign is cancelled, with nobody in it.
+    assert sorted((item["status"], item["total"]) for item in listed) == [("cancelled", 0), ("completed", 2)]
+    assert f'href="/dashboard/campaigns/{campaign_id}">contacts</a>' in page  # named after the file
+    assert "2 / 2" in page and "answered 2" in page
+    body, headers = receiver.accepted[-1]
+    event = Webhook(WEBHOOK_SECRET).verify(body, headers)
+    assert event["event"] == "campaign.completed" and event["campaign"]["id"] == campaign_id
+    assert event["counts"]["answered"] == 2

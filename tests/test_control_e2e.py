@@ -5,7 +5,6 @@ that does not carry the call says so; ``callbridge say`` and ``callbridge instru
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import subprocess
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from callbridge.testing.caller import CallRecording, CallScript, Pause
 from callbridge.testing.fake_realtime import FakeBehavior, FakeSession
 from callbridge.testing.fake_twilio import FakeTwilio
-from support import API_TOKEN, CALLBRIDGE, GREETING, Service, api, redirects, service, twilio_call, wait_until
+from support import CALLBRIDGE, GREETING, Service, api, cli, redirects, service, twilio_call, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -189,19 +188,6 @@ async def test_callbridge_say_and_instruct_reach_a_live_call(tmp_path: Path) -> 
     assert said_out.startswith(f"{call_sid}: say taken") and told_out.startswith(f"{call_sid}: instruct taken")
     assert "404" in unknown and "no such call" in unknown
     assert "409" in ended and "ended" in ended
-
-
-async def cli(running: Service, *arguments: str, status: int = 0) -> str:
-    """``callbridge ARGUMENTS --url --token`` against the service: its output (stderr when it fails)."""
-    process = await asyncio.create_subprocess_exec(
-        *(str(CALLBRIDGE), *arguments, "--url", running.base_url, "--token", API_TOKEN),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
-    assert process.returncode == status, (stdout.decode(), stderr.decode())
-    return (stdout if status == 0 else stderr).decode()
 
 
 def test_the_help_of_say_and_instruct_reads_cleanly() -> None:
