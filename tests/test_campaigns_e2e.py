@@ -56,10 +56,10 @@ machine_detection = true
 voicemail_message = "{VOICEMAIL}"
 """
 CLOCK = "2026-12-07T13:59:52Z"  # a Monday: 13:59 in London (open), 08:59 in New York (opens in 8 s)
-MS_PER_CHAR = 40
-MAX_CONCURRENT = 5
-CALLS_PER_SECOND = 2
-CONVERSATION = CallScript([Pause(2500), Say(tone(600)), Pause(2000), HangUp()])
+MS_PER_CHAR = 25
+MAX_CONCURRENT = 6
+CALLS_PER_SECOND = 3
+CONVERSATION = CallScript([Pause(1500), Say(tone(400)), Pause(1000), HangUp()])
 
 
 def number(n: int) -> str:
@@ -70,7 +70,7 @@ def number(n: int) -> str:
 KINDS: dict[str, tuple[int, list[Outcome]]] = {
     "window_closed": (1, [Human(CONVERSATION, ring_s=0.5)] * 3),  # first: the dialer's first step meets it
     "person": (10, [Human(CONVERSATION, ring_s=0.5)] * 3),
-    "machine": (8, [Machine(greeting=1500, ring_s=0.5)] * 3),
+    "machine": (8, [Machine(greeting=1000, ring_s=0.5)] * 3),
     "ring_out_once": (6, [NoAnswer(ring_s=0.5), *[Human(CONVERSATION, ring_s=0.5)] * 3]),
     "busy": (3, [Busy()] * 4),
     "do_not_call": (2, [Human(CONVERSATION)] * 3),
@@ -259,7 +259,7 @@ async def test_a_campaign_of_thirty_reaches_everyone_it_may(tmp_path: Path) -> N
 async def test_a_campaign_survives_a_kill_at_any_moment(tmp_path: Path) -> None:
     kinds = contacts()
     port = str(free_port())
-    kill_after = random.uniform(3.0, 25.0)
+    kill_after = random.uniform(3.0, 15.0)
     print(f"SIGKILL {kill_after:.1f} s after the start")
     async with (
         database("sqlite", tmp_path) as db,

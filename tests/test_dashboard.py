@@ -3,7 +3,9 @@ simulated caller on the line. Login, the live call on the list, its transcript g
 reload, markup said on the call shown as text, the recording playing and its waveform drawn, no console errors;
 a forged cookie and a hang-up without its CSRF token refused.
 
-``CALLBRIDGE_SCREENSHOTS=docs/images`` saves screenshots of both pages there."""
+A campaign's progress and outcomes on the campaigns page.
+
+``CALLBRIDGE_SCREENSHOTS=docs/images`` saves screenshots of the pages there."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from callbridge.store.repository import Store
 from callbridge.telephony import g711 as audio
 from callbridge.testing.caller import CallScript, Dtmf, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
+from callbridge.testing.fake_twilio import Busy, Human, NoAnswer
 from support import API_TOKEN, GREETING, Service, service, twilio_call, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -243,3 +246,51 @@ async def test_the_session_cookie_is_secure_behind_https(tmp_path: Path) -> None
     cookie = answer.headers["set-cookie"].lower()
     assert cookie.startswith("callbridge_dashboard=")
     assert all(part in cookie for part in ("; httponly", "; secure", "; samesite=strict", "; path=/"))
+
+
+async def test_the_campaigns_page_shows_progress_and_outcomes(tmp_path: Path, browser: Browser) -> None:
+    people = [f"+1202555{n:04d}" for n in range(170, 176)]
+    body = {
+        "name": "Tuesday reminders",
+        "agent": "reception",
+        "from": "+12025550100",
+        "calling_hours": "00:00-24:00",
+        "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+        "machine_detection": False,
+        "retry": {"max_attempts": 2, "backoff": ["1s"]},
+        "contacts": [{"to": to, "name": f"Patient {n}", "timezone": "UTC"} for n, to in enumerate(people)],
+    }
+    async with service(tmp_path, behavior(), f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}") as (running, twilio):
+        for to in people[:4]:
+            twilio.script(to, Human(CallScript([Pause(1500), HangUp()]), ring_s=0.2))
+        twilio.script(people[4], Busy(), Busy())
+        twilio.script(people[5], NoAnswer(ring_s=0.2), Human(CallScript([Pause(1500), HangUp()]), ring_s=0.2))
+        async with httpx.AsyncClient(
+            base_url=running.base_url, headers={"Authorization": f"Bearer {API_TOKEN}"}
+        ) as api:
+            campaign_id = (await api.post("/api/campaigns", json=body)).json()["id"]
+            await api.post(f"/api/campaigns/{campaign_id}/start")
+
+            async def completed() -> bool:
+                return bool((await api.get(f"/api/campaigns/{campaign_id}")).json()["status"] == "completed")
+
+            for _ in range(300):
+                if await completed():
+                    break
+                await asyncio.sleep(0.2)
+        page = await browser.new_page(viewport={"width": 1100, "height": 700})
+        errors: list[str] = []
+        watch_console(page, errors)
+        await log_in(page, running, errors)
+        await page.click("text=Campaigns")
+        row = page.locator(f"tr[data-campaign-id='{campaign_id}']")
+        await expect(row).to_contain_text("Tuesday reminders", timeout=WAIT_MS)
+        await expect(row).to_contain_text("completed")
+        await expect(row).to_contain_text("6 / 6")
+        await expect(row).to_contain_text("answered 5")
+        await expect(row).to_contain_text("exhausted 1")
+        await screenshot(page, "dashboard-campaigns.png")
+        await row.locator("a").click()
+        await expect(page.locator("#contacts tbody tr")).to_have_count(6)
+        await expect(page.locator("#count-answered")).to_have_text("5")
+        assert errors == []

@@ -331,6 +331,7 @@ class ServicesTelephone:
         over = record.status in FINAL_STATUSES and (
             record.stream_sid is None  # never answered, or never connected
             or record.metrics is not None  # its stream has ended and been kept
+            or record.end_reason == INTERRUPTED  # its process died: nothing more comes of its stream
             or (record.ended_at is not None and utcnow() - record.ended_at > STREAM_GRACE)
         )
         return CallState(record.status, over, record.end_reason, record.answered_by, record.stream_sid is not None)
