@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import socket
+import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -34,7 +35,7 @@ from callbridge.telephony.rest import TwilioCalls
 from callbridge.testing.caller import CallRecording, SimulatedCaller
 from callbridge.testing.conformance import validate_client_event
 from callbridge.testing.fake_realtime import FakeBehavior, FakeRealtimeServer, FakeSession
-from callbridge.testing.fake_twilio import FakeTwilio
+from callbridge.testing.fake_twilio import FakeTwilio, RecordedRequest
 
 from conftest import secret
 
@@ -195,6 +196,21 @@ async def cli(running: Service, *arguments: str, status: int = 0) -> str:
     return (stdout if status == 0 else stderr).decode()
 
 
+def serve_refused(tmp_path: Path, *, workers: str = "1", **env: str) -> list[str]:
+    """``callbridge serve`` with ``env`` added, which must refuse to start with exit status 2 (a configuration
+    mistake): the lines it wrote to stderr."""
+    environment = {**os.environ, "CALLBRIDGE_DATABASE_URL": "sqlite://", **env}
+    done = subprocess.run(
+        [str(CALLBRIDGE), "serve", "--port", "9", "--workers", workers],
+        env=environment,
+        capture_output=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr.decode()
+    return done.stderr.decode().strip().splitlines()
+
+
 # --- the calls-API configuration: fake Twilio REST, a context resolver, an agents file -------------------------
 
 RESOLVER = """
@@ -248,6 +264,18 @@ async def service(
 def api(running: Service) -> httpx.AsyncClient:
     """A client of the service's REST API, with its token."""
     return httpx.AsyncClient(base_url=running.base_url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10)
+
+
+async def place_outbound(client: httpx.AsyncClient, twilio: FakeTwilio) -> tuple[str, RecordedRequest]:
+    """``POST /api/calls`` to +15550100009 for the reference ``customer-42``: the call's SID, and the create
+    request (fake) Twilio received for it."""
+    created = await client.post(
+        "/api/calls",
+        json={"to": "+15550100009", "from": "+15550100001", "context": {"reference": "customer-42"}},
+    )
+    assert created.status_code == 201, created.text
+    (create,) = [r for r in twilio.requests if r.method == "POST" and r.path.endswith("/Calls.json")]
+    return created.json()["call_sid"], create
 
 
 def stream_of(twiml: str) -> tuple[str, dict[str, str]]:

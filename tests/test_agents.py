@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from callbridge.service.agents import load_agents
 from callbridge.service.resolvers import HttpContextResolver, PythonContextResolver
 from callbridge.service.tools import ToolRegistry
 from callbridge.service.webhooks import WebhookSigner, new_secret
+from support import serve_refused
 
 registry = ToolRegistry()
 
@@ -233,29 +231,11 @@ def test_serve_stops_at_once_on_a_bad_agents_file(workers: str, tmp_path: Path) 
     """Before anything listens and before any worker starts: no worker is started again and again."""
     path = tmp_path / "agents.toml"
     path.write_text("[agents.reception]\nvad_threshold = 7\n")
-    environment = {**os.environ, "CALLBRIDGE_AGENTS_FILE": str(path), "CALLBRIDGE_DATABASE_URL": "sqlite://"}
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("callbridge")), "serve", "--port", "9", "--workers", workers],
-        env=environment,
-        capture_output=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2
-    lines = done.stderr.decode().strip().splitlines()
+    lines = serve_refused(tmp_path, workers=workers, CALLBRIDGE_AGENTS_FILE=str(path))
     assert len(lines) == 1 and "agent 'reception': vad_threshold" in lines[0] and "agents.toml" in lines[0]
 
 
 def test_serve_names_the_variable_of_a_bad_setting(tmp_path: Path) -> None:
-    environment = {**os.environ, "CALLBRIDGE_VAD_THRESHOLD": "7", "CALLBRIDGE_DATABASE_URL": "sqlite://"}
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("callbridge")), "serve", "--port", "9"],
-        env=environment,
-        capture_output=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2
-    assert done.stderr.decode().strip().splitlines() == [
+    assert serve_refused(tmp_path, CALLBRIDGE_VAD_THRESHOLD="7") == [
         "error: CALLBRIDGE_VAD_THRESHOLD: Input should be less than or equal to 1"
     ]

@@ -41,6 +41,7 @@ from support import (
     database,
     free_port,
     no_live_call,
+    place_outbound,
     receiving,
     service,
     stream_of,
@@ -78,15 +79,9 @@ async def test_outbound_call_with_resolved_context_on_record(kind: str, tmp_path
     async with database(kind, tmp_path) as db, service(tmp_path, behavior, db) as (running, twilio):
         async with api(running) as client:
             assert (await client.get("/api/calls", headers={"Authorization": "Bearer wrong"})).status_code == 401
-            created = await client.post(
-                "/api/calls",
-                json={"to": "+15550100009", "from": "+15550100001", "context": {"reference": "customer-42"}},
-            )
-            assert created.status_code == 201, created.text
-            call_sid = created.json()["call_sid"]
+            call_sid, create = await place_outbound(client, twilio)
 
             # The right request reached (fake) Twilio: inline TwiML with the signed stream parameters.
-            (create,) = [r for r in twilio.requests if r.method == "POST" and r.path.endswith("/Calls.json")]
             assert create.form["To"] == ["+15550100009"] and create.form["From"] == ["+15550100001"]
             assert create.form["StatusCallback"] == [f"{running.base_url}/twilio/status"]
             assert create.form["StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]

@@ -21,7 +21,7 @@ from callbridge.service.webhooks import WebhookSigner
 from callbridge.telephony import g711 as audio
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
-from support import WEBHOOK_SECRET, api, free_port, service, wait_closed, wait_until
+from support import WEBHOOK_SECRET, api, free_port, place_outbound, service, wait_closed, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -100,13 +100,7 @@ async def test_the_python_receiver_verifies_and_answers_every_request(tmp_path: 
         }
         db = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
         async with service(tmp_path, behavior, db, **env) as (running, twilio), api(running) as client:
-            created = await client.post(
-                "/api/calls",
-                json={"to": "+15550100009", "from": "+15550100001", "context": {"reference": "customer-42"}},
-            )
-            assert created.status_code == 201, created.text
-            call_sid = created.json()["call_sid"]
-            (create,) = [r for r in twilio.requests if r.method == "POST" and r.path.endswith("/Calls.json")]
+            call_sid, create = await place_outbound(client, twilio)
             twiml = create.form["Twiml"][0]
             script = CallScript([Pause(3000), Say(audio.tone(800, 330)), Pause(5000), HangUp()])
             await running.caller().place_call(script, twiml=twiml, call_sid=call_sid, max_duration_s=30)

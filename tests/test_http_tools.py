@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,7 +27,7 @@ from callbridge.service.webhooks import new_secret
 from callbridge.telephony import g711 as audio
 from callbridge.testing.caller import CallScript, HangUp, Pause, Say
 from callbridge.testing.fake_realtime import FakeBehavior
-from support import API_TOKEN, agent_items, api, assert_conformant, free_port, serve, wait_closed
+from support import API_TOKEN, agent_items, api, assert_conformant, free_port, serve, serve_refused, wait_closed
 
 HOOK_SECRET = new_secret()
 MAX_BYTES = 4096
@@ -258,20 +255,6 @@ def test_agents_name_http_tools_and_get_them_all_by_default(tmp_path: Path) -> N
 def test_serve_refuses_an_agents_file_with_a_broken_tool_schema(tmp_path: Path) -> None:
     path = tmp_path / "agents.toml"
     path.write_text(_http_tool('{ type = "bogus" }'))
-    environment = {
-        **os.environ,
-        "CALLBRIDGE_AGENTS_FILE": str(path),
-        "CALLBRIDGE_WEBHOOK_SECRET": HOOK_SECRET,
-        "CALLBRIDGE_DATABASE_URL": "sqlite://",
-    }
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("callbridge")), "serve", "--port", "9"],
-        env=environment,
-        capture_output=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2
-    (line,) = done.stderr.decode().strip().splitlines()
+    (line,) = serve_refused(tmp_path, CALLBRIDGE_AGENTS_FILE=str(path), CALLBRIDGE_WEBHOOK_SECRET=HOOK_SECRET)
     assert line.startswith("error: CALLBRIDGE_AGENTS_FILE: ") and str(path) in line
     assert "tool 'lookup_order': parameters is not a JSON Schema" in line

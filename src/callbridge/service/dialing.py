@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Outcome = Literal["answered", "voicemail_left", "no-answer", "busy", "failed"]
 """How one attempt ended, as a campaign's ``retry.on`` names it."""
@@ -24,21 +24,7 @@ ContactStatus = Literal[
     "dnc",
     "exhausted",
 ]
-CONTACT_STATUSES: tuple[ContactStatus, ...] = (
-    "pending",
-    "scheduled",
-    "in_progress",
-    "answered",
-    "voicemail_left",
-    "no_answer",
-    "busy",
-    "failed",
-    "dnc",
-    "exhausted",
-)
-WAITING: frozenset[ContactStatus] = frozenset({"pending", "scheduled"})
-"""A contact in one of these still has an attempt to come."""
-FINAL: frozenset[ContactStatus] = frozenset(CONTACT_STATUSES) - WAITING - {"in_progress"}
+CONTACT_STATUSES: tuple[ContactStatus, ...] = get_args(ContactStatus)
 
 _STATUS_OF_OUTCOME: dict[Outcome, ContactStatus] = {
     "answered": "answered",
