@@ -441,3 +441,40 @@ async def test_the_cli_runs_a_campaign_the_dashboard_shows_it_and_the_host_app_h
     event = Webhook(WEBHOOK_SECRET).verify(body, headers)
     assert event["event"] == "campaign.completed" and event["campaign"]["id"] == campaign_id
     assert event["counts"]["answered"] == 2
+
+
+async def test_the_agent_puts_a_person_who_asks_on_the_do_not_call_list(tmp_path: Path) -> None:
+    to = "+12025550180"
+    agents = AGENTS.replace('voicemail_message = "', 'tools = ["do_not_call", "end_call"]\nvoicemail_message = "')
+    behavior = FakeBehavior(
+        transcripts=["Please stop calling me."],
+        tool_cues={"stop calling": ("do_not_call", '{"reason": "asked to stop"}')},
+        ms_per_char=MS_PER_CHAR,
+    )
+    os.makedirs(tmp_path, exist_ok=True)
+    (tmp_path / "dnc-agents.toml").write_text(agents)
+    async with (
+        database("sqlite", tmp_path) as db,
+        FakeTwilio(ACCOUNT_SID, AUTH_TOKEN) as twilio,
+        serve(
+            tmp_path,
+            behavior,
+            TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+            TWILIO_API_BASE_URL=twilio.base_url,
+            CALLBRIDGE_API_TOKEN=API_TOKEN,
+            CALLBRIDGE_DATABASE_URL=db,
+            CALLBRIDGE_AGENTS_FILE=str(tmp_path / "dnc-agents.toml"),
+        ) as running,
+        client(running.base_url) as api,
+    ):
+        twilio.script(to, Human(CallScript([Pause(2500), Say(tone(800)), Pause(4000), HangUp()]), ring_s=0.2))
+        body = {"to": to, "from": FROM, "agent": "reminders", "machine_detection": False}
+        created = await api.post("/api/calls", json=body)
+        assert created.status_code == 201, created.text
+        call_sid = created.json()["call_sid"]
+        await twilio.ended(call_sid)
+        listed = (await api.get("/api/dnc")).json()
+        events = (await api.get(f"/api/calls/{call_sid}/events")).json()
+    assert [(entry["number"], entry["source"], entry["call_sid"]) for entry in listed] == [(to, "agent", call_sid)]
+    assert listed[0]["reason"] == "asked to stop"
+    assert [event["data"]["number"] for event in events if event["kind"] == "do_not_call"] == [to]
