@@ -116,18 +116,16 @@ class Dialer:
         self._checked: dict[int, float] = {}  # attempt id → when Twilio was last asked about its call
         self._fresh = True  # the first step since the lease was taken
         self.leading = False
+        self._renewed = 0.0  # when the lease was last taken or renewed (monotonic)
 
     async def run(self) -> None:
         """Step forever while holding the lease; a database error is logged and the next step tries again."""
         try:
             while True:
                 try:
-                    leading = await self.campaigns.lease(LEASE, self.holder, self._lease_s)  # real time, not the clock
-                    if leading and not self.leading:
-                        log.info("dialer.leading", holder=self.holder)
-                        self._fresh = True
-                    self.leading = leading
-                    if leading:
+                    if not self.leading or self._lease_due():
+                        await self._take_lease()
+                    if self.leading:
                         await self.step()
                 except asyncio.CancelledError:
                     raise
@@ -137,6 +135,20 @@ class Dialer:
         finally:
             if self.leading:
                 await asyncio.shield(self._release())
+
+    def _lease_due(self) -> bool:
+        """Whether the lease must be renewed before more is dialed (a slow-paced step must not outlive it)."""
+        return self.leading and time.monotonic() - self._renewed > self._lease_s / 3
+
+    async def _take_lease(self) -> None:
+        """Take the lease, or renew it a third of the way through its term: a write to the database every few
+        seconds, not at every step."""
+        leading = await self.campaigns.lease(LEASE, self.holder, self._lease_s)  # real time, not the clock
+        if leading and not self.leading:
+            log.info("dialer.leading", holder=self.holder)
+            self._fresh = True
+        self.leading = leading
+        self._renewed = time.monotonic()
 
     async def _release(self) -> None:
         try:
@@ -206,8 +218,8 @@ class Dialer:
         placed = 0
         now = self._clock()
         for contact in await self.campaigns.due(campaign.id, now, room * 4):
-            if placed >= room:
-                break
+            if placed >= room or self._lease_due():
+                break  # the rest next step (the lease is renewed before it)
             opens = hours.next_open(now, contact.zones)
             if opens is None or opens > now:
                 await self.campaigns.waiting_until(contact.id, opens or now + timedelta(days=1))
