@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from callbridge.service.calling_hours import WEEKDAYS, CallingHours, normalize_number, parse_duration
 from callbridge.service.calls import Invalid, NotFound, ServiceError
-from callbridge.service.contacts import Contact, ContactSpec, ContactsRefused, check, from_csv, from_json
+from callbridge.service.contacts import Contact, ContactSpec, ContactsRefused, Row, check, from_csv, from_json
 from callbridge.service.dialing import CONTACT_STATUSES, Outcome, RetryPolicy
-from callbridge.store.campaigns import Campaign, CampaignContact, CampaignStore, NewContact
+from callbridge.store.campaigns import Attempt, Campaign, CampaignContact, CampaignStore, NewContact
 
 LIFECYCLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "start": ("running", ("draft",)),
@@ -131,15 +131,11 @@ def settings_of(campaign: Campaign) -> tuple[CallingHours, RetryPolicy, dict[str
 class Campaigns:
     """The campaigns' requests; the voicemail template of an agent (if any) is what contacts must fill."""
 
-    def __init__(self, store: CampaignStore, templates: dict[str, str | None], clock: Any) -> None:
+    def __init__(self, store: CampaignStore, templates: dict[str, str | None], clock: Callable[[], datetime]) -> None:
         self.store = store
         self._templates = templates
         """Every known agent's voicemail message (``None``: it has none)."""
         self._clock = clock
-
-    def _now(self) -> datetime:
-        now: datetime = self._clock()
-        return now
 
     async def create(self, spec: CampaignSpec) -> Campaign:
         if spec.agent not in self._templates:
@@ -171,9 +167,11 @@ class Campaigns:
         leaves = settings.get("machine_detection", True) and settings.get("on_machine") == "leave_message"
         return self._templates.get(agent) if leaves else None
 
-    def _checked(self, template: str | None, hours: CallingHours, rows: Any, known: Any) -> list[Contact]:
+    def _checked(
+        self, template: str | None, hours: CallingHours, rows: Sequence[Row], known: Iterable[str]
+    ) -> list[Contact]:
         try:
-            return check(rows, hours=hours, now=self._now(), template=template, known_numbers=known)
+            return check(rows, hours=hours, now=self._clock(), template=template, known_numbers=known)
         except ContactsRefused as refused:
             problems = [
                 {"row": problem.row, "field": problem.field, "message": problem.message} for problem in refused.problems
@@ -201,7 +199,7 @@ class Campaigns:
 
     async def contacts(
         self, campaign_id: str, *, status: str | None, after: int, limit: int | None
-    ) -> list[tuple[CampaignContact, list[Any]]]:
+    ) -> list[tuple[CampaignContact, list[Attempt]]]:
         await self.get(campaign_id)
         page = await self.store.contacts(campaign_id, status=status, after=after, limit=limit)
         attempts = await self.store.attempts(contact.id for contact in page)

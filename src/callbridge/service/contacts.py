@@ -90,6 +90,10 @@ class ContactProblem:
         return f"{self.row}: {self.field}: {self.message}"
 
 
+Row = tuple[str, ContactSpec | ContactProblem]
+"""One row of an import: where it is (``line 3``, ``contacts[2]``), and the contact, or what keeps it out."""
+
+
 class ContactsRefused(ValueError):
     """An import with at least one bad row; none of it is kept."""
 
@@ -123,14 +127,14 @@ def missing(template: str, values: Mapping[str, str]) -> list[str]:
     return [name for name in placeholders(template) if name not in values]
 
 
-def from_csv(text: str) -> list[tuple[str, ContactSpec | ContactProblem]]:
+def from_csv(text: str) -> list[Row]:
     """Rows of a CSV file (a header naming ``to`` and any of ``reference, name, timezone``; other columns are
     metadata), each a spec or the problem that keeps it out."""
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
     header = [column.strip() for column in reader.fieldnames or ()]
     if "to" not in header:
         return [("line 1", ContactProblem("line 1", "to", "the header must name a 'to' column"))]
-    rows: list[tuple[str, ContactSpec | ContactProblem]] = []
+    rows: list[Row] = []
     for values in reader:
         row = f"line {reader.line_num}"
         extra = values.get(None) or []  # cells past the header's columns
@@ -146,12 +150,12 @@ def from_csv(text: str) -> list[tuple[str, ContactSpec | ContactProblem]]:
     return rows
 
 
-def from_json(items: Iterable[ContactSpec]) -> list[tuple[str, ContactSpec | ContactProblem]]:
+def from_json(items: Iterable[ContactSpec]) -> list[Row]:
     return [(f"contacts[{index}]", item) for index, item in enumerate(items)]
 
 
 def check(
-    rows: Sequence[tuple[str, ContactSpec | ContactProblem]],
+    rows: Sequence[Row],
     *,
     hours: CallingHours,
     now: datetime,
