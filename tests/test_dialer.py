@@ -155,12 +155,26 @@ async def test_an_attempt_a_crash_left_claimed_is_resolved_before_any_redial(cam
     assert first is not None and second is not None
     network.created.append((number(0), "CA_created_before_the_crash"))
     network.live.add("CA_created_before_the_crash")
-    dialer = Dialer(campaigns, network, holder="restarted", capacity=lambda: 10, clock=Clock(MONDAY_NOON_NEW_YORK))
+    # (A lease of 0 s: the claims are older than the term of any dialer that could still be creating their calls.)
+    dialer = Dialer(
+        campaigns, network, holder="restarted", capacity=lambda: 10, clock=Clock(MONDAY_NOON_NEW_YORK), lease_s=0
+    )
     await dialer.step()
     assert [n for n, _ in network.created] == [number(0), number(1)]  # number 0 was not dialed again
     attempts = await campaigns.attempts([due[0].id, due[1].id])
     assert [attempt.call_sid for attempt in attempts[due[0].id]] == ["CA_created_before_the_crash"]
     assert [attempt.number for attempt in attempts[due[1].id]] == [1]
+
+
+async def test_a_fresh_claim_is_left_to_the_dialer_that_made_it(campaigns: CampaignStore) -> None:
+    network = Network({number(0): ["completed"]})
+    campaign = await running(campaigns, 1)
+    [due] = await campaigns.due(campaign.id, MONDAY_NOON_NEW_YORK, 10)
+    assert await campaigns.claim(due) is not None  # another dialer, mid-create
+    dialer = Dialer(campaigns, network, holder="other", capacity=lambda: 10, clock=Clock(MONDAY_NOON_NEW_YORK))
+    await dialer.step()
+    [(attempt, _)] = await campaigns.open_attempts()
+    assert attempt.call_sid is None and network.created == []  # neither undone nor dialed again
 
 
 async def test_only_the_lease_holder_dials(campaigns: CampaignStore) -> None:

@@ -164,6 +164,8 @@ class Dialer:
             if campaign is None or attempt.id in self._placing:
                 continue
             if attempt.call_sid is None:
+                if utcnow() - attempt.claimed_at < timedelta(seconds=self._lease_s):
+                    continue  # the dialer that claimed it may still be creating its call: its lease has not run out
                 await self._resolve(campaign, contact, attempt)
             else:
                 await self._settle(campaign, attempt, attempt.call_sid)
