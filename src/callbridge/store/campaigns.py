@@ -265,11 +265,6 @@ class CampaignStore:
         async with self.engine.connect() as connection:
             return [_plain(CampaignContact, row) for row in await connection.execute(query)]
 
-    async def contact(self, contact_id: int) -> CampaignContact | None:
-        async with self.engine.connect() as connection:
-            row = (await connection.execute(select(ContactRow).where(ContactRow.id == contact_id))).one_or_none()
-        return None if row is None else _plain(CampaignContact, row)
-
     async def attempts(self, contact_ids: Iterable[int]) -> dict[int, list[Attempt]]:
         ids = list(contact_ids)
         found: dict[int, list[Attempt]] = {contact_id: [] for contact_id in ids}
@@ -407,13 +402,6 @@ class CampaignStore:
                 .values(status=contact_status, next_attempt_at=next_attempt_at)
             )
             return True
-
-    async def attempt_for_call(self, call_sid: str) -> Attempt | None:
-        async with self.engine.connect() as connection:
-            row = (await connection.execute(select(AttemptRow).where(AttemptRow.call_sid == call_sid))).one_or_none()
-        return None if row is None else _plain(Attempt, row)
-
-    # ------------------------------------------------------------------------------------------------ do not call
 
     async def dnc_add(
         self, number: str, *, reason: str | None = None, source: str = "api", call_sid: str | None = None
